@@ -1,0 +1,391 @@
+"""mGRADE: a minimally gated recurrent architecture with delay embedding (arXiv 2507.01829).
+
+Each layer mixes time twice: a causal depthwise convolution whose few taps sit at learned
+delays (trained as Gaussians, DCLS-style, and rounded to integer delays for inference), and a
+minGRU whose gates depend only on the input, so training runs a log-space parallel scan while
+inference carries one hidden vector. Inference memory is therefore constant: a delay line of
+`delay_window - 1` steps and one hidden vector per layer.
+
+Shapes: audio (B, T) samples at 16 kHz -> per-step logits (B, T // stride, n_classes).
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kws.errors import KwsError
+
+CHECKPOINT_FORMAT = "kws-mgrade"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    labels: tuple[str, ...] = ()  # class names, decoder row i is labels[i]
+    stride: int = 160  # audio samples per model step; 1 is the paper's per-sample encoder
+    frontend: str = "gabor"  # "linear": Linear(1->H) per step; "gabor": learned filterbank energies
+    frontend_kernel: int = 400  # samples each step looks at (>= 2 * stride for "gabor")
+    frontend_filters: int = 64  # filterbank channels for "gabor"
+    n_layers: int = 6
+    width: int = 64  # H
+    delay_window: int = 32  # K: taps sit at delays 0..K-1 steps
+    n_taps: int = 8
+    sigma_start: float = 8.0  # DCLS Gaussian width at the start of training (steps)
+    sigma_end: float = 0.25  # ... and at the end, narrow enough that rounding barely matters
+    use_delay: bool = True  # ablations switch off one mixer
+    use_mingru: bool = True
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        self.labels = tuple(self.labels)
+        if self.frontend not in ("linear", "gabor"):
+            raise ValueError(f"frontend must be 'linear' or 'gabor', not {self.frontend!r}")
+        if self.frontend == "linear" and self.frontend_kernel != self.stride:
+            raise ValueError("the linear frontend reads exactly one stride: frontend_kernel == stride")
+        if self.frontend == "gabor" and self.frontend_kernel < 2 * self.stride:
+            raise ValueError("the gabor frontend needs frontend_kernel >= 2 * stride")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def step_seconds(self) -> float:
+        return self.stride / 16000
+
+
+PRESETS = {
+    # The paper's form: every sample is a step. Slow to train on a CPU, meant for a GPU.
+    "paper": dict(stride=1, frontend="linear", frontend_kernel=1, n_layers=6, width=64,
+                  delay_window=32, n_taps=8),
+    # 10 ms steps from a learned filterbank: trains on a 2-core CPU, streams at a tiny cost.
+    "edge": dict(stride=160, frontend="gabor", frontend_kernel=400, frontend_filters=64,
+                 n_layers=6, width=64, delay_window=32, n_taps=8),
+}
+
+
+def preset(name: str, labels, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return ModelConfig(labels=tuple(labels), **{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------- front end
+
+def _mel_frequencies(n: int, low: float = 60.0, high: float = 7600.0) -> torch.Tensor:
+    mel = torch.linspace(2595 * math.log10(1 + low / 700), 2595 * math.log10(1 + high / 700), n)
+    return 700 * (10 ** (mel / 2595) - 1)
+
+
+class Frontend(nn.Module):
+    """Raw samples -> one H-vector per stride. Causal: step t sees samples up to (t+1)*stride."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.frontend == "linear":
+            self.conv = nn.Conv1d(1, cfg.width, cfg.frontend_kernel, stride=cfg.stride)
+        else:
+            # Pairs of filters start as cosine/sine Gabor atoms at mel-spaced frequencies, so their
+            # summed squares are a short-time spectrum that training is free to reshape.
+            n, k = cfg.frontend_filters, cfg.frontend_kernel
+            t = torch.arange(k) - (k - 1) / 2
+            window = torch.hann_window(k, periodic=False)
+            phase = 2 * math.pi * _mel_frequencies(n)[:, None] * t[None, :] / 16000
+            atoms = torch.cat([torch.cos(phase), torch.sin(phase)]) * window / math.sqrt(k)
+            self.conv = nn.Conv1d(1, 2 * n, k, stride=cfg.stride, bias=False)
+            with torch.no_grad():
+                self.conv.weight.copy_(atoms[:, None, :] * 8)
+            self.proj = nn.Linear(n, cfg.width)
+
+    @property
+    def history(self) -> int:
+        """Samples of the past that the first new step of a chunk still needs."""
+        return self.cfg.frontend_kernel - self.cfg.stride
+
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio (B, L) whose first `history` samples are context -> (B, (L-history)//stride, H)."""
+        y = self.conv(audio[:, None, :])
+        if self.cfg.frontend == "gabor":
+            re, im = y.chunk(2, dim=1)
+            y = self.proj(torch.log(re.square() + im.square() + 1e-6).transpose(1, 2))
+            return y
+        return y.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- delay conv
+
+class DelayConv(nn.Module):
+    """Causal depthwise convolution with `n_taps` taps per channel at learned delays."""
+
+    def __init__(self, width: int, window: int, n_taps: int, sigma: float):
+        super().__init__()
+        self.window = window
+        self.weight = nn.Parameter(torch.randn(width, n_taps) / math.sqrt(n_taps))
+        # Spread the taps over the window, jittered so channels differ from the start.
+        spread = torch.linspace(0, window - 1, n_taps).expand(width, n_taps)
+        self.positions = nn.Parameter((spread + torch.rand(width, n_taps) - 0.5).clamp(0, window - 1))
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+        self.gaussian_at_inference = False  # ablation: keep interpolated taps when not training
+
+    def clamp_positions(self):
+        with torch.no_grad():
+            self.positions.clamp_(0, self.window - 1)
+
+    def delays(self) -> torch.Tensor:
+        """Integer delay of every tap, (width, n_taps): what inference reads."""
+        return self.positions.detach().round().long()
+
+    def kernel(self) -> torch.Tensor:
+        """(width, window) weights, index d multiplies the input from d steps ago."""
+        d = torch.arange(self.window, device=self.weight.device, dtype=self.weight.dtype)
+        if self.training or self.gaussian_at_inference:
+            g = torch.exp(-0.5 * ((d - self.positions[..., None]) / self.sigma) ** 2)
+            g = g / (g.sum(-1, keepdim=True) + 1e-8)
+        else:
+            g = (d == self.delays()[..., None].to(d.dtype)).to(d.dtype)
+        return (self.weight[..., None] * g).sum(1)
+
+    def forward(self, x: torch.Tensor, line: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C); `line` (B, C, window-1) holds the previous inputs (zeros if None)."""
+        xt = x.transpose(1, 2)
+        if line is None:
+            xt = F.pad(xt, (self.window - 1, 0))
+        else:
+            xt = torch.cat([line, xt], dim=2)
+        if self.training or self.gaussian_at_inference:
+            y = F.conv1d(xt, self.kernel().flip(-1)[:, None, :], groups=xt.shape[1])
+        else:
+            y = self._read_taps(xt)
+        return y.transpose(1, 2)
+
+    def _read_taps(self, xt: torch.Tensor) -> torch.Tensor:
+        """Sum of n_taps delayed reads per channel: the only work inference does."""
+        B, C, L = xt.shape
+        n = L - (self.window - 1)
+        t = torch.arange(self.window - 1, L, device=xt.device)
+        index = (t[None, None, :] - self.delays()[..., None]).reshape(1, C, -1).expand(B, -1, -1)
+        taps = xt.gather(2, index).view(B, C, -1, n)
+        return (taps * self.weight[None, :, :, None]).sum(2)
+
+
+# ----------------------------------------------------------------------------- minGRU
+
+def _log_g(x: torch.Tensor) -> torch.Tensor:
+    """log of g(x) = x + 1/2 for x >= 0, sigmoid(x) below: positive, so scans run in log space."""
+    return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
+
+
+class MinGRU(nn.Module):
+    """h_t = (1 - z_t) * h_{t-1} + z_t * g(W_h x_t), z_t = sigmoid(W_z x_t)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.to_gate_and_candidate = nn.Linear(width, 2 * width)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, H) -> hidden states (B, T, H), starting from h0 (B, H) or zeros."""
+        k, v = self.to_gate_and_candidate(x).chunk(2, dim=-1)
+        if x.shape[1] == 1 and h0 is not None:  # one step: the plain recurrence is cheapest
+            z = torch.sigmoid(k)
+            return torch.lerp(h0[:, None], torch.exp(_log_g(v)), z)
+        log_keep = -F.softplus(k)  # log(1 - z)
+        log_values = -F.softplus(-k) + _log_g(v)  # log(z * g(v))
+        if h0 is not None:
+            log_keep = F.pad(log_keep, (0, 0, 1, 0))
+            log_values = torch.cat([torch.log(h0)[:, None], log_values], dim=1)
+        return torch.exp(self.scan(log_keep, log_values))[:, -x.shape[1]:]
+
+    @staticmethod
+    def scan(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+        """log h for h_t = a_t h_{t-1} + b_t, h_{-1} = 0: cumulative sums, no loop over time."""
+        a_star = torch.cumsum(log_a, dim=1)
+        return a_star + torch.logcumsumexp(log_b - a_star, dim=1)
+
+
+# ----------------------------------------------------------------------------- layer, model
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = cfg.width
+        self.cfg = cfg
+        self.delay = DelayConv(H, cfg.delay_window, cfg.n_taps, cfg.sigma_start) if cfg.use_delay else None
+        self.delay_norm = nn.LayerNorm(H) if cfg.use_delay else None
+        self.mingru = MinGRU(H) if cfg.use_mingru else None
+        self.mingru_out = nn.Sequential(nn.Linear(H, H), nn.LayerNorm(H)) if cfg.use_mingru else None
+        self.mlp = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.norm = nn.LayerNorm(H)
+
+    def forward(self, x, state: list[torch.Tensor] | None = None):
+        """x (B, T, H). With `state` [delay line, hidden], returns (y, new state)."""
+        line, h = state if state is not None else (None, None)
+        if self.delay is not None:
+            d = self.delay(x, line)
+            if state is not None:
+                ctx = torch.cat([line, x.transpose(1, 2)], dim=2)
+                line = ctx[:, :, ctx.shape[2] - line.shape[2]:]
+            x = x + self.drop(self.delay_norm(d))
+        if self.mingru is not None:
+            hs = self.mingru(x, h)
+            if state is not None:
+                h = hs[:, -1]
+            x = x + self.drop(self.mingru_out(hs))
+        x = self.norm(x + self.drop(self.mlp(x)))
+        return x, ([line, h] if state is not None else None)
+
+
+class MGRADE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.n_classes < 2:
+            raise ValueError("a classifier needs at least two labels")
+        self.cfg = cfg
+        self.frontend = Frontend(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
+        self.decoder = nn.Linear(cfg.width, cfg.n_classes)
+
+    # -- whole sequences (training, evaluation)
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio (B, T) -> per-step logits (B, T // stride, n_classes), all steps at once."""
+        x = self.frontend.encode(F.pad(audio, (self.frontend.history, 0)))
+        for layer in self.layers:
+            x, _ = layer(x)
+        return self.decoder(x)
+
+    def classify(self, audio: torch.Tensor) -> torch.Tensor:
+        """Whole-clip logits (B, n_classes): the mean of the per-step logits."""
+        return self.forward(audio).mean(dim=1)
+
+    # -- streams (listening)
+    def initial_state(self, batch_size: int = 1) -> list[torch.Tensor]:
+        """Everything a stream carries: unconsumed audio, then a delay line and hidden per layer."""
+        p = next(self.parameters())
+        state = [p.new_zeros(batch_size, self.frontend.history)]
+        for layer in self.layers:
+            line = p.new_zeros(batch_size, self.cfg.width, self.cfg.delay_window - 1) if layer.delay else None
+            h = p.new_zeros(batch_size, self.cfg.width) if layer.mingru else None
+            state += [line, h]
+        return state
+
+    def stream(self, chunk: torch.Tensor, state: list[torch.Tensor]):
+        """chunk (B, n) samples of any length -> (logits (B, steps completed, n_classes), state).
+
+        Fed in any chunking, a signal gives the same per-step logits as `forward` on all of it.
+        """
+        audio = torch.cat([state[0], chunk.to(state[0].dtype)], dim=1)
+        steps = (audio.shape[1] - self.frontend.history) // self.cfg.stride
+        new_state = [audio[:, steps * self.cfg.stride:]]
+        if steps == 0:
+            return audio.new_zeros(chunk.shape[0], 0, self.cfg.n_classes), new_state + state[1:]
+        x = self.frontend.encode(audio[:, : self.frontend.history + steps * self.cfg.stride])
+        for i, layer in enumerate(self.layers):
+            x, layer_state = layer(x, state[1 + 2 * i: 3 + 2 * i])
+            new_state += layer_state
+        return self.decoder(x), new_state
+
+    # -- training helpers
+    def set_sigma(self, progress: float):
+        """Anneal the Gaussian tap width geometrically from sigma_start to sigma_end."""
+        p = min(max(progress, 0.0), 1.0)
+        sigma = self.cfg.sigma_start * (self.cfg.sigma_end / self.cfg.sigma_start) ** p
+        for layer in self.layers:
+            if layer.delay is not None:
+                layer.delay.sigma.fill_(sigma)
+
+    def clamp_positions(self):
+        for layer in self.layers:
+            if layer.delay is not None:
+                layer.delay.clamp_positions()
+
+    def set_gaussian_at_inference(self, on: bool):
+        for layer in self.layers:
+            if layer.delay is not None:
+                layer.delay.gaussian_at_inference = on
+
+
+# ----------------------------------------------------------------------------- sizes
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def state_bytes(cfg: ModelConfig, bytes_per_value: int = 4) -> int:
+    """Largest stream state for one stream: unconsumed audio (< kernel samples), and per layer
+    a delay line of window-1 steps and one hidden vector, each `width` wide."""
+    audio = cfg.frontend_kernel - 1
+    per_layer = cfg.width * ((cfg.delay_window - 1) * cfg.use_delay + cfg.use_mingru)
+    return bytes_per_value * (audio + cfg.n_layers * per_layer)
+
+
+def footprint_bytes(model: "MGRADE") -> int:
+    """Inference memory of the model: its parameters plus one stream's state."""
+    return parameter_bytes(model) + state_bytes(model.cfg)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(KwsError):
+    """A file that is not a readable kws checkpoint."""
+
+
+def save_model(model: MGRADE, path: "str | Path", meta: dict | None = None):
+    """Weights as plain tensors and the config as JSON text: loading unpickles no code."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": json.dumps(asdict(model.cfg)),
+        "meta": json.dumps(meta or {}),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # a crash mid-write never leaves a half checkpoint behind
+
+
+def read_checkpoint(path: "str | Path") -> tuple[ModelConfig, dict, dict]:
+    """(config, state_dict, meta) from a checkpoint, or CheckpointError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no model file at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged zips and pickles
+        raise CheckpointError(f"{path} is damaged or not a kws checkpoint ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a kws checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}, "
+                              f"this kws reads version {CHECKPOINT_VERSION}")
+    try:
+        raw = json.loads(payload["config"])
+        known = {f.name for f in fields(ModelConfig)}
+        cfg = ModelConfig(**{k: v for k, v in raw.items() if k in known})
+        meta = json.loads(payload.get("meta", "{}"))
+        state_dict = payload["state_dict"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid config: {e}") from None
+    return cfg, state_dict, meta
+
+
+def load_model(path: "str | Path") -> MGRADE:
+    """A ready-to-run model in eval mode (integer delays) from a checkpoint file."""
+    cfg, state_dict, _ = read_checkpoint(path)
+    model = MGRADE(cfg)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+    return model.eval()
