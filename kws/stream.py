@@ -1,0 +1,176 @@
+"""Keyword detection on an endless audio stream: the one path `kws listen`, `kws eval-stream`
+and the HTTP service all use.
+
+A `Detector` feeds audio of any length to `model.stream`, carrying the recurrent state, and
+turns the per-step logits (one per 10 ms step for the edge model) into detections:
+
+- score: softmax of the mean of the last `window_s` seconds of per-step logits. That is the
+  training readout (cross-entropy on the mean logits of a 1-s clip), so the scores mean what
+  they meant in training, and the background class ("_background_") makes silence and noise
+  score low for every word without a separate energy gate;
+- a detection when the top word (background excluded) reaches its threshold;
+- then a refractory period in which nothing fires, and a word fires again only after its own
+  score has fallen back below its threshold, so one utterance gives one detection.
+
+State over an endless stream. Everything the detector keeps has a fixed size: the model's stream
+state (unconsumed audio, a delay line of `delay_window - 1` steps and one hidden vector per
+layer) and the last `window_s` seconds of logits in a fixed-size buffer. No reset is needed to
+keep the recurrence healthy: the minGRU hidden state is a convex combination of the previous
+state and a positive candidate, h_t = (1 - z_t) h_{t-1} + z_t g(.), so it stays between 0 and
+the largest candidate seen and cannot drift or blow up; the delay line forgets everything older
+than `delay_window` steps. The model is trained with 0.5 s of unrelated audio before every
+clip and the state carried through it, so it expects arbitrary prior state rather than zeros.
+`kws eval-stream --long-run-check` verifies this on an hour of audio (memory flat, recall and
+false accepts in the last ten minutes no worse than in the first ten).
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kws.audio import SAMPLE_RATE
+from kws.data import BACKGROUND
+from kws.errors import KwsError
+
+DEFAULT_THRESHOLD = 0.8  # smoothed probability a word must reach
+DEFAULT_WINDOW_S = 1.0  # logits averaged over the last second: the training clip length
+DEFAULT_REFRACTORY_S = 1.0  # after a detection, silence for this long
+DEFAULT_CHUNK_SAMPLES = 512  # 32 ms, a typical microphone block
+
+
+@dataclass(frozen=True)
+class Detection:
+    time_s: float  # stream time of the detection: seconds from the start of the stream
+    label: str
+    score: float
+
+
+class Detector:
+    """One streaming detector: model state, score smoothing, thresholds and refractory period.
+
+    threshold: one probability for every word, or {word: probability} (words not named keep
+    DEFAULT_THRESHOLD). words: report only these (default: every label but the background).
+    """
+
+    def __init__(self, model, threshold: "float | dict[str, float] | None" = None,
+                 words: Iterable[str] | None = None, window_s: float = DEFAULT_WINDOW_S,
+                 refractory_s: float = DEFAULT_REFRACTORY_S):
+        self.model = model
+        self.labels = tuple(model.cfg.labels)
+        self.stride = model.cfg.stride
+        self.window_steps = max(1, round(window_s * SAMPLE_RATE / self.stride))
+        self.refractory_steps = max(0, round(refractory_s * SAMPLE_RATE / self.stride))
+        self._thresholds = self._threshold_per_label(threshold, words)
+        self.reset()
+
+    def _threshold_per_label(self, threshold, words) -> np.ndarray:
+        """(n_classes,) thresholds; labels that must never fire get infinity."""
+        candidates = [label for label in self.labels if label != BACKGROUND]
+        if words is not None:
+            words = list(words)
+            self._check_labels(words, "--words")
+            candidates = [w for w in candidates if w in words]
+        per_label = dict.fromkeys(candidates, DEFAULT_THRESHOLD)
+        if isinstance(threshold, dict):
+            self._check_labels(threshold, "threshold")
+            per_label.update((w, float(t)) for w, t in threshold.items() if w in per_label)
+        elif threshold is not None:
+            per_label = dict.fromkeys(candidates, float(threshold))
+        for w, t in per_label.items():
+            if not 0.0 <= t <= 1.0:
+                raise KwsError(f"threshold for {w!r} is {t}; thresholds are probabilities in [0, 1]")
+        return np.array([per_label.get(label, np.inf) for label in self.labels])
+
+    def _check_labels(self, names, what: str):
+        unknown = [n for n in names if n not in self.labels or n == BACKGROUND]
+        if unknown:
+            words = ", ".join(label for label in self.labels if label != BACKGROUND)
+            raise KwsError(f"{what}: unknown word(s) {', '.join(map(repr, unknown))}; "
+                           f"the model knows: {words}")
+
+    def reset(self) -> None:
+        """Back to the start of a stream: zero state, empty score window, time 0."""
+        self.state = self.model.initial_state(1)
+        n = len(self.labels)
+        self._recent = np.zeros((self.window_steps - 1, n))  # last W-1 logits, oldest first
+        self._filled = 0  # how many rows of _recent hold real logits (the newest ones)
+        self._steps = 0
+        self._samples = 0
+        self._quiet_until = 0  # first step after the refractory period
+        self._armed = np.ones(n, dtype=bool)  # a word re-arms when its score falls below threshold
+        self._probs = np.zeros(n)
+
+    @property
+    def time_s(self) -> float:
+        """Seconds of audio consumed so far."""
+        return self._samples / SAMPLE_RATE
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """The latest smoothed probability of every label."""
+        return {label: float(p) for label, p in zip(self.labels, self._probs)}
+
+    def process(self, samples: np.ndarray) -> list[Detection]:
+        """Feed float32 mono 16 kHz samples of any length; returns the detections they complete."""
+        samples = np.asarray(samples, dtype=np.float32)
+        if samples.ndim != 1:
+            raise KwsError(f"the detector takes mono samples (1-D), got shape {samples.shape}")
+        self._samples += len(samples)
+        with torch.inference_mode():
+            logits, self.state = self.model.stream(torch.from_numpy(samples)[None], self.state)
+        logits = logits[0].double().numpy()
+        if len(logits) == 0:
+            return []
+        probs = self._smoothed_probabilities(logits)
+        first_step = self._steps
+        self._steps += len(logits)
+        self._probs = probs[-1]
+        return self._decide(probs, first_step)
+
+    def _smoothed_probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """softmax(mean of the last window_steps logits) at every new step, (n, n_classes).
+        At the start of a stream the window holds only the steps seen so far."""
+        history = self._recent[len(self._recent) - self._filled:]
+        seq = np.concatenate([history, logits])
+        sums = np.concatenate([np.zeros((1, seq.shape[1])), np.cumsum(seq, axis=0)])
+        ends = np.arange(len(history), len(seq)) + 1
+        starts = np.maximum(ends - self.window_steps, 0)
+        means = (sums[ends] - sums[starts]) / (ends - starts)[:, None]
+        if len(self._recent):
+            self._recent = seq[-len(self._recent):] if len(seq) >= len(self._recent) else \
+                np.concatenate([self._recent[len(seq):], seq])
+            self._filled = min(len(self._recent), self._filled + len(logits))
+        z = means - means.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def _decide(self, probs: np.ndarray, first_step: int) -> list[Detection]:
+        detections = []
+        above = probs >= self._thresholds
+        for i, row in enumerate(probs):
+            step = first_step + i
+            self._armed |= ~above[i]
+            candidates = np.where(above[i] & self._armed, row, -1.0)
+            best = int(candidates.argmax())
+            if candidates[best] < 0 or step < self._quiet_until:
+                continue
+            detections.append(Detection(time_s=(step + 1) * self.stride / SAMPLE_RATE,
+                                        label=self.labels[best], score=float(row[best])))
+            self._armed[best] = False
+            self._quiet_until = step + 1 + self.refractory_steps
+        return detections
+
+
+def detect(model, audio: np.ndarray, chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
+           **detector_kwargs) -> list[Detection]:
+    """Every detection in a whole signal, fed through a fresh Detector in chunks."""
+    if chunk_samples < 1:
+        raise KwsError(f"chunk_samples must be positive, got {chunk_samples}")
+    detector = Detector(model, **detector_kwargs)
+    audio = np.asarray(audio, dtype=np.float32)
+    detections = []
+    for start in range(0, len(audio), chunk_samples):
+        detections += detector.process(audio[start:start + chunk_samples])
+    return detections
