@@ -1,0 +1,119 @@
+"""Static checks of the container files: what an edge board relies on when it runs the image.
+Building and running the image is ../shared/tools/container-smoke's job (no engine in CI)."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per Dockerfile instruction, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", text)
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions, split per FROM."""
+    result = []
+    for keyword, rest in instructions((ROOT / "Dockerfile").read_text()):
+        if keyword == "FROM":
+            result.append([])
+        result[-1].append((keyword, rest))
+    return result
+
+
+@pytest.fixture(scope="module")
+def final(stages) -> dict[str, list[str]]:
+    """The last stage's arguments, by keyword."""
+    by_keyword: dict[str, list[str]] = {}
+    for keyword, rest in stages[-1]:
+        by_keyword.setdefault(keyword, []).append(rest)
+    return by_keyword
+
+
+def env_vars(values: list[str]) -> dict[str, str]:
+    pairs = [pair.split("=", 1) for value in values for pair in shlex.split(value)]
+    return dict(pairs)
+
+
+def test_every_stage_builds_on_python_311_slim(stages):
+    assert len(stages) >= 2, "multi-stage: a builder stage and a runtime stage"
+    for stage in stages:
+        assert stage[0][1].split()[0] == "python:3.11-slim"
+
+
+def test_runtime_stage_runs_as_a_numeric_non_root_user_in_the_audio_group(final):
+    user = final["USER"][-1]
+    assert user.split(":")[0].isdigit() and user.split(":")[0] != "0"
+    created = " ".join(final["RUN"])
+    assert re.search(rf"useradd\b[^&]*--uid {user.split(':')[0]}\b[^&]*--groups audio\b", created)
+
+
+def test_runtime_stage_installs_portaudio_for_the_microphone(final):
+    assert any("libportaudio2" in run for run in final["RUN"])
+
+
+def test_amd64_torch_comes_from_the_cpu_wheel_index_by_default(stages):
+    args = [rest for stage in stages for keyword, rest in stage if keyword == "ARG"]
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args
+    installs = [rest for stage in stages for keyword, rest in stage if keyword == "RUN" and "torch==" in rest]
+    assert installs and all("PIP_INDEX_URL=\"$TORCH_INDEX_URL\"" in run for run in installs)
+
+
+def test_the_shipped_model_is_inside_and_is_the_one_kws_loads(final):
+    copied = [shlex.split(rest) for rest in final["COPY"] if not rest.startswith("--from")]
+    destinations = {args[-1] for args in copied if args[0] == "models/mgrade-edge.pt"}
+    assert env_vars(final["ENV"])["KWS_MODEL"] in destinations
+
+
+def test_it_exposes_the_port_the_service_and_its_healthcheck_use(final):
+    assert final["EXPOSE"] == ["8000"]
+    cmd = json.loads(final["CMD"][-1])
+    assert cmd[:2] == ["kws", "serve"] and "--listen" in cmd
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert "--port" not in cmd or cmd[cmd.index("--port") + 1] == "8000"
+
+
+def test_healthcheck_is_valid_python_that_fetches_health(final):
+    options, _, command = final["HEALTHCHECK"][-1].partition("CMD ")
+    assert "--start-period=" in options
+    argv = json.loads(command)
+    assert argv[:2] == ["python", "-c"]
+    compile(argv[2], "HEALTHCHECK", "exec")  # a typo here would mark every container unhealthy
+    assert "http://127.0.0.1:8000/health" in argv[2]
+
+
+def allowed_by_dockerignore(path: str, patterns: list[str]) -> bool:
+    """Docker's rule, for the patterns used here: the last matching pattern wins."""
+    allowed = True
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*")
+        if re.fullmatch(rf"{regex}(/.*)?", path):
+            allowed = negated
+    return allowed
+
+
+def test_dockerignore_sends_what_the_dockerfile_copies_and_keeps_bulk_out(stages):
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    sources = [shlex.split(rest)[:-1] for stage in stages for keyword, rest in stage
+               if keyword == "COPY" and not rest.startswith("--from")]
+    for source in (path for group in sources for path in group):
+        assert allowed_by_dockerignore(source, patterns), source
+    for bulk in [".venv/bin/python", ".git/HEAD", "runs/x/model.pt", "data/speech_commands/a.flac",
+                 "tests/test_cli.py", "kws/__pycache__/cli.cpython-311.pyc", "models/other.pt"]:
+        assert not allowed_by_dockerignore(bulk, patterns), bulk
