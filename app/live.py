@@ -1,0 +1,99 @@
+"""The live listener of `kws serve --listen`: `kws listen`'s audio pipeline (microphone or a file
+played in real time -> bounded block queue -> resampler -> streaming Detector), run in the
+background with its detections going to the DetectionBus instead of stdout."""
+
+import logging
+import math
+import queue
+import threading
+
+from kws.errors import KwsError
+from kws.listen import (QUEUE_SECONDS, Counters, Resampler, file_rate, open_microphone,
+                        parse_device, play_file)
+from kws.stream import Detector
+
+from app.bus import DetectionBus
+from app.predict import TOP_K
+from app.schemas import Score
+
+log = logging.getLogger("kws.serve")
+
+BLOCK_SECONDS = 0.032  # kws listen's default block
+SCORES_EVERY_S = 0.25  # how often the dashboard's top scores update
+
+
+class LiveListener:
+    """Start with `start()` (raises KwsError when there is no usable source), end with `stop()`."""
+
+    def __init__(self, model, bus: DetectionBus, device: str | None = None,
+                 input_file: str | None = None):
+        self.detector = Detector(model)  # its own stream state; the model is shared read-only
+        self.bus = bus
+        self.device, self.input_file = device, input_file
+        self.counters = Counters()
+        self.blocks = queue.Queue(maxsize=math.ceil(QUEUE_SECONDS / BLOCK_SECONDS))
+        self._stop = threading.Event()
+        self._mic = None
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def queue_depth(self) -> int:
+        return self.blocks.qsize()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads) and self._threads[0].is_alive()
+
+    def start(self):
+        if self.input_file:
+            rate = file_rate(self.input_file)
+            self._threads.append(threading.Thread(
+                target=play_file, name="kws-file", daemon=True,
+                args=(self.input_file, BLOCK_SECONDS, False, self.blocks, self._stop)))
+        else:
+            self._mic, rate = open_microphone(parse_device(self.device), None, BLOCK_SECONDS,
+                                              self.blocks, self.counters)
+        self._threads.insert(0, threading.Thread(target=self._detect_blocks, args=(rate,),
+                                                 name="kws-detector", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._mic is not None:
+            self._mic.stop()
+            self._mic.close()
+        for thread in self._threads:
+            thread.join(timeout=2)
+
+    def _detect_blocks(self, rate: int):
+        resampler = Resampler(rate)
+        last_scores = 0.0
+        while not self._stop.is_set():
+            try:
+                block = self.blocks.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if block is None:  # the file ended
+                break
+            for d in self.detector.process(resampler.process(block)):
+                self.bus.publish(d.time_s, d.label, d.score)
+            if self.detector.time_s - last_scores >= SCORES_EVERY_S:
+                last_scores = self.detector.time_s
+                best = sorted(self.detector.scores.items(), key=lambda kv: kv[1], reverse=True)
+                self.bus.publish_scores([Score(label=k, score=v) for k, v in best[:TOP_K]])
+        log.info("kws serve: the live listener stopped after %.1f s of audio", self.detector.time_s)
+
+
+def start_listener(model, bus: DetectionBus, device, input_file) -> tuple[LiveListener | None, str | None]:
+    """(a running listener, None), or (None, why not): without a usable input the service logs
+    one line and goes on serving /predict."""
+    listener = LiveListener(model, bus, device, input_file)
+    try:
+        listener.start()
+    except KwsError as e:
+        log.warning("kws serve: live listener unavailable (%s); serving /predict only", e)
+        return None, str(e)
+    source = input_file or (f"input device {device}" if device is not None else "the default microphone")
+    log.info("kws serve: listening to %s", source)
+    return listener, None

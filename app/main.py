@@ -1,0 +1,216 @@
+"""The HTTP service: `create_app(settings)` builds the FastAPI application that `kws serve` runs.
+
+The lifespan loads the model once and builds the shared `Service`; endpoints reach it through
+the `get_service` dependency. Inference runs in a small thread pool, never on the event loop.
+"""
+
+import asyncio
+import json
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Annotated
+
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kws import __version__
+from kws.audio import AudioError
+from kws.model import load_model, parameter_bytes, parameter_count, state_bytes
+
+from app.bus import DetectionBus
+from app.live import LiveListener, start_listener
+from app.predict import predict
+from app.schemas import Detections, Error, Health, Listener, Prediction, Stats
+from app.settings import Settings, from_env
+from app.stats import CountRequests, RequestCounts, memory_bytes, prometheus_registry
+from app.upload import REQUEST_BODY, read_upload
+
+DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
+KEEPALIVE_S = 15.0  # an SSE comment this often keeps idle connections open through proxies
+
+
+class Service:
+    """What the endpoints share: settings, the model (read-only), the inference pool, the live
+    detections and the listener."""
+
+    def __init__(self, settings: Settings, model, bus: DetectionBus, requests: RequestCounts):
+        self.settings, self.model, self.bus, self.requests = settings, model, bus, requests
+        self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="kws-infer")
+        # Uploads being read or analysed; more wait unread, so memory stays bounded.
+        self.uploads = asyncio.Semaphore(4 * settings.workers)
+        self.started = time.monotonic()
+        self.listener: LiveListener | None = None
+        self.listener_problem: str | None = None
+        self.metrics = prometheus_registry(self.stats)
+
+    def listener_state(self) -> Listener:
+        if self.listener is not None:
+            return Listener(state="running" if self.listener.running else "stopped")
+        if self.listener_problem is not None:
+            return Listener(state="unavailable", detail=self.listener_problem)
+        return Listener(state="off")
+
+    def stats(self) -> Stats:
+        rss, peak = memory_bytes()
+        return Stats(
+            rss_bytes=rss, peak_rss_bytes=peak,
+            model_parameters=parameter_count(self.model), model_bytes=parameter_bytes(self.model),
+            stream_state_bytes=state_bytes(self.model.cfg),
+            audio_queue_depth=self.listener.queue_depth if self.listener else 0,
+            dropped_frames=self.listener.counters.dropped_frames if self.listener else 0,
+            uptime_s=time.monotonic() - self.started,
+            requests=self.requests.by_route(), in_flight=self.requests.in_flight,
+            detections=self.bus.total, listener=self.listener_state())
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+bearer = HTTPBearer(auto_error=False, description="required when KWS_API_TOKEN is set")
+
+
+def require_token(service: ServiceDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]):
+    expected = service.settings.api_token
+    if expected is None:
+        return
+    given = credentials.credentials if credentials else ""
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED,
+                            "a valid bearer token is required (Authorization: Bearer <token>)",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI entries for the 4xx answers an endpoint gives, all shaped like `Error`."""
+    return {code: {"model": Error} for code in codes}
+
+
+async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Query-parameter errors as one readable `detail` string, like every other 4xx here."""
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or e['loc'][0]}: {e['msg']}"
+                         for e in exc.errors())
+    return JSONResponse({"detail": problems}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def sse(event: str, data) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def event_stream(service: Service):
+    queue = service.bus.subscribe()
+    try:
+        yield sse("ready", {"listener": service.listener_state().model_dump()})
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            yield sse(kind, jsonable_encoder(payload))
+    finally:
+        service.bus.unsubscribe(queue)
+
+
+def create_app(settings: Settings | None = None, model=None) -> FastAPI:
+    """The application. `model`: an already loaded model (`kws serve` loads it first, so a bad
+    path is a one-line error); otherwise the lifespan loads `settings.model`."""
+    settings = settings or from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(settings.torch_threads)
+        bus = DetectionBus(asyncio.get_running_loop(), settings.detections_kept)
+        service = Service(settings, model or load_model(settings.model), bus, requests)
+        if settings.listen:
+            service.listener, service.listener_problem = start_listener(
+                service.model, bus, settings.device, settings.listen_input)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            if service.listener is not None:
+                service.listener.stop()
+            service.executor.shutdown(cancel_futures=True)
+            torch.set_num_threads(threads)
+
+    app = FastAPI(
+        title="kws", version=__version__, lifespan=lifespan,
+        description="Keyword spotting with mGRADE: classify uploaded clips, follow live "
+                    "detections from the microphone, watch memory use.",
+        exception_handlers={RequestValidationError: validation_error})
+    requests = RequestCounts()
+    app.add_middleware(CountRequests, counts=requests)
+
+    @app.post("/predict", response_model=Prediction, response_model_exclude_none=True,
+              dependencies=[Depends(require_token)], responses=errors(400, 401, 413, 415, 422),
+              openapi_extra={"requestBody": REQUEST_BODY})
+    async def predict_clip(request: Request, service: ServiceDep):
+        """Classify an audio file (WAV, FLAC, OGG or MP3; any rate, mono or stereo), sent as the
+        multipart form field `file` or as the raw body with an audio/* content type."""
+        settings = service.settings
+        async with service.uploads:
+            data = await read_upload(request, settings.max_upload_bytes)
+            work = partial(predict, service.model, data, settings.min_duration_s,
+                           settings.max_duration_s)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(service.executor, work)
+            except AudioError as e:
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
+
+    @app.get("/detections", response_model=Detections, dependencies=[Depends(require_token)],
+             responses=errors(401, 422))
+    def recent_detections(
+            service: ServiceDep,
+            since: Annotated[float, Query(description="Unix time: only detections after it")] = 0.0):
+        """Recent live detections from the listener (a bounded buffer), oldest first."""
+        return Detections(detections=service.bus.since(since), now=time.time())
+
+    @app.get("/events", response_class=StreamingResponse, dependencies=[Depends(require_token)],
+             responses={200: {"description": "Server-Sent Events: `ready` once, then `detection` "
+                                             "(a LiveDetection) and `scores` (the top five)",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        **errors(401)})
+    async def events(service: ServiceDep):
+        """Live detections as Server-Sent Events, as they happen."""
+        return StreamingResponse(event_stream(service), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/stats", response_model=Stats, dependencies=[Depends(require_token)],
+             responses=errors(401))
+    def stats(service: ServiceDep):
+        """Memory use and health of the running process."""
+        return service.stats()
+
+    @app.get("/metrics", response_class=Response, dependencies=[Depends(require_token)],
+             responses={200: {"description": "The /stats numbers in Prometheus text format",
+                              "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+                        **errors(401)})
+    def metrics(service: ServiceDep):
+        return Response(generate_latest(service.metrics), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/health", response_model=Health)
+    def health(service: ServiceDep):
+        """Liveness: open even when an API token is set."""
+        return Health(model=str(service.settings.model), listener=service.listener_state())
+
+    dashboard_html = DASHBOARD.read_text()
+
+    @app.get("/", response_class=HTMLResponse)
+    def dashboard():
+        """The live dashboard: detections, top scores and memory over time."""
+        return dashboard_html
+
+    return app

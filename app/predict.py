@@ -1,0 +1,93 @@
+"""/predict's work, run in a worker thread: decode an upload, check it, classify it and, for a
+long clip, run the streaming detector over it. The model is only read; every call builds its
+own stream state, so calls may run in parallel."""
+
+import io
+import math
+import struct
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioError, decode, resample
+from kws.stream import detect
+
+from app.schemas import Detection, Prediction, Score
+
+DETECT_ABOVE_S = 1.5  # longer clips also get streaming detections
+TOP_K = 5
+MAX_RESAMPLE_RATIO = 1_000_000  # 44.1 kHz -> 16 kHz is 441 x 160 = 70,560
+
+
+def probe(data: bytes):
+    """The file's header (rate, frames), read before decoding so that an over-long upload or an
+    unusable rate is refused cheaply; None when unreadable (decoding then says why)."""
+    try:
+        return sf.info(io.BytesIO(data))
+    except Exception:  # soundfile raises several types for unreadable headers
+        return None
+
+
+def check_sample_rate(rate: int):
+    """Resampling builds a (16000/g) x (rate/g) filter bank, g = gcd(rate, 16000): an odd rate
+    such as 96001 Hz would need gigabytes, so only rates with a small common ratio are taken."""
+    g = math.gcd(rate, SAMPLE_RATE)
+    if rate <= 0 or (rate // g) * (SAMPLE_RATE // g) > MAX_RESAMPLE_RATIO:
+        raise AudioError(f"sample rate {rate} Hz is not supported; use a standard rate "
+                         "such as 8000, 16000, 22050, 44100 or 48000 Hz")
+
+
+def wav_is_truncated(data: bytes) -> bool:
+    """A WAV whose data chunk holds fewer bytes than its header says. libsndfile quietly reads
+    what is there, so a cut-off upload would otherwise pass as a shorter clip."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return False
+    at = 12
+    while at + 8 <= len(data):
+        chunk_id, size = data[at:at + 4], struct.unpack("<I", data[at + 4:at + 8])[0]
+        if chunk_id == b"data":
+            return size != 0xFFFFFFFF and at + 8 + size > len(data)  # 0xFFFFFFFF: streamed WAV
+        at += 8 + size + (size & 1)  # chunks are word-aligned
+    return True  # the header ends before the data chunk starts
+
+
+def check_duration(seconds: float, min_s: float, max_s: float):
+    if seconds < min_s:
+        raise AudioError(f"audio is {seconds:.3f} s long; at least {min_s:g} s is needed")
+    if seconds > max_s:
+        raise AudioError(f"audio is {seconds:.1f} s long; the limit is {max_s:g} s")
+
+
+def top_scores(logits: torch.Tensor, labels, k: int = TOP_K) -> list[Score]:
+    probs = torch.softmax(logits.double(), dim=-1)
+    values, indices = probs.topk(min(k, len(labels)))
+    return [Score(label=labels[i], score=float(v)) for v, i in zip(values, indices)]
+
+
+def predict(model, data: bytes, min_s: float, max_s: float) -> Prediction:
+    """The Prediction for an uploaded file, or AudioError saying why it cannot be used."""
+    started = time.perf_counter()
+    header = probe(data)
+    if header is not None:
+        check_sample_rate(header.samplerate)
+        check_duration(header.frames / header.samplerate, min_s, max_s)
+    if wav_is_truncated(data):
+        raise AudioError("the WAV file is truncated: it holds less audio than its header says")
+    audio, sample_rate = decode(data)
+    check_duration(len(audio) / sample_rate, min_s, max_s)
+    audio = resample(audio, sample_rate, SAMPLE_RATE)
+    # Clips shorter than the 1-s training length are padded with silence at the end.
+    clip = np.pad(audio, (0, max(0, CLIP_SAMPLES - len(audio))))
+    with torch.inference_mode():
+        top = top_scores(model.classify(torch.from_numpy(clip)[None])[0], model.cfg.labels)
+    duration_s = len(audio) / SAMPLE_RATE
+    detections = None
+    if duration_s > DETECT_ABOVE_S:
+        # Chunking does not change what the detector finds; 1-s chunks keep the overhead low.
+        found = detect(model, audio, chunk_samples=SAMPLE_RATE)
+        detections = [Detection(time_s=d.time_s, label=d.label, score=d.score) for d in found]
+    return Prediction(label=top[0].label, score=top[0].score, top=top, duration_s=duration_s,
+                      sample_rate=sample_rate, latency_ms=(time.perf_counter() - started) * 1000,
+                      detections=detections)

@@ -1,0 +1,68 @@
+"""Request and response bodies: what the OpenAPI schema at /openapi.json describes."""
+
+from pydantic import BaseModel, Field
+
+
+class Error(BaseModel):
+    """Every 4xx answer: `detail` names the problem."""
+    detail: str = Field(examples=["audio is 0.05 s long; at least 0.1 s is needed"])
+
+
+class Score(BaseModel):
+    label: str
+    score: float = Field(ge=0, le=1, description="softmax probability")
+
+
+class Detection(BaseModel):
+    time_s: float = Field(description="seconds from the start of the clip or stream")
+    label: str
+    score: float = Field(ge=0, le=1)
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="the most likely class of the whole clip")
+    score: float = Field(ge=0, le=1)
+    top: list[Score] = Field(description="the five most likely classes, best first")
+    duration_s: float
+    sample_rate: int = Field(description="sample rate of the upload, before resampling to 16 kHz")
+    latency_ms: float = Field(description="decoding and inference time on the server")
+    detections: list[Detection] | None = Field(
+        None, description="keyword detections by the streaming detector (clips longer than 1.5 s)")
+
+
+class LiveDetection(Detection):
+    id: int = Field(description="increases by one per detection since start-up")
+    at: float = Field(description="Unix time of the detection (seconds)")
+
+
+class Detections(BaseModel):
+    detections: list[LiveDetection]
+    now: float = Field(description="server Unix time: pass it as `since` to poll for newer ones")
+
+
+class Listener(BaseModel):
+    state: str = Field(description="off, starting, running, or unavailable")
+    detail: str | None = Field(None, description="why the listener is unavailable")
+
+
+class Health(BaseModel):
+    status: str = "ok"
+    model: str = Field(description="the checkpoint being served")
+    listener: Listener
+
+
+class Stats(BaseModel):
+    rss_bytes: int = Field(description="resident memory of the process now")
+    peak_rss_bytes: int = Field(description="largest resident memory since start-up")
+    model_parameters: int
+    model_bytes: int = Field(description="memory of the model parameters")
+    stream_state_bytes: int = Field(description="memory of one stream's state")
+    audio_queue_depth: int = Field(description="audio blocks waiting for the live listener")
+    dropped_frames: int = Field(description="audio frames the live listener could not keep up with")
+    uptime_s: float
+    requests: dict[str, dict[str, int]] = Field(
+        description="HTTP requests answered since start-up, by route and status code",
+        examples=[{"/predict": {"200": 41, "422": 2}}])
+    in_flight: int = Field(description="requests being answered now")
+    detections: int = Field(description="live detections since start-up")
+    listener: Listener

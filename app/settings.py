@@ -1,0 +1,80 @@
+"""Service settings: defaults, then environment variables (KWS_*), then `kws serve` flags."""
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from kws import default_model_path
+from kws.errors import KwsError
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: Path | None = None  # checkpoint to serve; None: $KWS_MODEL or the shipped model
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    listen: bool = False  # also run the microphone listener in the background
+    device: str | None = None  # input device for the listener (index or name)
+    listen_input: str | None = None  # an audio file the listener plays in real time, for demos
+    api_token: str | None = None  # when set, a bearer token for /predict and the live endpoints
+    max_upload_bytes: int = 10_000_000
+    max_duration_s: float = 60.0
+    min_duration_s: float = 0.1
+    workers: int = 2  # inference threads: one per core of a 2-core board
+    torch_threads: int = 1  # intra-op threads per inference: parallel requests beat parallel ops
+    detections_kept: int = 1000  # live detections /detections can return
+
+    def __post_init__(self):
+        if self.model is None:
+            object.__setattr__(self, "model", default_model_path())
+        object.__setattr__(self, "model", Path(self.model))
+        if not self.api_token:
+            object.__setattr__(self, "api_token", None)  # an empty token means none
+        for name in ("port", "max_upload_bytes", "workers", "torch_threads", "detections_kept"):
+            if getattr(self, name) < 1:
+                raise KwsError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.min_duration_s < self.max_duration_s:
+            raise KwsError("durations must satisfy 0 < min_duration_s < max_duration_s")
+
+
+# Environment variable -> field. KWS_MODEL is read by kws.default_model_path.
+ENVIRONMENT = {
+    "KWS_HOST": "host",
+    "KWS_PORT": "port",
+    "KWS_LISTEN": "listen",
+    "KWS_DEVICE": "device",
+    "KWS_LISTEN_INPUT": "listen_input",
+    "KWS_API_TOKEN": "api_token",
+    "KWS_MAX_UPLOAD_BYTES": "max_upload_bytes",
+    "KWS_MAX_DURATION_S": "max_duration_s",
+    "KWS_WORKERS": "workers",
+    "KWS_TORCH_THREADS": "torch_threads",
+}
+
+TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def _parse(name: str, kind: type, text: str):
+    if kind is bool:
+        if text.lower() not in TRUE | FALSE:
+            raise KwsError(f"{name}={text!r}: expected 1/0, true/false, yes/no or on/off")
+        return text.lower() in TRUE
+    try:
+        return kind(text)
+    except ValueError:
+        raise KwsError(f"{name}={text!r}: expected {kind.__name__}") from None
+
+
+def from_env(env=None, **overrides) -> Settings:
+    """Settings from `env` (default os.environ), then `overrides` that are not None (CLI flags)."""
+    env = os.environ if env is None else env
+    types = {f.name: f.type for f in fields(Settings)}
+    values = {}
+    for variable, name in ENVIRONMENT.items():
+        if variable in env:
+            kind = types[name] if isinstance(types[name], type) else str  # "str | None" -> str
+            values[name] = _parse(variable, kind, env[variable])
+    if env.get("KWS_MODEL"):
+        values["model"] = Path(env["KWS_MODEL"])
+    settings = Settings(**values)
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
