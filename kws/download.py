@@ -1,0 +1,112 @@
+"""`kws data download`: fetch the official Speech Commands v0.02 archive and unpack it safely."""
+
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from kws.data import WORDS
+from kws.errors import KwsError
+
+URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
+SPLIT_LISTS = ("validation_list.txt", "testing_list.txt")
+CHUNK = 1 << 20
+
+
+def fetch(url: str, dest, stream=None) -> int:
+    """Copy `url` to the file `dest` with a progress line (on stderr by default); returns the
+    byte count."""
+    stream = stream or sys.stderr
+    try:
+        response = urllib.request.urlopen(url, timeout=60)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise KwsError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
+    with response, open(dest, "wb") as f:
+        total = int(response.headers.get("Content-Length") or 0)
+        done, start = 0, time.monotonic()
+        try:
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                done += len(chunk)
+                speed = done / max(time.monotonic() - start, 1e-9)
+                of_total = f"/{total / 1e6:.1f}" if total else ""
+                print(f"\r{done / 1e6:.1f}{of_total} MB  {speed / 1e6:.1f} MB/s", end="",
+                      file=stream, flush=True)
+        except OSError as e:
+            raise KwsError(f"download of {url} broke off after {done:,} bytes: {e}") from None
+        print(file=stream)
+    if total and done != total:
+        raise KwsError(f"download of {url} is incomplete: {done:,} of {total:,} bytes")
+    return done
+
+
+def check_member(member: tarfile.TarInfo, root: Path) -> None:
+    """Refuse members that would land outside `root`: absolute paths, "..", links out of it,
+    devices."""
+    target = (root / member.name).resolve()
+    if os.path.isabs(member.name) or ".." in Path(member.name).parts \
+            or not target.is_relative_to(root):
+        raise KwsError(f"archive member {member.name!r} points outside the target folder")
+    if member.issym() or member.islnk():
+        base = target.parent if member.issym() else root
+        if os.path.isabs(member.linkname) or not (base / member.linkname).resolve() \
+                .is_relative_to(root):
+            raise KwsError(f"archive link {member.name!r} -> {member.linkname!r} "
+                           "points outside the target folder")
+    elif not (member.isfile() or member.isdir()):
+        raise KwsError(f"archive member {member.name!r} is not a file or folder")
+
+
+def unpack(archive, dest) -> None:
+    """Unpack a .tar.gz into `dest`, checking every member before anything is written."""
+    root = Path(dest).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                check_member(member, root)
+            tar.extractall(root, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise KwsError(f"cannot unpack {archive}: {e}") from None
+
+
+def check_layout(root) -> list[str]:
+    """The problems that keep `root` from being a Speech Commands folder (empty when fine)."""
+    root = Path(root)
+    problems = [f"missing {name}" for name in SPLIT_LISTS if not (root / name).is_file()]
+    missing = [w for w in WORDS if not (root / w).is_dir()]
+    if missing:
+        problems.append(f"missing word folders: {', '.join(missing)}")
+    return problems
+
+
+def download(dest, url: str = URL, stream=None) -> None:
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    # The temp file sits next to DIR so a 2.3 GB archive does not have to fit in /tmp.
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        archive = Path(tmp) / "archive.tar.gz"
+        fetch(url, archive, stream)
+        unpack(archive, dest)
+    problems = check_layout(dest)
+    if problems:
+        raise KwsError(f"{dest} is not a Speech Commands folder after unpacking: "
+                       + "; ".join(problems))
+
+
+def download_command(args):
+    download(args.dir, args.url)
+    print(f"Speech Commands unpacked in {args.dir}")
+
+
+def register(data_sub):
+    p = data_sub.add_parser("download", help="download and unpack Speech Commands v0.02 (2.3 GB)")
+    p.add_argument("dir", metavar="DIR", help="folder to unpack into")
+    p.add_argument("--url", default=URL, help="archive URL (default: the official v0.02 one)")
+    p.set_defaults(func=download_command)
