@@ -1,4 +1,4 @@
-"""Synthetic keyword clips from offline TTS engines (espeak-ng, flite) in the Speech Commands layout.
+"""Synthetic keyword clips from offline TTS engines (espeak-ng, flite), Speech Commands layout.
 
 Every clip is `OUT/<word>/<speaker>_nohash_<rate+pitch>.wav`, 16 kHz mono 16-bit, exactly 1 s,
 like the real clips; the "speaker" is engine-voice-variant, so speaker-grouped splits keep all
@@ -65,7 +65,8 @@ class Espeak:
     rates = (130, 150, 170, 190, 210)
     pitches = (20, 35, 50, 65, 80)
     clips_per_word = 220  # sampled from the grid
-    # Variants that do not sound like a person (robots, effects) or break the energy trim (whispers).
+    # Variants that do not sound like a person (robots, effects) or defeat the energy trim
+    # (whispers).
     unhuman_variants = {
         "Demonic", "announcer", "UniRobot", "anikaRobot", "Tweaky", "fast", "whisper", "whisperf",
         "croak", "kaukovalta", "RicishayMax", "RicishayMax2", "RicishayMax3",
@@ -194,7 +195,8 @@ def synthesize(r: Render) -> np.ndarray:
 
 
 def to_clip(speech: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """Level the speech, put it at a random, roughly central offset in 1 s over a faint noise floor."""
+    """Level the speech and put it at a random, roughly central offset in 1 s over a faint
+    noise floor."""
     rms = np.sqrt(np.mean(speech.astype(np.float64) ** 2))
     level_db = rng.uniform(*SPEECH_RMS_DBFS)
     speech = speech * (10 ** (level_db / 20) / rms)
@@ -264,8 +266,8 @@ def write_jsonl(path: Path, records) -> None:
 class Progress:
     """One self-overwriting stderr line: count/total, clips per second, ETA."""
 
-    def __init__(self, total: int, stream=sys.stderr, every_s=0.5):
-        self.total, self.stream, self.every_s = total, stream, every_s
+    def __init__(self, total: int, stream=None, every_s=0.5):
+        self.total, self.stream, self.every_s = total, stream or sys.stderr, every_s
         self.done, self.start, self.last = 0, time.monotonic(), 0.0
 
     def step(self):
@@ -276,7 +278,8 @@ class Progress:
             speed = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / speed
             print(f"\r{self.done}/{self.total} clips  {speed:.1f} clips/s  "
-                  f"ETA {int(eta // 60)}:{int(eta % 60):02d}", end="", file=self.stream, flush=True)
+                  f"ETA {int(eta // 60)}:{int(eta % 60):02d}", end="", file=self.stream,
+                  flush=True)
 
     def close(self):
         if self.total:
@@ -301,7 +304,7 @@ def synth_dataset(out, words=WORDS, engines=tuple(ENGINES), jobs=1, limit=None, 
     write_jsonl(manifest_path, made.values())
     write_jsonl(dropped_path, dropped.values())
     todo = [r for r in renders if r.path not in made and r.path not in dropped]
-    bar = Progress(len(todo), stream=sys.stderr if progress else open(os.devnull, "w"))
+    bar = Progress(len(todo), stream=None if progress else io.StringIO())
     new_made = new_dropped = 0
     with open(manifest_path, "a") as manifest, open(dropped_path, "a") as dropped_log:
         def record(rec):
