@@ -117,3 +117,31 @@ def test_dockerignore_sends_what_the_dockerfile_copies_and_keeps_bulk_out(stages
     for bulk in [".venv/bin/python", ".git/HEAD", "runs/x/model.pt", "data/speech_commands/a.flac",
                  "tests/test_cli.py", "kws/__pycache__/cli.cpython-311.pyc", "models/other.pt"]:
         assert not allowed_by_dockerignore(bulk, patterns), bulk
+
+
+@pytest.fixture(scope="module")
+def compose() -> str:
+    return (ROOT / "compose.yaml").read_text()
+
+
+def list_under(text: str, key: str) -> list[str]:
+    """The `- item` lines right under `key:` (comments dropped); compose.yaml uses block lists."""
+    match = re.search(rf"^(\s*){key}:\s*\n((?:\1\s+- .*\n)+)", text, re.M)
+    assert match, f"no {key} list in compose.yaml"
+    return [line.split("- ", 1)[1].split(" #")[0].strip().strip("\"'")
+            for line in match.group(2).splitlines()]
+
+
+def test_compose_passes_the_sound_devices_with_the_audio_group_and_publishes_8000(compose):
+    assert "/dev/snd:/dev/snd" in list_under(compose, "devices")
+    assert list_under(compose, "group_add") == ["audio"]
+    assert "8000:8000" in list_under(compose, "ports")
+    assert re.search(r"^\s+restart: (always|unless-stopped)\s*$", compose, re.M)
+
+
+def test_compose_environment_names_only_settings_the_service_reads(compose):
+    from app.settings import ENVIRONMENT
+
+    names = [item.split("=")[0] for item in list_under(compose, "environment")]
+    assert "KWS_DEVICE" in names
+    assert set(names) <= set(ENVIRONMENT) | {"KWS_MODEL"}
