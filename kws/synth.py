@@ -31,6 +31,7 @@ DROPPED = "dropped.jsonl"
 
 MAX_SPEECH_SECONDS = 0.95  # longer renders are re-rendered faster: the word is never cut
 TARGET_SPEECH_SECONDS = 0.9  # what a sped-up re-render aims for
+MIN_SPEECH_SECONDS = 0.15  # shorter renders (flite kal16 says "on" in 0.1 s) are dropped
 MAX_SPEEDUP = 1.5  # beyond this a render sounds unnatural: drop it instead
 SPEECH_RMS_DBFS = (-30.0, -14.0)  # speech level range, drawn per clip
 NOISE_FLOOR_DBFS = (-72.0, -58.0)  # real clips are never digitally silent; neither are ours
@@ -228,8 +229,10 @@ def render(r: Render, out: str, seed: int) -> dict:
                                f"{r.rate:g} (> {MAX_SPEECH_SECONDS} s)"}
         r = replace(r, rate=round(r.rate * faster, 3))
         speech = synthesize(r)
-    if len(speech) == 0:
-        return {**asdict(requested), "path": requested.path, "dropped": "render has no sound"}
+    if len(speech) < MIN_SPEECH_SECONDS * SAMPLE_RATE:
+        return {**asdict(requested), "path": requested.path,
+                "dropped": f"speech {len(speech) / SAMPLE_RATE:.2f} s "
+                           f"(< {MIN_SPEECH_SECONDS} s, shorter than a spoken word)"}
     clip_seed = stable_seed(seed, requested.path)
     clip, info = to_clip(speech, np.random.default_rng(clip_seed))
     target = Path(out) / requested.path

@@ -72,11 +72,24 @@ def test_a_render_too_long_for_a_clip_is_re_rendered_faster(tmp_path, monkeypatc
     assert sf.info(tmp_path / r.path).frames == CLIP_SAMPLES
 
 
-def test_a_render_that_cannot_fit_is_dropped_with_a_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(synth, "synthesize", lambda r: np.ones(2 * SAMPLE_RATE, np.float32))
+@pytest.mark.parametrize("seconds, reason", [(2.0, "> 0.95 s"), (0.1, "< 0.15 s"), (0.0, "< 0.15 s")])
+def test_a_render_that_cannot_fit_or_is_too_short_is_dropped_with_a_reason(
+        tmp_path, monkeypatch, seconds, reason):
+    speech = np.ones(int(seconds * SAMPLE_RATE), np.float32) * 0.1
+    monkeypatch.setattr(synth, "synthesize", lambda r: speech)
     r = synth.Render("espeak", "yes", "en-us", "m1", 150, 50)
     record = synth.render(r, str(tmp_path), seed=0)
-    assert "speech" in record["dropped"] and not (tmp_path / r.path).exists()
+    assert reason in record["dropped"] and not (tmp_path / r.path).exists()
+
+
+def test_dropped_renders_are_logged_and_not_retried(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "synthesize", lambda r: np.zeros(0, np.float32))
+    counts = synth.synth_dataset(tmp_path, ["yes"], ["flite"], limit=2, progress=False)
+    assert counts == {"planned": 2, "rendered": 0, "dropped": 2, "skipped": 0, "clips": 0}
+    dropped = (tmp_path / synth.DROPPED).read_text().splitlines()
+    assert len(dropped) == 2 and all("shorter than a spoken word" in line for line in dropped)
+    again = synth.synth_dataset(tmp_path, ["yes"], ["flite"], limit=2, progress=False)
+    assert again["skipped"] == 2 and again["dropped"] == 0
 
 
 def test_resume_skips_made_clips_and_re_renders_a_deleted_one(rendered, tmp_path):
