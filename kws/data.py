@@ -15,3 +15,207 @@ WELL_COVERED = ("bed", "cat", "happy", "down", "go", "left", "right", "up", "eig
                 "one", "zero", "yes", "no", "on", "off", "stop")
 # The v2 benchmark's 12-class protocol: ten words, the other 25 as unknown, and silence.
 CORE_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioError, fit_length, load_audio
+from kws.errors import KwsError
+
+SPLITS = ("training", "validation", "testing")
+AUDIO_SUFFIXES = (".wav", ".flac")
+NOISE_DIR = "_background_noise_"
+# Each noise recording is cut in time: training uses the start, evaluation the end, so no test
+# stream or silence example ever replays noise the model was trained on.
+NOISE_TRAIN_FRACTION = 0.8
+
+
+class DataError(KwsError):
+    pass
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: Path
+    label: str
+
+
+def _check_root(root) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"no dataset folder at {root}")
+    return root
+
+
+def _word_files(root: Path) -> list[str]:
+    """Relative paths 'word/file' of every clip of a known word under root."""
+    found = []
+    for word in WORDS:
+        folder = root / word
+        if folder.is_dir():
+            found += sorted(f"{word}/{p.name}" for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+    return found
+
+
+def _read_list(root: Path, name: str) -> set[str]:
+    path = root / name
+    return set(path.read_text().split()) if path.is_file() else set()
+
+
+def read_split(root, split: str) -> list[Clip]:
+    """The clips of one split of a Speech Commands layout (official lists; training = the rest)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    root = _check_root(root)
+    files = _word_files(root)
+    if not files:
+        raise DataError(f"{root} holds no clips in word folders (expected e.g. {root}/yes/*.wav)")
+    validation = _read_list(root, "validation_list.txt")
+    testing = _read_list(root, "testing_list.txt")
+    if split == "training":
+        chosen = [f for f in files if f not in validation and f not in testing]
+    else:
+        listed = validation if split == "validation" else testing
+        chosen = [f for f in files if f in listed]
+    if not chosen:
+        raise DataError(f"the {split} split of {root} is empty")
+    return [Clip(root / f, f.split("/")[0]) for f in chosen]
+
+
+def read_synth(root) -> list[Clip]:
+    """Every clip of a synthetic set made by `kws data synth` (all of it is training data)."""
+    root = _check_root(root)
+    files = _word_files(root)
+    if not files:
+        raise DataError(f"{root} holds no synthetic clips")
+    return [Clip(root / f, f.split("/")[0]) for f in files]
+
+
+def read_noise(root, split: str = "training") -> list[np.ndarray]:
+    """The background noise recordings at 16 kHz: their first 80% for training, the rest else."""
+    root = _check_root(root)
+    files = sorted(p for p in (root / NOISE_DIR).glob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    if not files:
+        raise DataError(f"no noise recordings in {root / NOISE_DIR}")
+    noise = []
+    for path in files:
+        audio = load_audio(path)
+        cut = int(len(audio) * NOISE_TRAIN_FRACTION)
+        noise.append(audio[:cut] if split == "training" else audio[cut:])
+    return noise
+
+
+def load_clips(clips: list[Clip], length: int = CLIP_SAMPLES) -> np.ndarray:
+    """(N, length) float32 array of the clips, each padded or trimmed to `length` samples."""
+    out = np.zeros((len(clips), length), dtype=np.float32)
+    for i, clip in enumerate(clips):
+        try:
+            out[i] = fit_length(load_audio(clip.path), length)
+        except AudioError as e:
+            raise DataError(f"{clip.path}: {e}") from None
+    return out
+
+
+def noise_segment(noise: list[np.ndarray], length: int, rng: random.Random) -> np.ndarray:
+    recording = noise[rng.randrange(len(noise))]
+    start = rng.randrange(max(1, len(recording) - length))
+    return fit_length(recording[start:start + length], length)
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    return x.square().mean(-1, keepdim=True).add(1e-10).sqrt()
+
+
+class TrainingBatches:
+    """Endless, seeded, class-balanced augmented batches for streaming-ready training.
+
+    Each example is `context` seconds of something else (noise, silence or the end of another
+    clip) followed by a 1-s target clip, so the model learns from arbitrary carried state; the
+    loss reads out only the target's steps. Synthetic clips are also sped up or slowed down.
+    """
+
+    def __init__(self, real: np.ndarray, real_labels: list[int], synth: np.ndarray,
+                 synth_labels: list[int], noise: list[np.ndarray], n_classes: int,
+                 background: int, seed: int = 0, context_s: float = 0.5,
+                 real_weight: float = 4.0, background_weight: float = 2.0):
+        self.clips = np.concatenate([real, synth]) if len(synth) else real
+        self.is_synth = np.r_[np.zeros(len(real), bool), np.ones(len(synth), bool)]
+        labels = np.r_[np.asarray(real_labels, int), np.asarray(synth_labels, int)]
+        weights = np.where(self.is_synth, 1.0, real_weight)
+        self.pools = [np.flatnonzero(labels == c) for c in range(n_classes)]
+        self.pool_p = [weights[p] / weights[p].sum() if len(p) else None for p in self.pools]
+        self.class_p = np.array([background_weight if c == background else float(len(p) > 0)
+                                 for c, p in enumerate(self.pools)])
+        self.class_p /= self.class_p.sum()
+        self.noise = noise
+        self.background = background
+        self.context = int(context_s * SAMPLE_RATE)
+        self.rng = random.Random(seed)
+        self.np_rng = np.random.default_rng(seed)
+
+    def _speech(self, label: int) -> np.ndarray:
+        i = self.np_rng.choice(self.pools[label], p=self.pool_p[label])
+        clip = self.clips[i]
+        if self.is_synth[i]:
+            clip = _change_speed(clip, self.rng.uniform(0.88, 1.12))
+        else:
+            clip = _change_speed(clip, self.rng.uniform(0.95, 1.05))
+        return _shift(clip, self.rng.randint(-1600, 1600))  # +-100 ms
+
+    def _context(self) -> np.ndarray:
+        kind = self.rng.random()
+        if kind < 0.4:  # the end of another word, as when keywords follow each other
+            other = self.np_rng.choice(len(self.clips))
+            return self.clips[other][-self.context:] * 10 ** (self.rng.uniform(-10, 5) / 20)
+        return np.zeros(self.context, np.float32)  # noise is added to the whole example below
+
+    def example(self) -> tuple[np.ndarray, int]:
+        label = int(self.np_rng.choice(len(self.class_p), p=self.class_p))
+        total = self.context + CLIP_SAMPLES
+        if label == self.background:
+            x = np.zeros(total, np.float32)
+        else:
+            target = self._speech(label) * 10 ** (self.rng.uniform(-12, 8) / 20)
+            x = np.concatenate([self._context(), target]).astype(np.float32)
+        if label == self.background or self.rng.random() < 0.85:
+            noise = noise_segment(self.noise, total, self.rng)
+            speech_rms = float(np.sqrt(np.mean(x[self.context:] ** 2)) + 1e-8)
+            if label == self.background:  # from near silence up to loud noise
+                level = 10 ** (self.rng.uniform(-70, -10) / 20)
+            else:
+                level = speech_rms * 10 ** (-self.rng.uniform(0, 25) / 20)
+            x = x + noise * (level / (np.sqrt(np.mean(noise ** 2)) + 1e-8))
+        return np.clip(x, -1, 1), label
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(self.example() for _ in range(size)))
+        return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+
+
+def _change_speed(clip: np.ndarray, factor: float) -> np.ndarray:
+    """Resample by linear interpolation: faster and higher (factor > 1) or slower and lower."""
+    n = len(clip)
+    src = (np.arange(n) - n / 2) * factor + n / 2
+    return np.interp(src, np.arange(n), clip, left=0.0, right=0.0).astype(np.float32)
+
+
+def _shift(clip: np.ndarray, shift: int) -> np.ndarray:
+    """Move the clip `shift` samples later (earlier if negative), filling with silence."""
+    out = np.zeros_like(clip)
+    if shift >= 0:
+        out[shift:] = clip[:len(clip) - shift]
+    else:
+        out[:shift] = clip[-shift:]
+    return out
+
+
+def register(sub):
+    p = sub.add_parser("data", help="get the dataset or render synthetic speech")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    from kws import download, synth
+    download.register(data_sub)
+    synth.register(data_sub)

@@ -65,7 +65,7 @@ PRESETS = {
                   delay_window=32, n_taps=8),
     # 10 ms steps from a learned filterbank: trains on a 2-core CPU, streams at a tiny cost.
     "edge": dict(stride=160, frontend="gabor", frontend_kernel=400, frontend_filters=64,
-                 n_layers=6, width=64, delay_window=32, n_taps=8),
+                 n_layers=4, width=64, delay_window=32, n_taps=8),
 }
 
 
@@ -203,9 +203,30 @@ class MinGRU(nn.Module):
 
     @staticmethod
     def scan(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-        """log h for h_t = a_t h_{t-1} + b_t, h_{-1} = 0: cumulative sums, no loop over time."""
-        a_star = torch.cumsum(log_a, dim=1)
-        return a_star + torch.logcumsumexp(log_b - a_star, dim=1)
+        """log h for h_t = a_t h_{t-1} + b_t, h_{-1} = 0: cumulative sums, no loop over time.
+
+        In float64: a_star falls without bound over long sequences, and float32 would lose the
+        small log h in the difference of two large numbers."""
+        a_star = torch.cumsum(log_a.double(), dim=1)
+        return (a_star + _logcumsumexp(log_b.double() - a_star)).to(log_a.dtype)
+
+
+def _logcumsumexp(x: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """torch.logcumsumexp over dim 1 of (B, T, H) float64, several times faster on CPUs: plain
+    cumulative sums of exp inside blocks of `block` steps (float64 keeps their range), then the
+    blocks' running totals combined with one short logcumsumexp."""
+    B, T, H = x.shape
+    pad = -T % block
+    xb = F.pad(x, (0, 0, 0, pad), value=-math.inf).view(B, -1, block, H)
+    m = xb.amax(2, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    within = torch.log(torch.cumsum(torch.exp(xb - m), dim=2)) + m
+    before = torch.logcumsumexp(within[:, :, -1], dim=1)
+    before = F.pad(before[:, :-1], (0, 0, 1, 0), value=-math.inf)
+    before = before[:, :, None].expand_as(within)
+    # logaddexp(-inf, -inf) is nan; the carried-in log(h0 = 0) is exactly that case.
+    out = torch.where(torch.isinf(before), within, torch.logaddexp(within, before))
+    return out.reshape(B, -1, H)[:, :T]
 
 
 # ----------------------------------------------------------------------------- layer, model
