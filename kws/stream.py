@@ -101,6 +101,7 @@ class Detector:
         self._quiet_until = 0  # first step after the refractory period
         self._armed = np.ones(n, dtype=bool)  # a word re-arms when its score falls below threshold
         self._probs = np.zeros(n)
+        self.last_logits = np.zeros((0, n), dtype=np.float32)  # from the latest process()
 
     @property
     def time_s(self) -> float:
@@ -120,10 +121,16 @@ class Detector:
         self._samples += len(samples)
         with torch.inference_mode():
             logits, self.state = self.model.stream(torch.from_numpy(samples)[None], self.state)
-        logits = logits[0].double().numpy()
+        self.last_logits = logits[0].numpy()
+        return self.process_logits(self.last_logits)
+
+    def process_logits(self, logits: np.ndarray) -> list[Detection]:
+        """The detection stage alone, for per-step logits (steps, n_classes) in stream order.
+        `process` calls it; eval-stream also replays recorded logits through it at many
+        thresholds without re-running the model."""
         if len(logits) == 0:
             return []
-        probs = self._smoothed_probabilities(logits)
+        probs = self._smoothed_probabilities(np.asarray(logits, dtype=np.float64))
         first_step = self._steps
         self._steps += len(logits)
         self._probs = probs[-1]
@@ -138,28 +145,38 @@ class Detector:
         ends = np.arange(len(history), len(seq)) + 1
         starts = np.maximum(ends - self.window_steps, 0)
         means = (sums[ends] - sums[starts]) / (ends - starts)[:, None]
-        if len(self._recent):
-            self._recent = seq[-len(self._recent):] if len(seq) >= len(self._recent) else \
-                np.concatenate([self._recent[len(seq):], seq])
-            self._filled = min(len(self._recent), self._filled + len(logits))
+        keep = len(self._recent)
+        if keep:
+            self._recent = np.concatenate([self._recent, logits])[-keep:]
+            self._filled = min(keep, self._filled + len(logits))
         z = means - means.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
     def _decide(self, probs: np.ndarray, first_step: int) -> list[Detection]:
+        """Thresholds, re-arming and the refractory period, step by step. Only steps where some
+        word is above its threshold need a look; any other step re-arms every word."""
         detections = []
         above = probs >= self._thresholds
-        for i, row in enumerate(probs):
-            step = first_step + i
+        previous = -1
+        for i in np.flatnonzero(above.any(axis=1)):
+            if i > previous + 1:
+                self._armed[:] = True
+            previous = i
             self._armed |= ~above[i]
-            candidates = np.where(above[i] & self._armed, row, -1.0)
+            step = first_step + int(i)
+            if step < self._quiet_until:
+                continue
+            candidates = np.where(above[i] & self._armed, probs[i], -1.0)
             best = int(candidates.argmax())
-            if candidates[best] < 0 or step < self._quiet_until:
+            if candidates[best] < 0:
                 continue
             detections.append(Detection(time_s=(step + 1) * self.stride / SAMPLE_RATE,
-                                        label=self.labels[best], score=float(row[best])))
+                                        label=self.labels[best], score=float(probs[i, best])))
             self._armed[best] = False
             self._quiet_until = step + 1 + self.refractory_steps
+        if previous < len(probs) - 1:
+            self._armed[:] = True
         return detections
 
 

@@ -1,0 +1,176 @@
+"""The streaming Detector: smoothing, thresholds, refractory period, chunking, long streams."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kws.data import BACKGROUND, LABELS
+from kws.errors import KwsError
+from kws.model import MGRADE, preset
+from kws.stream import Detector, detect
+
+STRIDE = 160
+STEPS_PER_S = 100
+BG = LABELS.index(BACKGROUND)
+
+
+class ScriptedModel:
+    """A stand-in whose per-step logits are spelled out by the audio itself: a step of 160
+    samples whose value is k gives logit 8 for label k and 0 elsewhere. It streams like
+    MGRADE (unconsumed samples carried), so it exercises the Detector alone."""
+
+    cfg = SimpleNamespace(labels=LABELS, stride=STRIDE)
+
+    def initial_state(self, batch_size=1):
+        return [torch.zeros(batch_size, 0)]
+
+    def stream(self, chunk, state):
+        audio = torch.cat([state[0], chunk], dim=1)
+        steps = audio.shape[1] // STRIDE
+        index = audio[:, : steps * STRIDE:STRIDE].round().long()
+        logits = 8.0 * torch.nn.functional.one_hot(index, len(LABELS)).float()
+        return logits, [audio[:, steps * STRIDE:]]
+
+
+def script(*segments) -> np.ndarray:
+    """Audio for ScriptedModel from (label, seconds) pairs."""
+    return np.concatenate([np.full(round(s * 16000), LABELS.index(label), np.float32)
+                           for label, s in segments])
+
+
+def test_a_held_word_gives_one_detection_with_its_label_and_time():
+    audio = script((BACKGROUND, 2.0), ("yes", 0.8), (BACKGROUND, 2.0))
+    found = detect(ScriptedModel(), audio, threshold=0.8)
+    assert [d.label for d in found] == ["yes"]
+    # The score crosses 0.8 once enough of the last second is "yes": after 2 s of background.
+    assert 2.0 < found[0].time_s < 2.8
+    assert found[0].score >= 0.8
+
+
+def test_background_alone_gives_no_detection():
+    assert detect(ScriptedModel(), script((BACKGROUND, 10.0)), threshold=0.5) == []
+
+
+def test_words_limits_the_reported_labels():
+    audio = script((BACKGROUND, 1.5), ("yes", 0.8), (BACKGROUND, 1.5), ("no", 0.8), (BACKGROUND, 1.5))
+    assert [d.label for d in detect(ScriptedModel(), audio, threshold=0.8)] == ["yes", "no"]
+    assert [d.label for d in detect(ScriptedModel(), audio, threshold=0.8, words=["no"])] == ["no"]
+
+
+def test_per_word_thresholds_apply_to_their_word_only():
+    audio = script((BACKGROUND, 1.5), ("yes", 0.6), (BACKGROUND, 1.5), ("no", 0.6), (BACKGROUND, 1.5))
+    found = detect(ScriptedModel(), audio, threshold={"yes": 0.99, "no": 0.3})
+    assert [d.label for d in found] == ["no"]
+
+
+def test_refractory_period_suppresses_a_second_word_right_after_a_detection():
+    audio = script((BACKGROUND, 1.5), ("yes", 0.9), ("no", 0.9), (BACKGROUND, 3.0))
+    short = detect(ScriptedModel(), audio, threshold=0.6, refractory_s=0.0)
+    long = detect(ScriptedModel(), audio, threshold=0.6, refractory_s=3.0)
+    assert [d.label for d in short] == ["yes", "no"]
+    assert [d.label for d in long] == ["yes"]
+
+
+def test_a_word_held_past_the_refractory_period_fires_once():
+    # Still above threshold when the refractory period ends: it must fall below to re-arm.
+    audio = script((BACKGROUND, 1.0), ("yes", 3.0), (BACKGROUND, 1.0))
+    assert len(detect(ScriptedModel(), audio, threshold=0.8, refractory_s=0.2)) == 1
+
+
+def test_smoothing_window_length_changes_when_a_word_is_confident_enough():
+    audio = script((BACKGROUND, 2.0), ("yes", 0.4), (BACKGROUND, 2.0))
+    assert detect(ScriptedModel(), audio, threshold=0.8, window_s=1.0) == []
+    assert [d.label for d in detect(ScriptedModel(), audio, threshold=0.8, window_s=0.3)] == ["yes"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=40).filter(lambda c: sum(c) > 800))
+def test_detections_do_not_depend_on_chunk_sizes(chunks):
+    audio = script((BACKGROUND, 0.7), ("up", 0.8), ("down", 0.9), (BACKGROUND, 1.2), ("up", 0.7),
+                   (BACKGROUND, 0.5))
+    expected = detect(ScriptedModel(), audio, chunk_samples=len(audio), threshold=0.7,
+                      refractory_s=0.3)
+    detector, found, start = Detector(ScriptedModel(), threshold=0.7, refractory_s=0.3), [], 0
+    for i in range(0, 10_000):
+        n = chunks[i % len(chunks)]
+        found += detector.process(audio[start:start + n])
+        start += n
+        if start >= len(audio):
+            break
+    assert found == expected
+    assert len(expected) == 3
+    assert detector.time_s == pytest.approx(len(audio) / 16000)
+
+
+def test_scores_and_time_follow_the_stream_and_reset_clears_them():
+    detector = Detector(ScriptedModel())
+    detector.process(script((BACKGROUND, 0.5), ("go", 1.0)))
+    assert max(detector.scores, key=detector.scores.get) == "go"
+    assert detector.time_s == pytest.approx(1.5)
+    detector.reset()
+    assert detector.time_s == 0.0
+    assert max(detector.scores.values()) == 0.0
+    assert detector.process(script(("go", 1.0))) == detect(ScriptedModel(), script(("go", 1.0)))
+
+
+def test_unknown_words_and_bad_thresholds_are_user_errors():
+    with pytest.raises(KwsError, match="unknown word"):
+        Detector(ScriptedModel(), words=["yes", "banana"])
+    with pytest.raises(KwsError, match="unknown word"):
+        Detector(ScriptedModel(), threshold={"banana": 0.5})
+    with pytest.raises(KwsError, match="probabilities"):
+        Detector(ScriptedModel(), threshold=1.5)
+    with pytest.raises(KwsError, match="mono"):
+        Detector(ScriptedModel()).process(np.zeros((10, 2), np.float32))
+
+
+# ----------------------------------------------------------------------------- a real model
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return MGRADE(preset("edge", LABELS, n_layers=2, width=16)).eval()
+
+
+def noisy_bursts(seconds: float, seed: int) -> np.ndarray:
+    """Noise with loud tonal bursts, so a random model's scores move around."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    audio = 0.01 * rng.standard_normal(len(t))
+    for start in rng.uniform(0, seconds - 0.5, size=int(seconds / 2)):
+        on = (t >= start) & (t < start + 0.4)
+        audio[on] += 0.3 * np.sin(2 * np.pi * rng.uniform(200, 3000) * t[on])
+    return audio.astype(np.float32)
+
+
+def test_real_model_detections_equal_in_any_chunking(tiny_model):
+    audio = noisy_bursts(4.0, seed=1)
+    kwargs = dict(threshold=0.04, refractory_s=0.3)
+    reference = detect(tiny_model, audio, chunk_samples=len(audio), **kwargs)
+    assert reference, "the threshold must be low enough for the random model to fire"
+    for chunk in (101, 512, 1600, 16000):
+        found = detect(tiny_model, audio, chunk_samples=chunk, **kwargs)
+        assert [(d.label, d.time_s) for d in found] == [(d.label, d.time_s) for d in reference]
+        assert [d.score for d in found] == pytest.approx([d.score for d in reference], abs=1e-4)
+
+
+def test_state_stays_bounded_and_detections_repeat_over_a_long_stream(tiny_model):
+    # The same 20 s at the start and after 100 s of other audio: after the first 3
+    # seconds (the score window and the state) nothing may remember how the stream got there.
+    repeated = noisy_bursts(20.0, seed=2)
+    audio = np.concatenate([repeated, noisy_bursts(100.0, seed=3), repeated])
+    detector = Detector(tiny_model, threshold=0.04, refractory_s=0.3)
+    found, peak = [], 0.0
+    for start in range(0, len(audio), 16000):
+        found += detector.process(audio[start:start + 16000])
+        peak = max(peak, max(float(s.abs().max()) for s in detector.state if s is not None))
+        assert all(torch.isfinite(s).all() for s in detector.state if s is not None)
+    assert peak < 100.0
+    end_offset = (len(audio) - len(repeated)) / 16000
+    first = [(d.label, round(d.time_s, 2)) for d in found if 3.0 < d.time_s <= 20.0]
+    last = [(d.label, round(d.time_s - end_offset, 2)) for d in found if d.time_s > end_offset + 3.0]
+    assert first and first == last
