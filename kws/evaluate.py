@@ -1,0 +1,171 @@
+"""Clip evaluation: `kws eval --data DIR [--split testing] [--json]`.
+
+35-word accuracy, per-word accuracy, the v2 benchmark's 12-class protocol (ten words, the other
+25 as unknown, silence cut from the held-out end of the noise recordings), a confusion matrix,
+and how much rounding the tap delays to integers changes the model's outputs.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kws.audio import CLIP_SAMPLES
+from kws.data import (BACKGROUND, CORE_WORDS, WELL_COVERED, WORDS, load_clips, noise_segment,
+                      read_noise, read_split)
+from kws.errors import KwsError
+from kws.model import MGRADE, footprint_bytes, parameter_count
+
+UNKNOWN, SILENCE = "_unknown_", "_silence_"
+LABELS_12 = CORE_WORDS + (UNKNOWN, SILENCE)
+
+
+def silence_clips(data, n: int, seed: int = 0) -> np.ndarray:
+    """n 1-s cuts of held-out noise, from near silence to loud, as the benchmark's silence."""
+    noise = read_noise(data, "testing")
+    rng = random.Random(seed)
+    out = np.stack([noise_segment(noise, CLIP_SAMPLES, rng) for _ in range(n)])
+    gains = np.array([10 ** (rng.uniform(-40, 0) / 20) for _ in range(n)], dtype=np.float32)
+    return out * gains[:, None]
+
+
+@torch.no_grad()
+def clip_logits(model: MGRADE, audio: np.ndarray, batch_size: int = 128) -> torch.Tensor:
+    return torch.cat([model.classify(torch.from_numpy(audio[i:i + batch_size]))
+                      for i in range(0, len(audio), batch_size)])
+
+
+def to_12(label: str) -> str:
+    if label in CORE_WORDS:
+        return label
+    return SILENCE if label == BACKGROUND else UNKNOWN
+
+
+def evaluate(model: MGRADE, data, split: str = "testing", seed: int = 0, rounding: bool = True) -> dict:
+    labels = model.cfg.labels
+    missing = [w for w in WORDS + (BACKGROUND,) if w not in labels]
+    if missing:
+        raise KwsError(f"the model does not know these labels: {', '.join(missing)}")
+    clips = read_split(data, split)
+    audio = np.concatenate([load_clips(clips), silence_clips(data, max(1, round(len(clips) / 11)), seed)])
+    truth = [c.label for c in clips] + [BACKGROUND] * (len(audio) - len(clips))
+    model.eval()
+    logits = clip_logits(model, audio)
+    predicted = [labels[i] for i in logits.argmax(-1).tolist()]
+
+    words = [(t, p) for t, p in zip(truth, predicted) if t != BACKGROUND]
+    per_word = {}
+    for w in WORDS:
+        hits = [t == p for t, p in words if t == w]
+        per_word[w] = {"accuracy": float(np.mean(hits)) if hits else None, "n": len(hits)}
+    well = [t == p for t, p in words if t in WELL_COVERED]
+    scarce = [t == p for t, p in words if t not in WELL_COVERED]
+
+    confusion = np.zeros((len(labels), len(labels)), dtype=int)
+    for t, p in zip(truth, predicted):
+        confusion[labels.index(t), labels.index(p)] += 1
+
+    result = {
+        "split": split,
+        "clips": len(words),
+        "accuracy": float(np.mean([t == p for t, p in words])),
+        "accuracy_well_covered": float(np.mean(well)) if well else None,
+        "accuracy_scarce": float(np.mean(scarce)) if scarce else None,
+        "accuracy_12": float(np.mean([to_12(t) == to_12(p) for t, p in zip(truth, predicted)])),
+        "silence_clips": len(audio) - len(clips),
+        "silence_accuracy": float(np.mean([p == BACKGROUND for t, p in zip(truth, predicted) if t == BACKGROUND])),
+        "per_word": per_word,
+        "parameters": parameter_count(model),
+        "footprint_bytes": footprint_bytes(model),
+        "labels": list(labels),
+        "confusion": confusion.tolist(),
+    }
+    if rounding:
+        result["rounding"] = rounding_effect(model, audio[:len(clips)], logits[:len(clips)], truth[:len(clips)])
+    return result
+
+
+def rounding_effect(model: MGRADE, audio: np.ndarray, rounded_logits: torch.Tensor, truth: list[str]) -> dict:
+    """Integer delays (what ships) against the trained Gaussian taps, on the same clips."""
+    model.set_gaussian_at_inference(True)
+    try:
+        gaussian = clip_logits(model, audio)
+    finally:
+        model.set_gaussian_at_inference(False)
+    labels = model.cfg.labels
+    acc = float(np.mean([labels[i] == t for i, t in zip(gaussian.argmax(-1).tolist(), truth)]))
+    return {
+        "accuracy_gaussian_taps": acc,
+        "max_abs_logit_change": float((gaussian - rounded_logits).abs().max()),
+        "mean_abs_logit_change": float((gaussian - rounded_logits).abs().mean()),
+        "prediction_agreement": float((gaussian.argmax(-1) == rounded_logits.argmax(-1)).float().mean()),
+    }
+
+
+def plot_confusion(result: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.array(result["confusion"], dtype=float)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(11, 10))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(result["labels"]))
+    ax.set_xticks(ticks, result["labels"], rotation=90, fontsize=8)
+    ax.set_yticks(ticks, result["labels"], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("spoken")
+    ax.set_title(f"{result['split']}: accuracy {result['accuracy']:.3f} over {result['clips']} clips (rows sum to 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def print_report(result: dict):
+    print(f"{result['split']} split: {result['clips']} word clips, {result['silence_clips']} silence clips")
+    print(f"  35-word accuracy      {result['accuracy']:.4f}")
+    print(f"  17 well-covered words {result['accuracy_well_covered']:.4f}")
+    print(f"  23 scarce words       {result['accuracy_scarce']:.4f}")
+    print(f"  12-class protocol     {result['accuracy_12']:.4f}")
+    print(f"  silence as background {result['silence_accuracy']:.4f}")
+    if "rounding" in result:
+        r = result["rounding"]
+        print(f"  Gaussian taps instead of integer delays: accuracy {r['accuracy_gaussian_taps']:.4f}, "
+              f"max |logit change| {r['max_abs_logit_change']:.4f}, same prediction {r['prediction_agreement']:.4f}")
+    print(f"  parameters {result['parameters']:,}, inference footprint {result['footprint_bytes']:,} bytes")
+    print("  per word:")
+    for word, r in result["per_word"].items():
+        acc = "  n/a " if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        print(f"    {word:>9} {acc} (n={r['n']})")
+
+
+def run(args):
+    from kws.cli import load
+
+    model = load(args.model)
+    result = evaluate(model, args.data, args.split, seed=args.seed, rounding=not args.no_rounding)
+    if args.confusion:
+        plot_confusion(result, Path(args.confusion))
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "confusion" or args.with_confusion}))
+    else:
+        print_report(result)
+        if args.confusion:
+            print(f"  confusion matrix: {args.confusion}")
+
+
+def register(sub):
+    p = sub.add_parser("eval", help="clip accuracy on a Speech Commands split")
+    p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
+    p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
+    p.add_argument("--split", default="testing", choices=["testing", "validation", "training"])
+    p.add_argument("--confusion", metavar="PNG", help="write the confusion matrix here")
+    p.add_argument("--seed", type=int, default=0, help="seed for the silence clips")
+    p.add_argument("--no-rounding", action="store_true", help="skip the Gaussian-taps comparison")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--with-confusion", action="store_true", help="include the matrix in --json")
+    p.set_defaults(func=run)
