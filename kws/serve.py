@@ -1,0 +1,64 @@
+"""`kws serve`: the HTTP service in app/ (FastAPI) under uvicorn."""
+
+import logging
+import socket
+
+from kws.errors import KwsError
+
+GRACEFUL_SHUTDOWN_S = 3  # open /events streams never end by themselves: close them after this
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is a one-line error."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen()  # now, so a second server on the same port fails here, not later
+    except OSError as e:
+        raise KwsError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(args):
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import from_env
+    from kws.cli import load
+
+    settings = from_env(model=args.model, host=args.host, port=args.port, listen=args.listen,
+                        device=args.device, listen_input=args.input, workers=args.workers)
+    if settings.listen_input and not settings.listen:
+        raise KwsError("--input plays a file to the live listener: add --listen")
+    logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
+    model = load(settings.model)  # before binding: a bad checkpoint is a one-line error
+    sock = bind(settings.host, settings.port)
+    logging.getLogger("kws.serve").info(
+        "kws serve: http://%s:%d (dashboard at /, API docs at /docs)", settings.host, settings.port)
+    config = uvicorn.Config(create_app(settings, model), log_level=args.log_level,
+                            access_log=not args.no_access_log,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def register(sub):
+    p = sub.add_parser("serve", help="run the HTTP service: /predict, live detections, dashboard",
+                       description="Serve the model over HTTP (settings also from KWS_* "
+                       "environment variables; flags win). Dashboard at http://HOST:PORT/, "
+                       "API docs at /docs.")
+    p.add_argument("--model", help="checkpoint (default: $KWS_MODEL or the shipped model)")
+    p.add_argument("--host", help="address to bind ($KWS_HOST, default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, help="TCP port ($KWS_PORT, default 8000)")
+    p.add_argument("--listen", action="store_true", default=None,
+                   help="also run the microphone listener in the background ($KWS_LISTEN=1)")
+    p.add_argument("--device", help="input device for --listen, name or index ($KWS_DEVICE)")
+    p.add_argument("--input", metavar="FILE", help="with --listen: play this audio file to the "
+                   "listener in real time instead of a device ($KWS_LISTEN_INPUT)")
+    p.add_argument("--workers", type=int, help="inference threads ($KWS_WORKERS, default 2)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    p.set_defaults(func=serve)
