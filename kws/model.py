@@ -390,23 +390,72 @@ def read_checkpoint(path: "str | Path") -> tuple[ModelConfig, dict, dict]:
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}, "
                               f"this kws reads version {CHECKPOINT_VERSION}")
+    if not isinstance(payload.get("config"), str):
+        raise CheckpointError(f"{path} has no config")
     try:
-        raw = json.loads(payload["config"])
-        known = {f.name for f in fields(ModelConfig)}
-        cfg = ModelConfig(**{k: v for k, v in raw.items() if k in known})
-        meta = json.loads(payload.get("meta", "{}"))
-        state_dict = payload["state_dict"]
-    except (KeyError, TypeError, ValueError) as e:
+        cfg = _config_from_json(payload["config"])
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has an invalid config: {e}") from None
+    try:
+        meta = json.loads(payload.get("meta", "{}"))
+    except (TypeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has invalid metadata (not a JSON object)")
+    state_dict = payload.get("state_dict")
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} holds no weights")
     return cfg, state_dict, meta
+
+
+def _config_from_json(text: str) -> ModelConfig:
+    """The config saved as JSON, each known field checked against its default's type (a foreign
+    file must fail here, not deep inside the model); unknown fields are ignored."""
+    raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    values = {}
+    for f in fields(ModelConfig):
+        if f.name not in raw:
+            continue
+        value, default = raw[f.name], f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, str)):
+            ok = isinstance(value, type(default)) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:  # labels
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if not ok:
+            raise ValueError(f"field {f.name!r} has the wrong type ({value!r})")
+        values[f.name] = value
+    return ModelConfig(**values)
+
+
+def _weight_mismatch(model: MGRADE, state_dict: dict) -> str:
+    """What keeps `state_dict` from loading into `model`, in a few words ('' if nothing)."""
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state_dict]
+    problems += [f"unexpected {k}" for k in state_dict if k not in expected]
+    problems += [f"{k} is {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}"
+                 for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if not problems:
+        problems = [f"{k} is not finite" for k, v in state_dict.items()
+                    if v.is_floating_point() and not torch.isfinite(v).all()]
+    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
 
 
 def load_model(path: "str | Path") -> MGRADE:
     """A ready-to-run model in eval mode (integer delays) from a checkpoint file."""
     cfg, state_dict, _ = read_checkpoint(path)
-    model = MGRADE(cfg)
     try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+        model = MGRADE(cfg)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} has an invalid config: {e}") from None
+    mismatch = _weight_mismatch(model, state_dict)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not match its config: {mismatch}")
+    model.load_state_dict(state_dict)
     return model.eval()
