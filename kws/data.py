@@ -63,7 +63,10 @@ def _word_files(root: Path) -> list[str]:
 
 def _read_list(root: Path, name: str) -> set[str]:
     path = root / name
-    return set(path.read_text().split()) if path.is_file() else set()
+    if not path.is_file():
+        return set()
+    # One relative path a line; names may hold spaces, and lists may have Windows line ends.
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
 
 
 def read_split(root, split: str) -> list[Clip]:
@@ -97,6 +100,8 @@ def read_synth(root) -> list[Clip]:
 
 def read_noise(root, split: str = "training") -> list[np.ndarray]:
     """The background noise recordings at 16 kHz: their first 80% for training, the rest else."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     root = _check_root(root)
     files = sorted(p for p in (root / NOISE_DIR).glob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
     if not files:
@@ -170,7 +175,9 @@ class TrainingBatches:
         kind = self.rng.random()
         if kind < 0.4:  # the end of another word, as when keywords follow each other
             other = self.np_rng.choice(len(self.clips))
-            return self.clips[other][-self.context:] * 10 ** (self.rng.uniform(-10, 5) / 20)
+            tail = self.clips[other][max(0, CLIP_SAMPLES - self.context):]  # [-0:] would be all
+            tail = np.pad(tail, (self.context - len(tail), 0))  # a context longer than a clip
+            return tail * 10 ** (self.rng.uniform(-10, 5) / 20)
         return np.zeros(self.context, np.float32)  # noise is added to the whole example below
 
     def example(self) -> tuple[np.ndarray, int]:
