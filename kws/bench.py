@@ -1,0 +1,245 @@
+"""`kws bench ...`: speed and memory measured on the machine it runs on (medians over repeats).
+
+- `kws bench stream`: the live path (Detector) with one thread at 10, 32 and 100 ms chunks
+  against re-running the model on a 1-s window every 100 ms, the state size, and the peak
+  resident memory of `kws listen --input FILE --fast`.
+- `kws bench model`: per preset, training time per clip and inference time per second of audio,
+  offline (a whole clip at once) and streaming in 32-ms chunks.
+
+Other modules add their own benchmarks: each module named in BENCH_MODULES has a
+`register(bench_subparsers)` like kws.cli's command modules.
+"""
+
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from kws.audio import SAMPLE_RATE
+from kws.data import LABELS
+from kws.errors import KwsError
+from kws.model import MGRADE, PRESETS, parameter_count, preset, state_bytes
+from kws.stream import Detector
+
+BENCH_MODULES: tuple[str, ...] = ()
+STREAM_CHUNKS_MS = (10, 32, 100)
+SLIDING_WINDOW_S = 1.0
+SLIDING_HOP_S = 0.1
+
+
+def bench_audio(seconds: float, seed: int = 0) -> np.ndarray:
+    """Seeded noise with tone bursts: compute does not depend on content, but keep it audio-like."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    audio = 0.01 * rng.standard_normal(n)
+    for start in rng.uniform(0, max(seconds - 0.5, 0.0), size=max(1, int(seconds / 2))):
+        on = (t >= start) & (t < start + 0.4)
+        audio[on] += 0.2 * np.sin(2 * np.pi * rng.uniform(200, 3000) * t[on])
+    return audio.astype(np.float32)
+
+
+def median_seconds(run, repeats: int) -> float:
+    run()  # warm-up: first calls allocate and pick kernels
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- bench stream
+
+def streaming_seconds(model, audio: np.ndarray, chunk: int, repeats: int) -> float:
+    def run():
+        detector = Detector(model)
+        for start in range(0, len(audio), chunk):
+            detector.process(audio[start:start + chunk])
+    return median_seconds(run, repeats)
+
+
+def sliding_window_seconds(model, audio: np.ndarray, repeats: int) -> tuple[float, float]:
+    """(time, audio seconds covered) for the model re-run on a 1-s window every 100 ms."""
+    window, hop = int(SLIDING_WINDOW_S * SAMPLE_RATE), int(SLIDING_HOP_S * SAMPLE_RATE)
+    starts = range(0, len(audio) - window + 1, hop)
+
+    def run():
+        with torch.inference_mode():
+            for s in starts:
+                torch.softmax(model.classify(torch.from_numpy(audio[s:s + window])[None]), -1)
+    return median_seconds(run, repeats), len(starts) * SLIDING_HOP_S
+
+
+def peak_rss_bytes(argv: list[str]) -> int:
+    """Peak resident memory of a child process running `python -m kws.cli argv`."""
+    proc = subprocess.Popen([sys.executable, "-m", "kws.cli", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise KwsError(f"kws {' '.join(argv)} failed: {proc.stderr.read().decode()[-500:]}")
+    proc.stderr.close()
+    return usage.ru_maxrss * 1024  # Linux reports kilobytes
+
+
+def bench_stream(args) -> int:
+    from kws import default_model_path
+    from kws.cli import load
+
+    torch.set_num_threads(1)
+    model = load(args.model)
+    audio = bench_audio(args.seconds)
+    result = {"machine": machine(), "audio_seconds": args.seconds, "repeats": args.repeats}
+    for ms in STREAM_CHUNKS_MS:
+        chunk = int(SAMPLE_RATE * ms / 1000)
+        result[f"rtf_{ms}ms"] = streaming_seconds(model, audio, chunk, args.repeats) / args.seconds
+    sliding, covered = sliding_window_seconds(model, audio, args.repeats)
+    result["rtf_sliding_window"] = sliding / covered
+    # Same 100-ms update rate on both sides; the 32-ms figure updates three times as often.
+    result["sliding_window_ratio"] = result["rtf_sliding_window"] / result["rtf_100ms"]
+    result["sliding_window_ratio_32ms"] = result["rtf_sliding_window"] / result["rtf_32ms"]
+    result["state_bytes"] = state_bytes(model.cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "bench.wav"
+        sf.write(wav, bench_audio(args.rss_seconds, seed=1), SAMPLE_RATE)
+        model_path = str(args.model or default_model_path())
+        result["peak_rss_bytes"] = peak_rss_bytes(
+            ["listen", "--model", model_path, "--input", str(wav), "--fast"])
+        result["peak_rss_model_loaded_bytes"] = peak_rss_bytes(["info", "--model", model_path])
+        result["rss_audio_seconds"] = args.rss_seconds
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    m = result["machine"]
+    print(f"one thread of {m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}, "
+          f"{args.seconds:g} s of audio, median of {args.repeats}")
+    for ms in STREAM_CHUNKS_MS:
+        print(f"streaming, {ms:>3} ms chunks: real-time factor {result[f'rtf_{ms}ms']:.4f}")
+    print(f"1-s window every 100 ms:   real-time factor {result['rtf_sliding_window']:.4f}")
+    print(f"sliding window / streaming: {result['sliding_window_ratio']:.1f}x at the same "
+          f"100-ms rate, {result['sliding_window_ratio_32ms']:.1f}x against 32-ms chunks")
+    print(f"state: {result['state_bytes']:,} bytes")
+    print(f"peak RSS of kws listen --input ({args.rss_seconds:g} s) --fast: "
+          f"{result['peak_rss_bytes'] / 2**20:.1f} MiB (kws info alone: "
+          f"{result['peak_rss_model_loaded_bytes'] / 2**20:.1f} MiB)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench model
+
+def training_seconds_per_clip(model, batch: int, repeats: int, context_s: float = 0.5) -> float:
+    """One optimiser step on a batch of 1-s clips each after `context_s` of other audio (as
+    kws train does), loss on the mean logits of the clip's steps, divided by the batch size."""
+    rng = np.random.default_rng(0)
+    context = int(context_s * SAMPLE_RATE)
+    x = torch.from_numpy(rng.standard_normal((batch, context + SAMPLE_RATE)).astype(np.float32) * 0.1)
+    y = torch.from_numpy(rng.integers(0, model.cfg.n_classes, batch))
+    clip_steps = SAMPLE_RATE // model.cfg.stride
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        optimiser.zero_grad()
+        logits = model(x)[:, -clip_steps:].mean(1)
+        F.cross_entropy(logits, y).backward()
+        optimiser.step()
+    seconds = median_seconds(step, repeats) / batch
+    model.eval()
+    return seconds
+
+
+def offline_seconds_per_audio_second(model, repeats: int) -> float:
+    clip = torch.from_numpy(bench_audio(1.0))[None]
+
+    def run():
+        with torch.inference_mode():
+            model.classify(clip)
+    return median_seconds(run, repeats)
+
+
+def stream_seconds_per_audio_second(model, repeats: int, seconds: float = 3.0) -> float:
+    audio = torch.from_numpy(bench_audio(seconds))[None]
+    chunk = int(0.032 * SAMPLE_RATE)
+
+    def run():
+        state = model.initial_state(1)
+        with torch.inference_mode():
+            for start in range(0, audio.shape[1], chunk):
+                _, state = model.stream(audio[:, start:start + chunk], state)
+    return median_seconds(run, repeats) / seconds
+
+
+def bench_model(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [name for name in args.presets if name not in PRESETS]
+    if unknown:
+        raise KwsError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    torch.manual_seed(0)
+    result = {"machine": machine(), "repeats": args.repeats, "batch": args.batch, "presets": {}}
+    for name in args.presets:
+        model = MGRADE(preset(name, LABELS)).eval()
+        result["presets"][name] = {
+            "parameters": parameter_count(model),
+            "stride": model.cfg.stride,
+            "train_seconds_per_clip": training_seconds_per_clip(model, args.batch, args.repeats),
+            "offline_seconds_per_audio_second": offline_seconds_per_audio_second(model, args.repeats),
+            "stream_32ms_seconds_per_audio_second": stream_seconds_per_audio_second(model, args.repeats),
+        }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    m = result["machine"]
+    print(f"{m['threads']} thread(s) of {m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}, "
+          f"median of {args.repeats}, training batch {args.batch}")
+    print(f"{'preset':<8} {'params':>8} {'train s/clip':>13} {'offline s/audio-s':>18} "
+          f"{'stream 32ms s/audio-s':>22}")
+    for name, r in result["presets"].items():
+        print(f"{name:<8} {r['parameters']:>8,} {r['train_seconds_per_clip']:>13.4f} "
+              f"{r['offline_seconds_per_audio_second']:>18.4f} "
+              f"{r['stream_32ms_seconds_per_audio_second']:>22.4f}")
+    return 0
+
+
+def register(sub):
+    p = sub.add_parser("bench", help="measure speed and memory on this machine")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+
+    s = bench_sub.add_parser("stream", help="streaming vs sliding-window cost, state size, "
+                             "peak memory of kws listen (one thread)")
+    s.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
+    s.add_argument("--seconds", type=float, default=20.0, help="audio per timed run (20)")
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--rss-seconds", type=float, default=60.0,
+                   help="length of the file kws listen streams for the memory figure (60)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=bench_stream)
+
+    m = bench_sub.add_parser("model", help="training and inference time of each preset")
+    m.add_argument("--presets", type=lambda s: s.split(","), default=list(PRESETS),
+                   help=f"comma separated (default: {','.join(PRESETS)})")
+    m.add_argument("--repeats", type=int, default=5)
+    m.add_argument("--batch", type=int, default=8, help="training batch size (8)")
+    m.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+    m.set_defaults(func=bench_model)
+
+    for name in BENCH_MODULES:
+        importlib.import_module(name).register(bench_sub)

@@ -1,0 +1,75 @@
+"""`kws bench stream` and `kws bench model`: a tiny run gives every key with sane values.
+Timings themselves are never asserted (that is what the benchmarks are for)."""
+
+import json
+
+import pytest
+import torch
+
+from kws.cli import build_parser, main
+from kws.data import LABELS
+from kws.model import MGRADE, preset, save_model, state_bytes
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(MGRADE(preset("edge", LABELS, n_layers=1, width=8)), path)
+    return path
+
+
+def test_bench_stream_json_has_the_issue_keys_with_sane_values(tiny_model_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", "stream", "--model", str(tiny_model_path), "--seconds", "1.5",
+                     "--repeats", "1", "--rss-seconds", "1", "--json"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("rtf_10ms", "rtf_32ms", "rtf_100ms", "rtf_sliding_window"):
+        assert 0 < result[key] < 1000
+    assert result["sliding_window_ratio"] == pytest.approx(
+        result["rtf_sliding_window"] / result["rtf_100ms"])
+    cfg = preset("edge", LABELS, n_layers=1, width=8)
+    assert result["state_bytes"] == state_bytes(cfg)
+    assert result["peak_rss_bytes"] > 10 * 2**20  # a Python process with torch loaded
+    assert result["machine"]["threads"] == 1
+
+
+def test_bench_model_json_times_training_and_inference_per_preset(capsys):
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", "model", "--presets", "edge", "--repeats", "1", "--batch", "2",
+                     "--threads", "1", "--json"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    edge = result["presets"]["edge"]
+    assert set(result["presets"]) == {"edge"}
+    for key in ("train_seconds_per_clip", "offline_seconds_per_audio_second",
+                "stream_32ms_seconds_per_audio_second"):
+        assert 0 < edge[key] < 1000
+    assert edge["parameters"] > 0 and edge["stride"] == 160
+
+
+def test_bench_model_refuses_an_unknown_preset(capsys):
+    assert main(["bench", "model", "--presets", "huge"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_bench_has_subcommands_that_other_modules_can_extend(monkeypatch):
+    import sys
+    import types
+
+    import kws.bench
+
+    extra = types.ModuleType("kws_test_extra_bench")
+    extra.register = lambda sub: sub.add_parser("extra").set_defaults(func=lambda a: 0)
+    monkeypatch.setitem(sys.modules, "kws_test_extra_bench", extra)
+    monkeypatch.setattr(kws.bench, "BENCH_MODULES", ("kws_test_extra_bench",))
+    args = build_parser().parse_args(["bench", "extra"])
+    assert args.func(args) == 0
+    assert build_parser().parse_args(["bench", "stream"]).func is kws.bench.bench_stream
