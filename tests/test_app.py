@@ -1,0 +1,414 @@
+"""The HTTP service over real HTTP (uvicorn on a loopback port, in a thread): /predict for every
+format and every kind of bad input, the size limit enforced while reading, auth, /stats,
+/metrics, /health, the OpenAPI schema, and a fuzz of /predict. Models are small random ones:
+nothing here depends on a trained model's accuracy."""
+
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import uvicorn
+from hypothesis import HealthCheck, given, settings, strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.main import create_app
+from app.schemas import Error, Prediction, Stats
+from app.settings import Settings
+from kws.audio import fit_length, load_audio
+from kws.data import LABELS
+from kws.model import MGRADE, load_model, parameter_bytes, parameter_count, preset, save_model, state_bytes
+from kws.stream import detect
+
+SMALL = dict(n_layers=2, width=16, frontend_filters=8, delay_window=8, n_taps=3)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def small_model(favour: str | None = None) -> MGRADE:
+    """A seeded random model; `favour` makes that label win everywhere (so detections fire)."""
+    torch.manual_seed(0)
+    model = MGRADE(preset("edge", LABELS, **SMALL)).eval()
+    if favour is not None:
+        with torch.no_grad():
+            model.decoder.bias[LABELS.index(favour)] += 30.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "small.pt"
+    save_model(small_model(), path)
+    return path
+
+
+def audio_bytes(seconds=1.0, rate=16000, fmt="WAV", subtype=None, channels=1, seed=0,
+                samples=None) -> bytes:
+    """A seeded noise burst (or `samples`) encoded in memory."""
+    if samples is None:
+        rng = np.random.default_rng(seed)
+        samples = (0.1 * rng.standard_normal((round(seconds * rate), channels))).astype(np.float32)
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+@contextmanager
+def serving(app):
+    """Run `app` under uvicorn on a free loopback port in a thread; yields the base URL."""
+    sock = free_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@contextmanager
+def client_for(settings: Settings):
+    with serving(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(model_path):
+    with client_for(Settings(model=model_path)) as client:
+        yield client
+
+
+def upload(client, data: bytes, name="clip.wav", content_type="audio/wav", **kw):
+    return client.post("/predict", files={"file": (name, data, content_type)}, **kw)
+
+
+def assert_error(response, status: int, *words: str):
+    """A 4xx JSON answer shaped like the schema's Error, naming the problem."""
+    assert response.status_code == status, response.text
+    detail = Error.model_validate(response.json()).detail
+    for word in words:
+        assert word.lower() in detail.lower(), detail
+
+
+@torch.inference_mode()
+def expected_top(model, audio: np.ndarray):
+    probs = torch.softmax(model.classify(torch.from_numpy(audio)[None])[0].double(), -1)
+    values, indices = probs.topk(5)
+    return [(LABELS[i], float(v)) for v, i in zip(values, indices)]
+
+
+# ----------------------------------------------------------------------------- /predict
+
+@pytest.mark.parametrize("fmt,subtype,name", [("WAV", "PCM_16", "a.wav"), ("FLAC", None, "a.flac"),
+                                              ("OGG", "VORBIS", "a.ogg"), ("MP3", None, "a.mp3")])
+def test_predict_classifies_every_format_with_top_five(client, model_path, fmt, subtype, name):
+    data = audio_bytes(1.0, fmt=fmt, subtype=subtype)
+    response = upload(client, data, name=name, content_type=f"audio/{fmt.lower()}")
+    assert response.status_code == 200, response.text
+    result = Prediction.model_validate(response.json())
+    expected = expected_top(load_model(model_path), fit_length(load_audio(data)))
+    assert [s.label for s in result.top] == [label for label, _ in expected]
+    assert [s.score for s in result.top] == pytest.approx([p for _, p in expected], abs=1e-5)
+    assert (result.label, result.score) == (result.top[0].label, result.top[0].score)
+    assert result.sample_rate == 16000 and result.duration_s == pytest.approx(1.0, abs=0.01)
+    assert result.latency_ms > 0 and "detections" not in response.json()
+
+
+def test_raw_body_with_audio_content_type_equals_multipart(client):
+    data = audio_bytes(0.8, seed=3)
+    raw = client.post("/predict", content=data, headers={"Content-Type": "audio/x-wav"})
+    form = upload(client, data)
+    assert raw.status_code == form.status_code == 200
+    assert raw.json()["top"] == form.json()["top"]
+
+
+def test_short_clip_is_padded_to_one_second_and_longer_clip_used_whole(client, model_path):
+    model = load_model(model_path)
+    for seconds in (0.5, 1.3):
+        data = audio_bytes(seconds, seed=4)
+        audio = load_audio(data)
+        expected = expected_top(model, fit_length(audio, max(len(audio), 16000)))
+        got = upload(client, data).json()
+        assert got["label"] == expected[0][0]
+        assert got["score"] == pytest.approx(expected[0][1], abs=1e-5)
+        assert got["duration_s"] == pytest.approx(seconds, abs=1e-3)
+
+
+def test_stereo_at_44100_hz_is_mixed_down_and_resampled(client):
+    rng = np.random.default_rng(5)
+    mono = (0.1 * rng.standard_normal(44100)).astype(np.float32)
+    stereo = upload(client, audio_bytes(rate=44100, samples=np.stack([mono, mono], 1))).json()
+    single = upload(client, audio_bytes(rate=44100, samples=mono)).json()
+    assert stereo["sample_rate"] == 44100
+    assert stereo["duration_s"] == pytest.approx(1.0, abs=1e-3)
+    assert stereo["top"] == single["top"]
+
+
+def test_long_clip_gets_the_detections_of_the_streaming_path(tmp_path):
+    model = small_model(favour="yes")
+    save_model(model, tmp_path / "yes.pt")
+    data = audio_bytes(3.0, seed=6)
+    with client_for(Settings(model=tmp_path / "yes.pt")) as client:
+        result = upload(client, data).json()
+    expected = detect(model, load_audio(data))
+    assert expected, "the favoured model should fire"
+    assert [(d["label"], d["time_s"]) for d in result["detections"]] == \
+           [(d.label, pytest.approx(d.time_s)) for d in expected]
+    assert result["label"] == "yes"
+
+
+def test_parallel_requests_each_get_their_own_answer(client):
+    clips = [audio_bytes(2.0, seed=seed) for seed in range(8)]
+    sequential = [upload(client, c).json()["top"] for c in clips]
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(lambda c: upload(client, c).json()["top"], clips))
+    assert parallel == sequential
+    assert len({str(t) for t in sequential}) > 1  # different clips, different answers
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def nan_wav(value) -> bytes:
+    samples = np.zeros(16000, dtype=np.float32)
+    samples[100] = value
+    return audio_bytes(samples=samples, subtype="FLOAT")
+
+
+def corrupt_flac() -> bytes:
+    data = bytearray(audio_bytes(1.0, fmt="FLAC"))
+    data[200:2000] = bytes(range(256)) * 7 + bytes(52)
+    return bytes(data)
+
+
+BAD_UPLOADS = {
+    # case: (body, content type, status, words the detail must contain)
+    "not audio": (b"this is a text file, not a sound", "audio/wav", 422, ["cannot decode"]),
+    "corrupt audio": (corrupt_flac(), "audio/flac", 422, ["cannot decode"]),
+    "truncated wav": (audio_bytes(1.0)[:16000], "audio/wav", 422, ["truncated"]),
+    "truncated flac": (audio_bytes(1.0, fmt="FLAC")[:5000], "audio/flac", 422, ["cannot decode"]),
+    "truncated header": (audio_bytes(1.0)[:30], "audio/wav", 422, ["truncated"]),
+    "shorter than 0.1 s": (audio_bytes(0.05), "audio/wav", 422, ["0.050 s", "at least 0.1 s"]),
+    "longer than the limit": (audio_bytes(61.0, rate=8000), "audio/wav", 422, ["61.0 s", "limit is 60 s"]),
+    "NaN samples": (nan_wav(np.nan), "audio/wav", 422, ["NaN"]),
+    "infinite samples": (nan_wav(np.inf), "audio/wav", 422, ["infinite"]),
+    "odd sample rate": (audio_bytes(0.5, rate=96001), "audio/wav", 422, ["96001 Hz"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_upload_is_a_4xx_naming_the_problem(client, case):
+    body, content_type, status, words = BAD_UPLOADS[case]
+    assert_error(upload(client, body, content_type=content_type), status, *words)
+    assert_error(client.post("/predict", content=body, headers={"Content-Type": content_type}),
+                 status, *words)
+
+
+def test_empty_body_and_empty_file_are_400(client):
+    assert_error(client.post("/predict", content=b"", headers={"Content-Type": "audio/wav"}),
+                 400, "empty")
+    assert_error(upload(client, b""), 400, "empty")
+
+
+def test_form_without_a_file_field_is_422(client):
+    assert_error(client.post("/predict", files={"audio": ("a.wav", audio_bytes(), "audio/wav")}),
+                 422, "no 'file' field")
+    assert_error(client.post("/predict", data={"file": "not a file"},
+                             files={"other": ("x", b"x", "text/plain")}), 422, "file upload")
+
+
+def test_broken_multipart_is_400(client):
+    response = client.post("/predict", content=b"--x\r\nnonsense",
+                           headers={"Content-Type": "multipart/form-data"})
+    assert_error(response, 400, "boundary")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json", None])
+def test_unsupported_content_type_is_415(client, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post("/predict", content=audio_bytes(), headers=headers)
+    assert_error(response, 415, "unsupported content type")
+
+
+def test_upload_over_the_size_limit_is_413(model_path):
+    big = audio_bytes(1.0)  # 32 kB against a 20 kB limit
+    with client_for(Settings(model=model_path, max_upload_bytes=20_000)) as client:
+        assert_error(client.post("/predict", content=big, headers={"Content-Type": "audio/wav"}),
+                     413, "20,000 bytes")
+        assert_error(upload(client, big), 413, "limit")
+        assert upload(client, audio_bytes(0.5)).status_code == 200  # 16 kB is fine
+
+
+class BodyMeter:
+    """ASGI wrapper counting the request-body bytes the application pulled."""
+
+    def __init__(self, app):
+        self.app, self.pulled = app, 0
+
+    async def __call__(self, scope, receive, send):
+        async def counting_receive():
+            message = await receive()
+            self.pulled += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def test_size_limit_is_enforced_while_reading_not_after(model_path):
+    """A chunked upload without Content-Length gets 413 once it passes the limit, although its
+    body never ends: the server neither waits for nor reads the whole of it."""
+    limit, chunk = 16_000, 4096
+    app = BodyMeter(create_app(Settings(model=model_path, max_upload_bytes=limit)))
+    sent = 0
+    with serving(app) as url, socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])),
+                                                      timeout=5) as conn:
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: audio/wav\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        try:
+            while sent < 512 * 1024:  # 32 times the limit, and no final chunk
+                conn.sendall(b"%x\r\n" % chunk + bytes(chunk) + b"\r\n")
+                sent += chunk
+        except OSError:  # the server answered and closed: exactly what should happen
+            pass
+        reply = conn.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert "larger than the limit of 16,000 bytes" in reply
+    # uvicorn hands the body over in pieces of up to 64 KiB: the app stops after the first
+    # piece that crosses the limit
+    assert limit < app.pulled <= limit + 2 * 65536 < sent
+
+
+def test_server_keeps_serving_after_bad_input(client):
+    for body, content_type, *_ in BAD_UPLOADS.values():
+        upload(client, body, content_type=content_type)
+    assert client.get("/health").json()["status"] == "ok"
+    assert upload(client, audio_bytes()).status_code == 200
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=st.one_of(
+    st.binary(max_size=2000),
+    # a valid WAV with a run of bytes overwritten: reaches the decoder's deeper paths
+    st.tuples(st.integers(0, 3000), st.binary(min_size=1, max_size=64)).map(
+        lambda cut: (lambda wav: wav[:cut[0]] + cut[1] + wav[cut[0] + len(cut[1]):])(
+            audio_bytes(0.2, seed=9)))),
+    content_type=st.sampled_from(["audio/wav", "audio/flac", "audio/mpeg", "audio/ogg",
+                                  "application/octet-stream", "multipart/form-data"]),
+    as_form=st.booleans())
+def test_fuzzed_uploads_get_200_or_a_4xx_json_error(client, body, content_type, as_form):
+    if as_form:
+        response = upload(client, body, content_type=content_type)
+    else:
+        response = client.post("/predict", content=body, headers={"Content-Type": content_type})
+    assert response.status_code in (200, 400, 413, 415, 422), response.text
+    if response.status_code == 200:
+        Prediction.model_validate(response.json())
+    else:
+        assert Error.model_validate(response.json()).detail
+
+
+# ----------------------------------------------------------------------------- auth
+
+def test_api_token_guards_predict_and_live_endpoints_but_not_health(model_path):
+    with client_for(Settings(model=model_path, api_token="s3cret")) as client:
+        for method, path in [("post", "/predict"), ("get", "/detections"), ("get", "/events"),
+                             ("get", "/stats"), ("get", "/metrics")]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+                response = client.request(method, path, headers=headers)
+                assert_error(response, 401, "bearer token")
+                assert response.headers["www-authenticate"] == "Bearer"
+        good = {"Authorization": "Bearer s3cret"}
+        assert upload(client, audio_bytes(), headers=good).status_code == 200
+        assert client.get("/stats", headers=good).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+# ----------------------------------------------------------------------------- stats, metrics, health
+
+def test_stats_report_memory_model_sizes_and_request_counts(client, model_path):
+    before = Stats.model_validate(client.get("/stats").json())
+    upload(client, audio_bytes())
+    upload(client, b"", content_type="audio/wav")
+    after = Stats.model_validate(client.get("/stats").json())
+    model = load_model(model_path)
+    assert after.model_parameters == parameter_count(model)
+    assert after.model_bytes == parameter_bytes(model)
+    assert after.stream_state_bytes == state_bytes(model.cfg)
+    assert 0 < after.rss_bytes <= after.peak_rss_bytes
+    assert after.uptime_s > before.uptime_s
+    assert after.audio_queue_depth == after.dropped_frames == 0
+    assert after.listener.state == "off"
+    count = lambda s, status: s.requests.get("/predict", {}).get(status, 0)  # noqa: E731
+    assert count(after, "200") == count(before, "200") + 1
+    assert count(after, "400") == count(before, "400") + 1
+    assert after.requests["/stats"]["200"] >= 1
+
+
+def test_metrics_give_the_stats_in_prometheus_format(client):
+    upload(client, audio_bytes())
+    stats = client.get("/stats").json()
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}
+    for key in ("model_parameters", "model_bytes", "stream_state_bytes", "audio_queue_depth"):
+        assert samples[(f"kws_{key}", ())] == stats[key]
+    assert samples[("kws_rss_bytes", ())] > 0
+    assert samples[("kws_http_requests_total", (("route", "/predict"), ("status", "200")))] == \
+           stats["requests"]["/predict"]["200"]
+
+
+def test_health_is_ok_and_names_the_model(client, model_path):
+    assert client.get("/health").json() == {
+        "status": "ok", "model": str(model_path), "listener": {"state": "off", "detail": None}}
+
+
+def test_dashboard_page_is_served_without_external_resources(client):
+    response = client.get("/")
+    assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+    assert "<canvas" in response.text and 'id="detections"' in response.text
+    assert "http://" not in response.text and "https://" not in response.text  # no CDN
+
+
+# ----------------------------------------------------------------------------- OpenAPI
+
+def test_openapi_describes_bodies_and_every_error(client):
+    schema = client.get("/openapi.json").json()
+    predict = schema["paths"]["/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "audio/*"}
+    ok = predict["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["$ref"].endswith("/Prediction")
+    assert set(predict["responses"]) == {"200", "400", "401", "413", "415", "422"}
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            for status, response in operation["responses"].items():
+                if status.startswith("4"):
+                    error = response["content"]["application/json"]["schema"]["$ref"]
+                    assert error.endswith("/Error"), (path, status)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    for name in ("Prediction", "Detections", "Stats", "Health", "Error"):
+        assert name in schema["components"]["schemas"]
+
+
+def test_bad_query_parameter_is_a_422_error_shaped_like_the_schema(client):
+    assert_error(client.get("/detections", params={"since": "yesterday"}), 422, "since")
