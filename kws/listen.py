@@ -1,0 +1,325 @@
+"""`kws listen`: spot keywords live in a microphone stream (or a file played as one).
+
+Threads: the audio source (the PortAudio callback, or a file reader) only copies blocks into a
+bounded queue; one worker thread takes them, resamples to 16 kHz and runs the streaming
+Detector, whose state carries from block to block. A full queue drops the block and counts it,
+so a slow machine loses audio visibly instead of growing memory.
+"""
+
+import json
+import math
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from fractions import Fraction
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+from kws.audio import SAMPLE_RATE, to_mono
+from kws.errors import KwsError
+from kws.stream import Detection, Detector
+
+QUEUE_SECONDS = 10.0  # audio the worker may fall behind before blocks are dropped
+LOWPASS_WIDTH = 6  # torchaudio's default sinc filter width, in zero crossings
+
+
+class Resampler:
+    """Streaming resampler: blocks in any sizes give the same samples as torchaudio's
+    `resample` on the whole signal, at a latency of a few milliseconds.
+
+    torchaudio's resampler maps every `a` input samples to `b` output samples (a/b the reduced
+    rate ratio), each output block reading `width` input samples either side. So each call
+    resamples the whole blocks that have enough context on both sides and keeps the rest.
+    """
+
+    def __init__(self, orig_sr: int, new_sr: int = SAMPLE_RATE):
+        ratio = Fraction(orig_sr, new_sr)
+        self.a, self.b = ratio.numerator, ratio.denominator
+        self.identity = orig_sr == new_sr
+        width = math.ceil(LOWPASS_WIDTH * self.a / (min(self.a, self.b) * 0.99))
+        self.context = self.a * math.ceil(width / self.a)  # whole blocks of left context
+        self.lookahead = width
+        self.transform = torchaudio.transforms.Resample(orig_sr, new_sr)
+        self._buffer = np.zeros(self.context, dtype=np.float32)  # zeros before the stream
+        self._received = 0
+        self._returned = 0
+
+    def process(self, audio: np.ndarray) -> np.ndarray:
+        audio = np.asarray(audio, dtype=np.float32)
+        if self.identity:
+            return audio
+        self._received += len(audio)
+        self._buffer = np.concatenate([self._buffer, audio])
+        return self._whole_blocks()
+
+    def flush(self) -> np.ndarray:
+        """The rest of the signal, as if it ended here (what whole-signal resampling outputs)."""
+        if self.identity:
+            return np.zeros(0, dtype=np.float32)
+        owed = math.ceil(self._received * self.b / self.a) - self._returned
+        self._buffer = np.concatenate([self._buffer, np.zeros(self.a + self.lookahead, np.float32)])
+        return self._whole_blocks()[:owed]
+
+    def _whole_blocks(self) -> np.ndarray:
+        blocks = (len(self._buffer) - self.context - self.lookahead) // self.a
+        if blocks <= 0:
+            return np.zeros(0, dtype=np.float32)
+        segment = torch.from_numpy(self._buffer[: self.context + blocks * self.a + self.lookahead])
+        with torch.inference_mode():
+            out = self.transform(segment).numpy()
+        first = self.context // self.a * self.b
+        out = out[first: first + blocks * self.b]
+        self._buffer = self._buffer[blocks * self.a:]
+        self._returned += len(out)
+        return out
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass
+class Counters:
+    dropped_blocks: int = 0  # blocks lost because the worker fell behind
+    dropped_frames: int = 0
+    overflows: int = 0  # input overflows PortAudio reported
+
+
+def import_sounddevice():
+    try:
+        import sounddevice
+    except OSError:
+        raise KwsError("the PortAudio library is missing; install it (Debian/Ubuntu: "
+                       "apt-get install libportaudio2) or use --input FILE") from None
+    return sounddevice
+
+
+def parse_device(device: str | None):
+    """'3' -> 3 (an index), any other text is a (part of a) device name."""
+    if device is None:
+        return None
+    return int(device) if device.strip().isdigit() else device
+
+
+def list_devices() -> str:
+    sd = import_sounddevice()
+    lines = []
+    for index, dev in enumerate(sd.query_devices()):
+        if dev["max_input_channels"] > 0:
+            lines.append(f"{index:>3}  {dev['name']}  ({dev['max_input_channels']} ch, "
+                         f"{dev['default_samplerate']:.0f} Hz default)")
+    return "\n".join(lines) if lines else "no audio input devices found"
+
+
+def open_microphone(device, rate: int | None, block_seconds: float, blocks: queue.Queue,
+                    counters: Counters):
+    """A started PortAudio input stream feeding `blocks`, and its sample rate.
+    Without `rate`, 16 kHz if the device takes it, else the device's default rate."""
+    sd = import_sounddevice()
+    try:
+        info = sd.query_devices(device, "input")
+    except ValueError as e:
+        raise KwsError(f"{e}; see `kws listen --list-devices`") from None
+    except sd.PortAudioError:
+        raise KwsError("no audio input device found; connect a microphone (or check "
+                       "PulseAudio/ALSA), or stream a file with --input FILE") from None
+    if rate is None:
+        try:
+            sd.check_input_settings(device, channels=1, samplerate=SAMPLE_RATE, dtype="float32")
+            rate = SAMPLE_RATE
+        except sd.PortAudioError:
+            rate = int(info["default_samplerate"])
+    try:
+        sd.check_input_settings(device, channels=1, samplerate=rate, dtype="float32")
+    except sd.PortAudioError as e:
+        raise KwsError(f"input device {info['name']!r} does not record at {rate} Hz ({e}); "
+                       f"try --rate {int(info['default_samplerate'])}") from None
+
+    def callback(indata, frames, _time, status):
+        # Runs on PortAudio's thread: copy and hand over, nothing else.
+        if status.input_overflow:
+            counters.overflows += 1
+        try:
+            blocks.put_nowait(indata[:, 0].copy())
+        except queue.Full:
+            counters.dropped_blocks += 1
+            counters.dropped_frames += frames
+
+    try:
+        stream = sd.InputStream(device=device, channels=1, samplerate=rate, dtype="float32",
+                                blocksize=max(1, round(rate * block_seconds)), callback=callback)
+        stream.start()
+    except sd.PortAudioError as e:
+        raise KwsError(f"cannot open input device {info['name']!r} at {rate} Hz: {e}") from None
+    return stream, rate
+
+
+def file_rate(path: str) -> int:
+    try:
+        return sf.info(path).samplerate
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise KwsError(f"cannot read {path}: {e}") from None
+
+
+def play_file(path: str, block_seconds: float, fast: bool, blocks: queue.Queue,
+              stop: threading.Event):
+    """Read `path` block by block into `blocks` (constant memory), at real-time pace unless
+    `fast`. Ends with None. Runs in its own thread."""
+    try:
+        with sf.SoundFile(path) as f:
+            block = max(1, round(f.samplerate * block_seconds))
+            start, sent = time.monotonic(), 0
+            for data in f.blocks(blocksize=block, dtype="float32", always_2d=True):
+                if not fast:
+                    time.sleep(max(0.0, start + sent / f.samplerate - time.monotonic()))
+                while not stop.is_set():
+                    try:
+                        blocks.put(to_mono(data), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+                sent += len(data)
+    finally:
+        blocks.put(None)
+
+
+# ----------------------------------------------------------------------------- worker
+
+def format_detection(d: Detection, as_json: bool) -> str:
+    wall = datetime.now().isoformat(timespec="milliseconds")
+    if as_json:
+        return json.dumps({"time_s": round(d.time_s, 3), "label": d.label,
+                           "score": round(d.score, 4), "wall_time": wall})
+    return f"{wall}  stream {d.time_s:9.2f} s  {d.label:<10} {d.score:.3f}"
+
+
+class Worker(threading.Thread):
+    """Takes blocks at `rate` from the queue, resamples, detects, prints. Stops on None."""
+
+    def __init__(self, detector: Detector, rate: int, blocks: queue.Queue, as_json: bool, out):
+        super().__init__(daemon=True, name="kws-detector")
+        self.detector, self.blocks, self.as_json, self.out = detector, blocks, as_json, out
+        self.resampler = Resampler(rate)
+        self.detections = 0
+        self.compute_seconds = 0.0
+        self.error: BaseException | None = None
+
+    def run(self):
+        try:
+            while (block := self.blocks.get()) is not None:
+                self._detect(self.resampler.process(block))
+            self._detect(self.resampler.flush())
+        except BaseException as e:  # reported by the main thread, which owns the exit
+            self.error = e
+
+    def _detect(self, audio: np.ndarray):
+        t0 = time.perf_counter()
+        found = self.detector.process(audio)
+        self.compute_seconds += time.perf_counter() - t0
+        for d in found:
+            print(format_detection(d, self.as_json), file=self.out, flush=True)
+        self.detections += len(found)
+
+
+def summary(worker: Worker, counters: Counters) -> str:
+    audio_s = worker.detector.time_s
+    rtf = worker.compute_seconds / audio_s if audio_s else 0.0
+    return (f"kws listen: {audio_s:.1f} s of audio, {worker.detections} detections, "
+            f"{counters.dropped_frames} dropped frames ({counters.dropped_blocks} blocks), "
+            f"{counters.overflows} input overflows, real-time factor {rtf:.4f}")
+
+
+def listen(args) -> int:
+    if args.list_devices:
+        print(list_devices())
+        return 0
+    if args.input and args.device is not None:
+        raise KwsError("--input and --device exclude each other: pick a file or a device")
+    from kws.cli import load
+
+    torch.set_num_threads(args.threads)
+    detector = Detector(load(args.model), threshold=args.threshold, words=args.words)
+    block_seconds = args.chunk_ms / 1000
+    counters, stop = Counters(), threading.Event()
+    mic = None
+    if args.input:
+        rate = file_rate(args.input)
+        blocks = queue.Queue(maxsize=max(2, math.ceil(QUEUE_SECONDS / block_seconds)))
+        source = threading.Thread(target=play_file, daemon=True, name="kws-file",
+                                  args=(args.input, block_seconds, args.fast, blocks, stop))
+    else:
+        blocks = queue.Queue(maxsize=max(2, math.ceil(QUEUE_SECONDS / block_seconds)))
+        mic, rate = open_microphone(parse_device(args.device), args.rate, block_seconds,
+                                    blocks, counters)
+        source = None
+    worker = Worker(detector, rate, blocks, args.json, sys.stdout)
+    worker.start()
+    if source:
+        source.start()
+    try:
+        while worker.is_alive():
+            worker.join(timeout=0.2)
+    except KeyboardInterrupt:
+        stop.set()
+        if mic is None:
+            source.join()  # it ends the queue with None
+    finally:
+        if mic is not None:
+            mic.stop()
+            mic.close()
+            _put_end(blocks)
+        worker.join()
+    if worker.error is not None:
+        raise worker.error
+    print(summary(worker, counters), file=sys.stderr, flush=True)
+    return 0
+
+
+def _put_end(blocks: queue.Queue):
+    """Queue the end marker even when the queue is full (the oldest block makes room)."""
+    while True:
+        try:
+            blocks.put_nowait(None)
+            return
+        except queue.Full:
+            try:
+                blocks.get_nowait()
+            except queue.Empty:
+                pass
+
+
+def parse_threshold(text: str):
+    """'0.8' for every word, or 'yes=0.9,no=0.7' per word."""
+    try:
+        if "=" not in text:
+            return float(text)
+        return {w.strip(): float(t) for w, t in (item.split("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise KwsError(f"--threshold {text!r}: give a probability like 0.8, "
+                       f"or per word like yes=0.9,no=0.7") from None
+
+
+def register(sub):
+    p = sub.add_parser("listen", help="spot keywords live in the microphone stream (or a file)")
+    p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
+    p.add_argument("--device", help="input device name (or part of it) or index")
+    p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
+    p.add_argument("--rate", type=int, help="device sample rate in Hz (default: 16000 if the "
+                   "device takes it, else its default rate)")
+    p.add_argument("--threshold", type=parse_threshold, help="detection probability, "
+                   "one for all words (0.8) or per word (yes=0.9,no=0.7)")
+    p.add_argument("--words", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
+                   help="report only these words, comma separated")
+    p.add_argument("--input", metavar="FILE", help="stream this audio file instead of a device")
+    p.add_argument("--fast", action="store_true", help="with --input: as fast as possible, "
+                   "not in real time")
+    p.add_argument("--chunk-ms", type=float, default=32.0, help="audio block length (32 ms)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the model (1)")
+    p.add_argument("--json", action="store_true", help="one JSON object per detection")
+    p.set_defaults(func=listen)
