@@ -55,3 +55,8 @@ class DetectionBus:
 
     def unsubscribe(self, queue: asyncio.Queue):
         self._subscribers.discard(queue)
+
+    @property
+    def subscribers(self) -> int:
+        """How many /events clients are connected."""
+        return len(self._subscribers)

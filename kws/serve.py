@@ -32,9 +32,9 @@ def serve(args):
                         device=args.device, listen_input=args.input, workers=args.workers)
     if settings.listen_input and not settings.listen:
         raise KwsError("--input plays a file to the live listener: add --listen")
-    logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
     model = load(settings.model)  # before binding: a bad checkpoint is a one-line error
     sock = bind(settings.host, settings.port)
+    logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
     logging.getLogger("kws.serve").info(
         "kws serve: http://%s:%d (dashboard at /, API docs at /docs)", settings.host, settings.port)
     config = uvicorn.Config(create_app(settings, model), log_level=args.log_level,
