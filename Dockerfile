@@ -29,9 +29,10 @@ RUN pip install --no-cache-dir /src
 FROM python:3.11-slim
 
 # libportaudio2: sounddevice's microphone input (ALSA through /dev/snd).
+# libgomp1: torchaudio's aarch64 library links the system OpenMP runtime, which slim lacks.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libportaudio2 \
+ && apt-get install -y --no-install-recommends libportaudio2 libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --groups audio --no-create-home --home-dir /app kws
 

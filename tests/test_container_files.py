@@ -61,8 +61,10 @@ def test_runtime_stage_runs_as_a_numeric_non_root_user_in_the_audio_group(final)
     assert re.search(rf"useradd\b[^&]*--uid {user.split(':')[0]}\b[^&]*--groups audio\b", created)
 
 
-def test_runtime_stage_installs_portaudio_for_the_microphone(final):
-    assert any("libportaudio2" in run for run in final["RUN"])
+def test_runtime_stage_installs_the_system_libraries_sounddevice_and_torchaudio_load(final):
+    installs = " ".join(run for run in final["RUN"] if "apt-get install" in run)
+    assert "libportaudio2" in installs.split()  # PortAudio, for the microphone
+    assert "libgomp1" in installs.split()  # OpenMP: libtorchaudio.so on aarch64 needs it
 
 
 def test_amd64_torch_comes_from_the_cpu_wheel_index_by_default(stages):
