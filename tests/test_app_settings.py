@@ -1,0 +1,72 @@
+"""Service settings from defaults, KWS_* environment variables and `kws serve` flags, and the
+one-line errors `kws serve` gives for bad settings."""
+
+from pathlib import Path
+
+import pytest
+from test_app import free_socket, model_path  # noqa: F401
+
+from app.settings import Settings, from_env
+from kws.cli import main
+from kws.errors import KwsError
+
+
+def test_defaults_bind_loopback_with_the_documented_limits():
+    settings = from_env({})
+    assert (settings.host, settings.port, settings.listen) == ("127.0.0.1", 8000, False)
+    assert settings.api_token is None
+    assert settings.max_upload_bytes == 10_000_000 and settings.max_duration_s == 60.0
+
+
+def test_environment_sets_and_flags_override():
+    env = {"KWS_MODEL": "/models/a.pt", "KWS_HOST": "0.0.0.0", "KWS_PORT": "9000",
+           "KWS_LISTEN": "yes", "KWS_DEVICE": "2", "KWS_API_TOKEN": "abc",
+           "KWS_MAX_UPLOAD_BYTES": "5000", "KWS_MAX_DURATION_S": "30", "KWS_WORKERS": "3"}
+    settings = from_env(env)
+    assert settings.model == Path("/models/a.pt")
+    assert (settings.host, settings.port, settings.listen, settings.device) == ("0.0.0.0", 9000, True, "2")
+    assert (settings.api_token, settings.max_upload_bytes, settings.max_duration_s) == ("abc", 5000, 30.0)
+    assert settings.workers == 3
+    flagged = from_env(env, port=8080, model="/other.pt", host=None)
+    assert (flagged.port, flagged.model, flagged.host) == (8080, Path("/other.pt"), "0.0.0.0")
+
+
+def test_empty_token_means_no_token():
+    assert from_env({"KWS_API_TOKEN": ""}).api_token is None
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"KWS_PORT": "eighty"}, "KWS_PORT='eighty'"),
+    ({"KWS_LISTEN": "maybe"}, "KWS_LISTEN='maybe'"),
+    ({"KWS_WORKERS": "0"}, "workers must be a positive integer"),
+    ({"KWS_MAX_DURATION_S": "0.05"}, "min_duration_s < max_duration_s"),
+])
+def test_bad_environment_values_are_named(env, words):
+    with pytest.raises(KwsError, match=words.replace("(", r"\(")):
+        from_env(env)
+
+
+def test_serve_with_a_missing_model_is_a_one_line_error(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kws: error: no model file at") and err.count("\n") == 1
+
+
+def test_serve_on_a_taken_port_is_a_one_line_error(model_path, capsys):  # noqa: F811
+    taken = free_socket()
+    try:
+        assert main(["serve", "--model", str(model_path), "--port", str(taken.getsockname()[1])]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert err.startswith("kws: error: cannot listen on 127.0.0.1:") and "in use" in err
+
+
+def test_serve_input_file_needs_listen(model_path, capsys):  # noqa: F811
+    assert main(["serve", "--model", str(model_path), "--input", "x.wav"]) == 2
+    assert "add --listen" in capsys.readouterr().err
+
+
+def test_settings_reject_a_zero_port():
+    with pytest.raises(KwsError, match="port must be a positive integer"):
+        Settings(port=0)
