@@ -72,7 +72,9 @@ class Service:
             detections=self.bus.total, listener=self.listener_state())
 
 
-def get_service(request: Request) -> Service:
+# Dependencies and endpoints that never block are `async def`: FastAPI would run plain `def`
+# ones in a thread each time, which costs more than they do.
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
@@ -80,7 +82,7 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 bearer = HTTPBearer(auto_error=False, description="required when KWS_API_TOKEN is set")
 
 
-def require_token(service: ServiceDep,
+async def require_token(service: ServiceDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]):
     expected = service.settings.api_token
     if expected is None:
@@ -172,7 +174,7 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
 
     @app.get("/detections", response_model=Detections, dependencies=[Depends(require_token)],
              responses=errors(401, 422))
-    def recent_detections(
+    async def recent_detections(
             service: ServiceDep,
             since: Annotated[float, Query(description="Unix time: only detections after it")] = 0.0):
         """Recent live detections from the listener (a bounded buffer), oldest first."""
@@ -190,7 +192,7 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
 
     @app.get("/stats", response_model=Stats, dependencies=[Depends(require_token)],
              responses=errors(401))
-    def stats(service: ServiceDep):
+    async def stats(service: ServiceDep):
         """Memory use and health of the running process."""
         return service.stats()
 
@@ -198,18 +200,18 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
              responses={200: {"description": "The /stats numbers in Prometheus text format",
                               "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
                         **errors(401)})
-    def metrics(service: ServiceDep):
+    async def metrics(service: ServiceDep):
         return Response(generate_latest(service.metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", response_model=Health)
-    def health(service: ServiceDep):
+    async def health(service: ServiceDep):
         """Liveness: open even when an API token is set."""
         return Health(model=str(service.settings.model), listener=service.listener_state())
 
     dashboard_html = DASHBOARD.read_text()
 
     @app.get("/", response_class=HTMLResponse)
-    def dashboard():
+    async def dashboard():
         """The live dashboard: detections, top scores and memory over time."""
         return dashboard_html
 

@@ -1,0 +1,169 @@
+"""`kws bench http`: throughput, latency and memory growth of the HTTP service under load.
+
+Starts `kws serve` as a child process on a free loopback port, warms it up, then drives it with
+N concurrent clients (threads, each with one keep-alive connection) that POST the same WAV clip
+to /predict, and reads the server's RSS from /stats before and after the timed requests.
+"""
+
+import http.client
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import soundfile as sf
+
+from app.settings import from_env
+from kws.audio import SAMPLE_RATE
+from kws.bench import bench_audio, machine
+from kws.errors import KwsError
+
+START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wav_clip(seconds: float) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, bench_audio(seconds), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+class Server:
+    """`kws serve` in a child process, for as long as the `with` block runs."""
+
+    def __init__(self, model: str | None, workers: int | None):
+        self.port = free_port()
+        self.argv = [sys.executable, "-m", "kws.cli", "serve", "--port", str(self.port),
+                     "--no-access-log", "--log-level", "warning"]
+        self.argv += ["--model", model] if model else []
+        self.argv += ["--workers", str(workers)] if workers else []
+        self.headers = {}
+        if os.environ.get("KWS_API_TOKEN"):
+            self.headers["Authorization"] = f"Bearer {os.environ['KWS_API_TOKEN']}"
+
+    def __enter__(self):
+        self.process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                raise KwsError(f"kws serve exited: {self.process.stderr.read().decode()[-500:]}")
+            try:
+                self.get("/health")
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise KwsError(f"kws serve did not answer within {START_TIMEOUT_S} s") from None
+                time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stderr.close()
+
+    def get(self, path: str) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path, headers=self.headers)
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    def rss_bytes(self) -> int:
+        return self.get("/stats")["rss_bytes"]
+
+
+def drive(server: Server, body: bytes, requests: int, clients: int) -> tuple[list[float], int, float]:
+    """(latency of each request in seconds, failed requests, wall seconds) for `requests` POSTs
+    shared by `clients` threads, each on its own keep-alive connection."""
+    remaining = iter(range(requests))
+    take = threading.Lock()
+    headers = {**server.headers, "Content-Type": "audio/wav"}
+
+    def client() -> tuple[list[float], int]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        latencies, failed = [], 0
+        while True:
+            with take:
+                if next(remaining, None) is None:
+                    break
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/predict", body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+            except OSError as e:
+                raise KwsError(f"the server stopped answering: {e}") from None
+            latencies.append(time.perf_counter() - t0)
+            failed += response.status != 200
+        conn.close()
+        return latencies, failed
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda _: client(), range(clients)))
+    wall = time.perf_counter() - started
+    return [t for lat, _ in results for t in lat], sum(f for _, f in results), wall
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def bench_http(args) -> int:
+    if args.requests < 1 or args.clients < 1:
+        raise KwsError("--requests and --clients must be positive")
+    body = wav_clip(args.clip_seconds)
+    with Server(args.model, args.workers) as server:
+        drive(server, body, args.warmup, args.clients)  # first requests allocate and pick kernels
+        rss_before = server.rss_bytes()
+        latencies, failed, wall = drive(server, body, args.requests, args.clients)
+        rss_after = server.rss_bytes()
+    result = {
+        "machine": machine(), "requests": args.requests, "clients": args.clients,
+        "clip_seconds": args.clip_seconds, "workers": from_env(workers=args.workers).workers,
+        "failed": failed,
+        "requests_per_s": args.requests / wall,
+        "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
+        "rss_before_bytes": rss_before, "rss_after_bytes": rss_after,
+        "rss_growth_bytes": rss_after - rss_before,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        m = result["machine"]
+        print(f"kws serve on {m['cpu']} ({m['cpus']} CPUs), {result['workers']} inference threads; "
+              f"{args.clients} clients on loopback, {args.requests:,} POST /predict of a "
+              f"{args.clip_seconds:g}-s WAV after {args.warmup} warm-up requests")
+        print(f"throughput: {result['requests_per_s']:.1f} requests/s ({failed} failed)")
+        print(f"latency:    p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms")
+        print(f"RSS:        {rss_before / 2**20:.1f} MiB before, {rss_after / 2**20:.1f} MiB after "
+              f"({result['rss_growth_bytes'] / 2**20:+.1f} MiB)")
+    return 1 if failed else 0
+
+
+def register(bench_sub):
+    p = bench_sub.add_parser("http", help="requests/s, latency and memory growth of kws serve "
+                             "under concurrent /predict load")
+    p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
+    p.add_argument("--requests", type=int, default=2000, help="timed requests (2000)")
+    p.add_argument("--warmup", type=int, default=200, help="untimed requests first (200)")
+    p.add_argument("--clip-seconds", type=float, default=1.0, help="length of the WAV clip (1)")
+    p.add_argument("--workers", type=int, help="the server's inference threads (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=bench_http)
