@@ -1,5 +1,7 @@
 """Request and response bodies: what the OpenAPI schema at /openapi.json describes."""
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -41,12 +43,14 @@ class Detections(BaseModel):
 
 
 class Listener(BaseModel):
-    state: str = Field(description="off, starting, running, or unavailable")
+    state: Literal["off", "running", "stopped", "unavailable"] = Field(
+        description="off: not asked for; stopped: its input file ended; unavailable: no usable "
+                    "input device (see detail)")
     detail: str | None = Field(None, description="why the listener is unavailable")
 
 
 class Health(BaseModel):
-    status: str = "ok"
+    status: Literal["ok"] = "ok"
     model: str = Field(description="the checkpoint being served")
     listener: Listener
 
