@@ -53,6 +53,20 @@ def test_events_push_each_detection_as_it_happens(model_path):
     assert abs(detection["at"] - time.time()) < 60
 
 
+def test_a_closed_events_connection_unsubscribes(model_path):
+    app = create_app(Settings(model=model_path))
+    with serving(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        bus = app.state.service.bus
+        for _ in range(3):
+            with client.stream("GET", "/events") as response:
+                read_events(response.iter_lines(), "ready")
+                assert bus.subscribers >= 1
+        deadline = time.monotonic() + 10
+        while bus.subscribers:
+            assert time.monotonic() < deadline, "a closed /events connection stayed subscribed"
+            time.sleep(0.05)
+
+
 def test_detections_since_returns_newer_ones_from_a_bounded_buffer(model_path):
     app = create_app(Settings(model=model_path, detections_kept=3))
     with serving(app) as url, httpx.Client(base_url=url, timeout=10) as client:
