@@ -67,7 +67,14 @@ class LiveListener:
             thread.join(timeout=2)
 
     def _detect_blocks(self, rate: int):
-        resampler = Resampler(rate)
+        try:
+            self._run(Resampler(rate))
+        except Exception as e:  # the service goes on without its listener, and says why
+            log.error("kws serve: the live listener failed: %s: %s", type(e).__name__, e)
+            return
+        log.info("kws serve: the live listener stopped after %.1f s of audio", self.detector.time_s)
+
+    def _run(self, resampler: Resampler):
         last_scores = 0.0
         while not self._stop.is_set():
             try:
@@ -75,14 +82,13 @@ class LiveListener:
             except queue.Empty:
                 continue
             if block is None:  # the file ended
-                break
+                return
             for d in self.detector.process(resampler.process(block)):
                 self.bus.publish(d.time_s, d.label, d.score)
             if self.detector.time_s - last_scores >= SCORES_EVERY_S:
                 last_scores = self.detector.time_s
                 best = sorted(self.detector.scores.items(), key=lambda kv: kv[1], reverse=True)
                 self.bus.publish_scores([Score(label=k, score=v) for k, v in best[:TOP_K]])
-        log.info("kws serve: the live listener stopped after %.1f s of audio", self.detector.time_s)
 
 
 def start_listener(model, bus: DetectionBus, device, input_file) -> tuple[LiveListener | None, str | None]:
