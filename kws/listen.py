@@ -6,15 +6,19 @@ Detector, whose state carries from block to block. A full queue drops the block 
 so a slow machine loses audio visibly instead of growing memory.
 """
 
+import argparse
+import contextlib
 import json
 import math
 import queue
+import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -117,7 +121,7 @@ def list_devices() -> str:
 
 def open_microphone(device, rate: int | None, block_seconds: float, blocks: queue.Queue,
                     counters: Counters):
-    """A started PortAudio input stream feeding `blocks`, and its sample rate.
+    """A started PortAudio input stream feeding `blocks`, its sample rate and device name.
     Without `rate`, 16 kHz if the device takes it, else the device's default rate."""
     sd = import_sounddevice()
     try:
@@ -155,10 +159,12 @@ def open_microphone(device, rate: int | None, block_seconds: float, blocks: queu
         stream.start()
     except sd.PortAudioError as e:
         raise KwsError(f"cannot open input device {info['name']!r} at {rate} Hz: {e}") from None
-    return stream, rate
+    return stream, rate, info["name"]
 
 
 def file_rate(path: str) -> int:
+    if not Path(path).is_file():
+        raise KwsError(f"no audio file at {path}")
     try:
         return sf.info(path).samplerate
     except (sf.LibsndfileError, RuntimeError) as e:
@@ -209,6 +215,10 @@ class Worker(threading.Thread):
         self.detections = 0
         self.compute_seconds = 0.0
         self.error: BaseException | None = None
+        # The main thread waits on this, not on join(): a join interrupted by Ctrl-C can mark
+        # a running thread as finished (CPython's bpo-45274 handling), and the interpreter
+        # would then exit under a thread still inside torch.
+        self.finished = threading.Event()
 
     def run(self):
         try:
@@ -217,6 +227,8 @@ class Worker(threading.Thread):
             self._detect(self.resampler.flush())
         except BaseException as e:  # reported by the main thread, which owns the exit
             self.error = e
+        finally:
+            self.finished.set()
 
     def _detect(self, audio: np.ndarray):
         t0 = time.perf_counter()
@@ -246,39 +258,54 @@ def listen(args) -> int:
     torch.set_num_threads(args.threads)
     detector = Detector(load(args.model), threshold=args.threshold, words=args.words)
     block_seconds = args.chunk_ms / 1000
+    blocks = queue.Queue(maxsize=max(2, math.ceil(QUEUE_SECONDS / block_seconds)))
     counters, stop = Counters(), threading.Event()
-    mic = None
+    mic = source = None
     if args.input:
         rate = file_rate(args.input)
-        blocks = queue.Queue(maxsize=max(2, math.ceil(QUEUE_SECONDS / block_seconds)))
         source = threading.Thread(target=play_file, daemon=True, name="kws-file",
                                   args=(args.input, block_seconds, args.fast, blocks, stop))
+        what = f"{args.input} ({rate} Hz, {'as fast as possible' if args.fast else 'real time'})"
     else:
-        blocks = queue.Queue(maxsize=max(2, math.ceil(QUEUE_SECONDS / block_seconds)))
-        mic, rate = open_microphone(parse_device(args.device), args.rate, block_seconds,
-                                    blocks, counters)
-        source = None
+        mic, rate, name = open_microphone(parse_device(args.device), args.rate, block_seconds,
+                                          blocks, counters)
+        what = f"input device {name!r} ({rate} Hz)"
     worker = Worker(detector, rate, blocks, args.json, sys.stdout)
-    worker.start()
-    if source:
-        source.start()
-    try:
-        while worker.is_alive():
-            worker.join(timeout=0.2)
-    except KeyboardInterrupt:
-        stop.set()
-        if mic is None:
-            source.join()  # it ends the queue with None
-    finally:
-        if mic is not None:
-            mic.stop()
-            mic.close()
-            _put_end(blocks)
-        worker.join()
+    with _signals_stop():
+        worker.start()
+        if source:
+            source.start()
+        print(f"kws listen: listening to {what}; Ctrl-C stops", file=sys.stderr, flush=True)
+        try:
+            while not worker.finished.wait(timeout=0.2):
+                pass
+        except KeyboardInterrupt:
+            stop.set()  # the file reader ends the queue itself
+        finally:
+            if mic is not None:
+                mic.stop()
+                mic.close()
+                _put_end(blocks)
+            worker.finished.wait()
+    worker.join()
     if worker.error is not None:
         raise worker.error
     print(summary(worker, counters), file=sys.stderr, flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _signals_stop():
+    """Ctrl-C and SIGTERM (`docker stop`, a service manager) end the stream with a summary,
+    also where the shell started us ignoring SIGINT (a background job)."""
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _put_end(blocks: queue.Queue):
@@ -301,8 +328,8 @@ def parse_threshold(text: str):
             return float(text)
         return {w.strip(): float(t) for w, t in (item.split("=", 1) for item in text.split(","))}
     except ValueError:
-        raise KwsError(f"--threshold {text!r}: give a probability like 0.8, "
-                       f"or per word like yes=0.9,no=0.7") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give a probability like 0.8, "
+                                         f"or per word like yes=0.9,no=0.7") from None
 
 
 def register(sub):

@@ -1,0 +1,186 @@
+"""`kws listen` on files: the same detections as the streaming path, any rate and layout,
+clean Ctrl-C, clear errors. (The microphone path: test_listen_pulseaudio.py.)"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from kws import default_model_path
+from kws.audio import load_audio
+from kws.cli import main
+from kws.data import LABELS
+from kws.listen import Resampler
+from kws.model import MGRADE, load_model, preset, save_model
+from kws.stream import detect
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Clear, loud clips of well-covered words from the shared testing split (speakers the model
+# never trained on): the spoken keywords of the end-to-end tests.
+KEYWORD_CLIPS = ("yes/26b28ea7_nohash_0.flac", "left/0132a06d_nohash_0.flac",
+                 "happy/0132a06d_nohash_0.flac")
+
+
+def shared_data() -> Path:
+    """The shared Speech Commands copy: $KWS_DATA, else ../shared/data/speech_commands."""
+    env = os.environ.get("KWS_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "speech_commands"
+
+
+def keyword_audio() -> tuple[np.ndarray, list[str]]:
+    """0.3 s of silence, then each keyword clip followed by 1.5 s of silence: (audio, words)."""
+    missing = [c for c in KEYWORD_CLIPS if not (shared_data() / c).is_file()]
+    if missing:
+        pytest.skip(f"the shared Speech Commands copy is not at {shared_data()} (set KWS_DATA)")
+    parts, words = [np.zeros(4800, np.float32)], []
+    for clip in KEYWORD_CLIPS:
+        parts += [load_audio(shared_data() / clip), np.zeros(24000, np.float32)]
+        words.append(clip.split("/")[0])
+    return np.concatenate(parts), words
+
+
+@pytest.fixture(scope="module")
+def shipped_model_path() -> Path:
+    path = default_model_path()
+    if not path.is_file():
+        pytest.skip(f"the shipped model is not at {path} yet")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(MGRADE(preset("edge", LABELS, n_layers=1, width=8)), path)
+    return path
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_listen(argv, capsys) -> tuple[int, list[dict], str]:
+    code = main(["listen", *argv])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def noisy_bursts(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    audio = 0.01 * rng.standard_normal(len(t))
+    for start in rng.uniform(0, seconds - 0.5, size=int(seconds / 2)):
+        on = (t >= start) & (t < start + 0.4)
+        audio[on] += 0.3 * np.sin(2 * np.pi * rng.uniform(200, 3000) * t[on])
+    return audio.astype(np.float32)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_streaming_resampler_equals_resampling_the_whole_signal(rate):
+    x = np.random.default_rng(rate).standard_normal(rate + 777).astype(np.float32) * 0.1
+    whole = AF.resample(torch.from_numpy(x), rate, 16000).numpy()
+    for chunk in (50, 441, 1411, 10**6):
+        r = Resampler(rate)
+        out = np.concatenate([r.process(x[i:i + chunk]) for i in range(0, len(x), chunk)] + [r.flush()])
+        assert out.shape == whole.shape
+        assert np.abs(out - whole).max() < 1e-5
+
+
+def test_fast_file_input_gives_the_streaming_paths_detections(tiny_model_path, tmp_path, capsys,
+                                                              restore_threads):
+    audio = noisy_bursts(6.0, seed=1)
+    wav = tmp_path / "bursts.wav"
+    sf.write(wav, audio, 16000, subtype="FLOAT")  # the exact samples
+    code, lines, err = run_listen(["--model", str(tiny_model_path), "--input", str(wav), "--fast",
+                                   "--json", "--threshold", "0.05"], capsys)
+    assert code == 0 and lines
+    model = load_model(tiny_model_path)
+    for chunk in (160, 1000, len(audio)):
+        expected = detect(model, audio, chunk_samples=chunk, threshold=0.05)
+        assert [(d["label"], d["time_s"]) for d in lines] == \
+               [(d.label, round(d.time_s, 3)) for d in expected]
+        assert [d["score"] for d in lines] == pytest.approx([d.score for d in expected], abs=2e-4)
+    assert "6.0 s of audio" in err and f"{len(lines)} detections" in err
+
+
+def test_chunk_length_does_not_change_file_detections(tiny_model_path, tmp_path, capsys,
+                                                      restore_threads):
+    wav = tmp_path / "bursts.wav"
+    sf.write(wav, noisy_bursts(5.0, seed=2), 16000, subtype="FLOAT")
+    runs = [run_listen(["--model", str(tiny_model_path), "--input", str(wav), "--fast", "--json",
+                        "--threshold", "0.05", "--chunk-ms", ms], capsys)[1] for ms in ("10", "100")]
+    assert runs[0] and [(d["label"], d["time_s"]) for d in runs[0]] == \
+                      [(d["label"], d["time_s"]) for d in runs[1]]
+
+
+def test_a_44k_stereo_file_gives_the_words_of_the_16k_mono_file(shipped_model_path, tmp_path,
+                                                                 capsys, restore_threads):
+    audio, words = keyword_audio()
+    mono, stereo = tmp_path / "mono16k.wav", tmp_path / "stereo44k.wav"
+    sf.write(mono, audio, 16000)
+    up = AF.resample(torch.from_numpy(audio), 16000, 44100).numpy()
+    sf.write(stereo, np.stack([up, up], axis=1), 44100)
+    found = {}
+    for name, path in (("mono", mono), ("stereo", stereo)):
+        code, lines, _ = run_listen(["--model", str(shipped_model_path), "--input", str(path),
+                                     "--fast", "--json"], capsys)
+        assert code == 0
+        found[name] = [d["label"] for d in lines]
+    assert found["mono"] == words
+    assert found["stereo"] == words
+
+
+def test_ctrl_c_stops_a_real_time_stream_with_a_summary(tiny_model_path, tmp_path):
+    wav = tmp_path / "long.wav"
+    sf.write(wav, noisy_bursts(60.0, seed=3), 16000)
+    proc = subprocess.Popen([sys.executable, "-m", "kws.cli", "listen", "--model",
+                             str(tiny_model_path), "--input", str(wav), "--json",
+                             "--threshold", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        # Threshold 0: a detection every refractory period (1 s). Interrupt after the second.
+        for _ in range(2):
+            assert json.loads(proc.stdout.readline())["label"] in LABELS
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("kws listen:") and "dropped frames" in summary
+    assert "real-time factor" in summary and "Traceback" not in err
+    seconds = float(summary.split(":")[1].split("s of audio")[0])
+    assert 1.0 <= seconds < 30  # stopped early: the file is 60 s long, played in real time
+
+
+def exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input", "/nonexistent/a.wav"], "no audio file at /nonexistent/a.wav"),
+    (["--input", "x.wav", "--device", "1"], "exclude each other"),
+    (["--threshold", "1.5", "--input", "x.wav"], "thresholds are probabilities"),
+    (["--threshold", "yes=high"], "give a probability"),
+    (["--words", "yes,banana", "--input", "x.wav"], "unknown word(s) 'banana'"),
+])
+def test_bad_listen_options_give_one_clear_line_and_exit_2(argv, message, tiny_model_path, capsys,
+                                                           restore_threads):
+    assert exit_code(["listen", "--model", str(tiny_model_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err
