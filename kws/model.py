@@ -110,12 +110,14 @@ class Frontend(nn.Module):
 
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
         """audio (B, L) whose first `history` samples are context -> (B, (L-history)//stride, H)."""
-        y = self.conv(audio[:, None, :])
+        # The strided conv as one matmul over frames: the same sums, and several times faster
+        # on CPUs than conv1d with a single input channel.
+        frames = audio.unfold(1, self.cfg.frontend_kernel, self.cfg.stride)
+        y = F.linear(frames, self.conv.weight.flatten(1), self.conv.bias)
         if self.cfg.frontend == "gabor":
-            re, im = y.chunk(2, dim=1)
-            y = self.proj(torch.log(re.square() + im.square() + 1e-6).transpose(1, 2))
-            return y
-        return y.transpose(1, 2)
+            re, im = y.chunk(2, dim=-1)
+            y = self.proj(torch.log(re.square() + im.square() + 1e-6))
+        return y
 
 
 # ----------------------------------------------------------------------------- delay conv
@@ -132,6 +134,7 @@ class DelayConv(nn.Module):
         self.positions = nn.Parameter((spread + torch.rand(width, n_taps) - 0.5).clamp(0, window - 1))
         self.register_buffer("sigma", torch.tensor(float(sigma)))
         self.gaussian_at_inference = False  # ablation: keep interpolated taps when not training
+        self._reads, self._reads_key = None, None
 
     def clamp_positions(self):
         with torch.no_grad():
@@ -151,33 +154,48 @@ class DelayConv(nn.Module):
             g = (d == self.delays()[..., None].to(d.dtype)).to(d.dtype)
         return (self.weight[..., None] * g).sum(1)
 
-    def forward(self, x: torch.Tensor, line: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, C); `line` (B, C, window-1) holds the previous inputs (zeros if None)."""
+    def forward(self, x: torch.Tensor, line: torch.Tensor | None = None):
+        """x (B, T, C) -> (y (B, T, C), line). `line` (B, C, window-1) holds the inputs before x,
+        oldest first (zeros if None); the line returned holds the last window-1 inputs."""
         xt = x.transpose(1, 2)
         if line is None:
             xt = F.pad(xt, (self.window - 1, 0))
         else:
             xt = torch.cat([line, xt], dim=2)
         if self.training or self.gaussian_at_inference:
-            y = F.conv1d(xt, self.kernel().flip(-1)[:, None, :], groups=xt.shape[1])
+            y = F.conv1d(xt, self.kernel().flip(-1)[:, None, :], groups=xt.shape[1]).transpose(1, 2)
         else:
             y = self._read_taps(xt)
-        return y.transpose(1, 2)
+        return y, xt[:, :, x.shape[1]:]
 
     def _read_taps(self, xt: torch.Tensor) -> torch.Tensor:
-        """Sum of n_taps delayed reads per channel: the only work inference does."""
-        B, C, L = xt.shape
-        n = L - (self.window - 1)
-        t = torch.arange(self.window - 1, L, device=xt.device)
-        index = (t[None, None, :] - self.delays()[..., None]).reshape(1, C, -1).expand(B, -1, -1)
-        taps = xt.gather(2, index).view(B, C, -1, n)
-        return (taps * self.weight[None, :, :, None]).sum(2)
+        """xt (B, C, window-1+T) -> (B, T, C): n_taps delayed reads per channel and step, weighted
+        and summed, the only work inference does."""
+        windows = xt.unfold(2, self.window, 1).transpose(1, 2)  # (B, T, C, window), oldest first
+        B, T, C, _ = windows.shape
+        taps = windows.gather(3, self._tap_reads().expand(B, T, -1, -1))  # (B, T, C, n_taps)
+        return (taps * self.weight).sum(3)
+
+    def _tap_reads(self) -> torch.Tensor:
+        """Where each tap reads in a window of inputs, (C, n_taps): window-1 minus its delay.
+        Kept between calls, as streaming asks on every chunk; redone when positions change."""
+        key = (self.positions.data_ptr(), self.positions._version)
+        if key != self._reads_key:
+            with torch.inference_mode(False):  # an index usable outside inference mode, too
+                self._reads = self.window - 1 - self.delays()
+            self._reads_key = key
+        return self._reads
 
 
 # ----------------------------------------------------------------------------- minGRU
 
+def _g(x: torch.Tensor) -> torch.Tensor:
+    """x + 1/2 for x >= 0, sigmoid(x) below: positive, so scans can run in log space."""
+    return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
+
+
 def _log_g(x: torch.Tensor) -> torch.Tensor:
-    """log of g(x) = x + 1/2 for x >= 0, sigmoid(x) below: positive, so scans run in log space."""
+    """log g(x), computed without taking the log of a sigmoid."""
     return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
 
 
@@ -189,17 +207,19 @@ class MinGRU(nn.Module):
         self.to_gate_and_candidate = nn.Linear(width, 2 * width)
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, H) -> hidden states (B, T, H), starting from h0 (B, H) or zeros."""
+        """x (B, T, H) -> hidden states (B, T, H). A whole sequence (no h0: from zeros) runs the
+        parallel scan. A stream's chunk continues from h0 (B, H) one step at a time: exact, and on
+        a CPU cheaper than the float64 scan at any chunk length (0.7 vs 1.4 ms for 256 steps)."""
         k, v = self.to_gate_and_candidate(x).chunk(2, dim=-1)
-        if x.shape[1] == 1 and h0 is not None:  # one step: the plain recurrence is cheapest
-            z = torch.sigmoid(k)
-            return torch.lerp(h0[:, None], torch.exp(_log_g(v)), z)
+        if h0 is not None:
+            hs = []
+            for z, g in zip(torch.sigmoid(k).unbind(1), _g(v).unbind(1)):
+                h0 = torch.lerp(h0, g, z)
+                hs.append(h0)
+            return torch.stack(hs, dim=1)
         log_keep = -F.softplus(k)  # log(1 - z)
         log_values = -F.softplus(-k) + _log_g(v)  # log(z * g(v))
-        if h0 is not None:
-            log_keep = F.pad(log_keep, (0, 0, 1, 0))
-            log_values = torch.cat([torch.log(h0)[:, None], log_values], dim=1)
-        return torch.exp(self.scan(log_keep, log_values))[:, -x.shape[1]:]
+        return torch.exp(self.scan(log_keep, log_values))
 
     @staticmethod
     def scan(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -220,11 +240,16 @@ def _logcumsumexp(x: torch.Tensor, block: int = 16) -> torch.Tensor:
     xb = F.pad(x, (0, 0, 0, pad), value=-math.inf).view(B, -1, block, H)
     m = xb.amax(2, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    within = torch.log(torch.cumsum(torch.exp(xb - m), dim=2)) + m
+    sums = torch.cumsum(torch.exp(xb - m), dim=2)
+    if sums.amin() < 1e-280:
+        # A step far below a later one in its block underflowed in exp (gates saturated beyond
+        # anything trained, e.g. |W_z x| > 40 for a block): the exact, slower path.
+        return torch.logcumsumexp(x, dim=1)
+    within = torch.log(sums) + m
     before = torch.logcumsumexp(within[:, :, -1], dim=1)
     before = F.pad(before[:, :-1], (0, 0, 1, 0), value=-math.inf)
     before = before[:, :, None].expand_as(within)
-    # logaddexp(-inf, -inf) is nan; the carried-in log(h0 = 0) is exactly that case.
+    # logaddexp(-inf, -inf) is nan: the first block has nothing before it.
     out = torch.where(torch.isinf(before), within, torch.logaddexp(within, before))
     return out.reshape(B, -1, H)[:, :T]
 
@@ -248,15 +273,11 @@ class Layer(nn.Module):
         """x (B, T, H). With `state` [delay line, hidden], returns (y, new state)."""
         line, h = state if state is not None else (None, None)
         if self.delay is not None:
-            d = self.delay(x, line)
-            if state is not None:
-                ctx = torch.cat([line, x.transpose(1, 2)], dim=2)
-                line = ctx[:, :, ctx.shape[2] - line.shape[2]:]
+            d, line = self.delay(x, line)
             x = x + self.drop(self.delay_norm(d))
         if self.mingru is not None:
             hs = self.mingru(x, h)
-            if state is not None:
-                h = hs[:, -1]
+            h = hs[:, -1]
             x = x + self.drop(self.mingru_out(hs))
         x = self.norm(x + self.drop(self.mlp(x)))
         return x, ([line, h] if state is not None else None)
