@@ -78,7 +78,7 @@ def accuracy(model: MGRADE, audio: np.ndarray, labels: np.ndarray, batch_size: i
     correct = 0
     for i in range(0, len(audio), batch_size):
         x = torch.from_numpy(audio[i:i + batch_size]).to(next(model.parameters()).device)
-        correct += (model.classify(x).argmax(-1).cpu().numpy() == labels[i:i + batch_size]).sum()
+        correct += int((model.classify(x).argmax(-1).cpu().numpy() == labels[i:i + batch_size]).sum())
     return correct / len(audio)
 
 
@@ -133,31 +133,71 @@ def load_training_data(data: Path, synth: Path | None, log) -> dict:
     }
 
 
+def model_config(cfg: TrainConfig, overrides: dict | None) -> ModelConfig:
+    try:
+        return preset(cfg.preset, LABELS, **(overrides or {}))
+    except (TypeError, ValueError) as e:
+        raise KwsError(f"bad model settings: {e}") from None
+
+
+def check_budget(cfg: TrainConfig, world: int) -> int:
+    """Steps per epoch, or a KwsError when the settings leave nothing to train."""
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise KwsError(f"--epochs and --batch-size must be at least 1, not {cfg.epochs} and {cfg.batch_size}")
+    steps = cfg.examples_per_epoch // (cfg.batch_size * world)
+    if steps < 1:
+        raise KwsError(f"--examples-per-epoch {cfg.examples_per_epoch} is less than one batch "
+                       f"({cfg.batch_size} x {world} processes)")
+    return steps
+
+
+# Run states saved before accuracy() returned a plain float hold the best accuracy as a numpy
+# float64; torch.load(weights_only=True) needs its reconstructor and dtype allowed to read them.
+_NUMPY_FLOAT_GLOBALS = [np.float64(0).__reduce__()[0], np.dtype, type(np.dtype(np.float64))]
+
+
+def read_run_state(path: Path, device) -> dict:
+    if not path.is_file():
+        raise KwsError(f"nothing to resume: no {path}")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_FLOAT_GLOBALS):
+            return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many types for damaged zips and pickles
+        raise KwsError(f"cannot resume from {path}: damaged or not a kws run state ({type(e).__name__})") from None
+
+
 def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
           run_dir: Path | None = None, resume: bool = False, overrides: dict | None = None,
           log=print) -> dict:
+    model_cfg = model_config(cfg, overrides)  # bad settings fail before minutes of loading
     rank, world = distributed()
+    steps_per_epoch = check_budget(cfg, world)
     log = log if rank == 0 else (lambda *a, **k: None)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     run_dir = Path(run_dir or out.with_suffix(".run"))
     torch.manual_seed(cfg.seed)
 
     d = load_training_data(data, synth, log)
-    model_cfg = preset(cfg.preset, LABELS, **(overrides or {}))
     model = MGRADE(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = cfg.examples_per_epoch // (cfg.batch_size * world)
     total_steps = steps_per_epoch * cfg.epochs
     context_steps = int(cfg.context_s * 16000) // model_cfg.stride
     history, start_epoch, best = [], 0, -1.0
 
     last = run_dir / "last.pt"
     if resume:
-        if not last.is_file():
-            raise KwsError(f"nothing to resume: no {last}")
-        saved = torch.load(last, map_location=device, weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        saved = read_run_state(last, device)
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise KwsError(f"{last} does not match these settings ({str(e).splitlines()[0]}); "
+                           f"resume with the settings it was started with") from None
+        # Dropout draws from torch's generator: continue it where the broken run left it.
+        if "torch_rng" in saved:
+            torch.set_rng_state(saved["torch_rng"].cpu())
+        if "cuda_rng" in saved and device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
         start_epoch, best = int(saved["epoch"]) + 1, float(saved["best"])
         history = json.loads(saved["history"])
         log(f"resuming after epoch {start_epoch} (best validation accuracy {best:.4f})")
@@ -200,8 +240,12 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                 save_model(model, out, meta)
                 log(f"  saved best model to {out}")
             run_dir.mkdir(parents=True, exist_ok=True)
+            rng = {"torch_rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                rng["cuda_rng"] = torch.cuda.get_rng_state(device)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": epoch, "best": best, "history": json.dumps(history)}, last.with_suffix(".tmp"))
+                        "epoch": epoch, "best": best, "history": json.dumps(history), **rng},
+                       last.with_suffix(".tmp"))
             last.with_suffix(".tmp").replace(last)
         if world > 1:
             dist.barrier()
@@ -219,8 +263,14 @@ def parse_overrides(items: list[str]) -> dict:
         if not sep or key not in types or key == "labels":
             raise KwsError(f"--set takes KEY=VALUE with KEY a model setting, not {item!r}")
         kind = types[key]
-        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        try:
+            out[key] = _BOOLS[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            raise KwsError(f"--set {key} takes a {kind.__name__}, not {value!r}") from None
     return out
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def run(args):
@@ -230,7 +280,8 @@ def run(args):
         torch.set_num_threads(args.threads)
     result = train(cfg, Path(args.data), Path(args.out), Path(args.synth) if args.synth else None,
                    Path(args.run_dir) if args.run_dir else None, args.resume, parse_overrides(args.set))
-    print(json.dumps({"best_validation_accuracy": result["best_validation_accuracy"], "out": args.out}))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one answer, not one per process
+        print(json.dumps({"best_validation_accuracy": result["best_validation_accuracy"], "out": args.out}))
 
 
 def register(sub):
