@@ -23,7 +23,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kws ./kws
 COPY app ./app
-RUN pip install --no-cache-dir /src
+RUN pip install --no-cache-dir /src \
+ && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include  # C++ headers: extensions only
 
 
 FROM python:3.11-slim
