@@ -119,10 +119,9 @@ def list_devices() -> str:
     return "\n".join(lines) if lines else "no audio input devices found"
 
 
-def open_microphone(device, rate: int | None, block_seconds: float, blocks: queue.Queue,
-                    counters: Counters):
-    """A started PortAudio input stream feeding `blocks`, its sample rate and device name.
-    Without `rate`, 16 kHz if the device takes it, else the device's default rate."""
+def input_settings(device, rate: int | None) -> tuple[int, int, str]:
+    """(device index, sample rate, name) of a usable input device, or a KwsError saying why
+    not. Without `rate`: 16 kHz if the device takes it, else the device's default rate."""
     sd = import_sounddevice()
     try:
         info = sd.query_devices(device, "input")
@@ -133,15 +132,23 @@ def open_microphone(device, rate: int | None, block_seconds: float, blocks: queu
                        "PulseAudio/ALSA), or stream a file with --input FILE") from None
     if rate is None:
         try:
-            sd.check_input_settings(device, channels=1, samplerate=SAMPLE_RATE, dtype="float32")
+            sd.check_input_settings(info["index"], channels=1, samplerate=SAMPLE_RATE,
+                                    dtype="float32")
             rate = SAMPLE_RATE
         except sd.PortAudioError:
             rate = int(info["default_samplerate"])
     try:
-        sd.check_input_settings(device, channels=1, samplerate=rate, dtype="float32")
+        sd.check_input_settings(info["index"], channels=1, samplerate=rate, dtype="float32")
     except sd.PortAudioError as e:
         raise KwsError(f"input device {info['name']!r} does not record at {rate} Hz ({e}); "
                        f"try --rate {int(info['default_samplerate'])}") from None
+    return info["index"], rate, info["name"]
+
+
+def open_microphone(device: int, rate: int, block_seconds: float, blocks: queue.Queue,
+                    counters: Counters):
+    """A started PortAudio input stream whose callback feeds `blocks`."""
+    sd = import_sounddevice()
 
     def callback(indata, frames, _time, status):
         # Runs on PortAudio's thread: copy and hand over, nothing else.
@@ -158,8 +165,8 @@ def open_microphone(device, rate: int | None, block_seconds: float, blocks: queu
                                 blocksize=max(1, round(rate * block_seconds)), callback=callback)
         stream.start()
     except sd.PortAudioError as e:
-        raise KwsError(f"cannot open input device {info['name']!r} at {rate} Hz: {e}") from None
-    return stream, rate, info["name"]
+        raise KwsError(f"cannot open input device {device} at {rate} Hz: {e}") from None
+    return stream
 
 
 def file_rate(path: str) -> int:
@@ -255,6 +262,12 @@ def listen(args) -> int:
         raise KwsError("--input and --device exclude each other: pick a file or a device")
     from kws.cli import load
 
+    if args.input:
+        rate = file_rate(args.input)
+        what = f"{args.input} ({rate} Hz, {'as fast as possible' if args.fast else 'real time'})"
+    else:  # device problems are reported before the model is loaded
+        device, rate, name = input_settings(parse_device(args.device), args.rate)
+        what = f"input device {name!r} ({rate} Hz)"
     torch.set_num_threads(args.threads)
     detector = Detector(load(args.model), threshold=args.threshold, words=args.words)
     block_seconds = args.chunk_ms / 1000
@@ -262,14 +275,10 @@ def listen(args) -> int:
     counters, stop = Counters(), threading.Event()
     mic = source = None
     if args.input:
-        rate = file_rate(args.input)
         source = threading.Thread(target=play_file, daemon=True, name="kws-file",
                                   args=(args.input, block_seconds, args.fast, blocks, stop))
-        what = f"{args.input} ({rate} Hz, {'as fast as possible' if args.fast else 'real time'})"
     else:
-        mic, rate, name = open_microphone(parse_device(args.device), args.rate, block_seconds,
-                                          blocks, counters)
-        what = f"input device {name!r} ({rate} Hz)"
+        mic = open_microphone(device, rate, block_seconds, blocks, counters)
     worker = Worker(detector, rate, blocks, args.json, sys.stdout)
     with _signals_stop():
         worker.start()

@@ -174,13 +174,18 @@ def exit_code(argv) -> int:
 
 @pytest.mark.parametrize("argv, message", [
     (["--input", "/nonexistent/a.wav"], "no audio file at /nonexistent/a.wav"),
-    (["--input", "x.wav", "--device", "1"], "exclude each other"),
-    (["--threshold", "1.5", "--input", "x.wav"], "thresholds are probabilities"),
+    (["--input", "WAV", "--device", "1"], "exclude each other"),
+    (["--threshold", "1.5", "--input", "WAV"], "thresholds are probabilities"),
     (["--threshold", "yes=high"], "give a probability"),
-    (["--words", "yes,banana", "--input", "x.wav"], "unknown word(s) 'banana'"),
+    (["--words", "yes,banana", "--input", "WAV"], "unknown word(s) 'banana'"),
+    (["--input", "NOT_AUDIO"], "cannot read"),
 ])
 def test_bad_listen_options_give_one_clear_line_and_exit_2(argv, message, tiny_model_path, capsys,
-                                                           restore_threads):
+                                                           tmp_path, restore_threads):
+    sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    (tmp_path / "b.wav").write_text("not audio")
+    argv = [{"WAV": str(tmp_path / "a.wav"), "NOT_AUDIO": str(tmp_path / "b.wav")}.get(a, a)
+            for a in argv]
     assert exit_code(["listen", "--model", str(tiny_model_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
