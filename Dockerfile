@@ -51,7 +51,7 @@ EXPOSE 8000
 
 # slim has no curl: python's urllib fails (exit 1) on anything but a 2xx answer.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('KWS_PORT', '8000'), timeout=4)"]
 
 # Listens to the microphone passed in with /dev/snd; without one it serves /predict only.
 CMD ["kws", "serve", "--host", "0.0.0.0", "--listen"]
