@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from kws.data import (BACKGROUND, LABELS, TrainingBatches, load_clips, read_noise, read_split,
                       read_synth)
 from kws.errors import KwsError
-from kws.model import MGRADE, ModelConfig, preset, save_model
+from kws.model import read_checkpoint, MGRADE, ModelConfig, preset, save_model
 
 
 @dataclass
@@ -168,7 +168,7 @@ def read_run_state(path: Path, device) -> dict:
 
 def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
           run_dir: Path | None = None, resume: bool = False, overrides: dict | None = None,
-          log=print) -> dict:
+          init: Path | None = None, log=print) -> dict:
     model_cfg = model_config(cfg, overrides)  # bad settings fail before minutes of loading
     rank, world = distributed()
     steps_per_epoch = check_budget(cfg, world)
@@ -179,6 +179,11 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
 
     d = load_training_data(data, synth, log)
     model = MGRADE(model_cfg).to(device)
+    if init is not None:  # fine-tune: start from a trained model's weights, not at random
+        try:
+            model.load_state_dict(read_checkpoint(init)[1])
+        except RuntimeError as e:
+            raise KwsError(f"--init {init} does not fit these settings ({str(e).splitlines()[0]})") from None
     optimizer = make_optimizer(model, cfg)
     total_steps = steps_per_epoch * cfg.epochs
     context_steps = int(cfg.context_s * 16000) // model_cfg.stride
@@ -279,7 +284,8 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train(cfg, Path(args.data), Path(args.out), Path(args.synth) if args.synth else None,
-                   Path(args.run_dir) if args.run_dir else None, args.resume, parse_overrides(args.set))
+                   Path(args.run_dir) if args.run_dir else None, args.resume, parse_overrides(args.set),
+                   Path(args.init) if args.init else None)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one answer, not one per process
         print(json.dumps({"best_validation_accuracy": result["best_validation_accuracy"], "out": args.out}))
 
@@ -291,6 +297,7 @@ def register(sub):
     p.add_argument("--out", required=True, help="where to save the best model")
     p.add_argument("--run-dir", help="per-epoch training state for --resume (default: OUT.run/)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's last epoch")
+    p.add_argument("--init", metavar="MODEL", help="start from this model's weights (fine-tuning)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model setting, e.g. --set use_delay=false")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
