@@ -121,8 +121,13 @@ def plot_confusion(result: dict, path: Path):
     ax.set_ylabel("spoken")
     ax.set_title(f"{result['split']}: accuracy {result['accuracy']:.3f} over {result['clips']} clips (rows sum to 1)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80, format="png")  # PNG whatever the name ends with
+    except OSError as e:
+        raise KwsError(f"cannot write the confusion matrix to {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
 def print_report(result: dict):
