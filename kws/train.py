@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from kws.data import (BACKGROUND, LABELS, TrainingBatches, load_clips, read_noise, read_split,
                       read_synth)
 from kws.errors import KwsError
-from kws.model import read_checkpoint, MGRADE, ModelConfig, preset, save_model
+from kws.model import MGRADE, ModelConfig, preset, read_checkpoint, save_model
 
 
 @dataclass
