@@ -103,6 +103,8 @@ def bench_stream(args) -> int:
     from kws import default_model_path
     from kws.cli import load
 
+    if args.seconds < SLIDING_WINDOW_S:
+        raise KwsError(f"--seconds must be at least the {SLIDING_WINDOW_S:g}-s sliding window")
     torch.set_num_threads(1)
     model = load(args.model)
     audio = bench_audio(args.seconds)
@@ -149,7 +151,7 @@ def training_seconds_per_clip(model, batch: int, repeats: int, context_s: float 
     kws train does), loss on the mean logits of the clip's steps, divided by the batch size."""
     rng = np.random.default_rng(0)
     context = int(context_s * SAMPLE_RATE)
-    x = torch.from_numpy(rng.standard_normal((batch, context + SAMPLE_RATE)).astype(np.float32) * 0.1)
+    x = torch.from_numpy(0.1 * rng.standard_normal((batch, context + SAMPLE_RATE), np.float32))
     y = torch.from_numpy(rng.integers(0, model.cfg.n_classes, batch))
     clip_steps = SAMPLE_RATE // model.cfg.stride
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -200,8 +202,10 @@ def bench_model(args) -> int:
             "parameters": parameter_count(model),
             "stride": model.cfg.stride,
             "train_seconds_per_clip": training_seconds_per_clip(model, args.batch, args.repeats),
-            "offline_seconds_per_audio_second": offline_seconds_per_audio_second(model, args.repeats),
-            "stream_32ms_seconds_per_audio_second": stream_seconds_per_audio_second(model, args.repeats),
+            "offline_seconds_per_audio_second":
+                offline_seconds_per_audio_second(model, args.repeats),
+            "stream_32ms_seconds_per_audio_second":
+                stream_seconds_per_audio_second(model, args.repeats),
         }
     if args.json:
         print(json.dumps(result))
@@ -219,6 +223,8 @@ def bench_model(args) -> int:
 
 
 def register(sub):
+    from kws.listen import positive
+
     p = sub.add_parser("bench", help="measure speed and memory on this machine")
     bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
 
@@ -226,8 +232,8 @@ def register(sub):
                              "peak memory of kws listen (one thread)")
     s.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
     s.add_argument("--seconds", type=float, default=20.0, help="audio per timed run (20)")
-    s.add_argument("--repeats", type=int, default=5)
-    s.add_argument("--rss-seconds", type=float, default=60.0,
+    s.add_argument("--repeats", type=positive(int), default=5)
+    s.add_argument("--rss-seconds", type=positive(float), default=60.0,
                    help="length of the file kws listen streams for the memory figure (60)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=bench_stream)
@@ -235,8 +241,8 @@ def register(sub):
     m = bench_sub.add_parser("model", help="training and inference time of each preset")
     m.add_argument("--presets", type=lambda s: s.split(","), default=list(PRESETS),
                    help=f"comma separated (default: {','.join(PRESETS)})")
-    m.add_argument("--repeats", type=int, default=5)
-    m.add_argument("--batch", type=int, default=8, help="training batch size (8)")
+    m.add_argument("--repeats", type=positive(int), default=5)
+    m.add_argument("--batch", type=positive(int), default=8, help="training batch size (8)")
     m.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=bench_model)

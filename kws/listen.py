@@ -341,13 +341,26 @@ def parse_threshold(text: str):
                                          f"or per word like yes=0.9,no=0.7") from None
 
 
+def positive(kind):
+    """An argparse type: a number of `kind` greater than zero."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+        return value
+    return parse
+
+
 def register(sub):
     p = sub.add_parser("listen", help="spot keywords live in the microphone stream (or a file)")
     p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
     p.add_argument("--device", help="input device name (or part of it) or index")
     p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
-    p.add_argument("--rate", type=int, help="device sample rate in Hz (default: 16000 if the "
-                   "device takes it, else its default rate)")
+    p.add_argument("--rate", type=positive(int), help="device sample rate in Hz "
+                   "(default: 16000 if the device takes it, else its default rate)")
     p.add_argument("--threshold", type=parse_threshold, help="detection probability, "
                    "one for all words (0.8) or per word (yes=0.9,no=0.7)")
     p.add_argument("--words", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
@@ -355,7 +368,9 @@ def register(sub):
     p.add_argument("--input", metavar="FILE", help="stream this audio file instead of a device")
     p.add_argument("--fast", action="store_true", help="with --input: as fast as possible, "
                    "not in real time")
-    p.add_argument("--chunk-ms", type=float, default=32.0, help="audio block length (32 ms)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the model (1)")
+    p.add_argument("--chunk-ms", type=positive(float), default=32.0,
+                   help="audio block length (32 ms)")
+    p.add_argument("--threads", type=positive(int), default=1,
+                   help="torch threads for the model (1)")
     p.add_argument("--json", action="store_true", help="one JSON object per detection")
     p.set_defaults(func=listen)

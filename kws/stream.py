@@ -80,7 +80,8 @@ class Detector:
             per_label = dict.fromkeys(candidates, float(threshold))
         for w, t in per_label.items():
             if not 0.0 <= t <= 1.0:
-                raise KwsError(f"threshold for {w!r} is {t}; thresholds are probabilities in [0, 1]")
+                raise KwsError(f"threshold for {w!r} is {t}; "
+                               f"thresholds are probabilities in [0, 1]")
         return np.array([per_label.get(label, np.inf) for label in self.labels])
 
     def _check_labels(self, names, what: str):

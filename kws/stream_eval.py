@@ -42,8 +42,10 @@ QUIET_DBFS = (-70.0, -25.0)
 WORD_FLOOR_DB = 20.0  # frames this far below the loudest frame are not the word
 MAX_LATENCY_S = 1.0
 FADE_S = 0.01
-DET_THRESHOLDS = tuple(np.round(np.r_[np.linspace(0.05, 0.95, 19), 0.97, 0.98, 0.99, 0.995, 0.999], 4))
+DET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7,
+                  0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 MEMORY_TOLERANCE_BYTES = 5 * 2**20
+SUMMARY_KEYS = ("recall", "false_accepts_per_hour", "keywords", "latency_ms_median")
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,8 @@ def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int,
             audio[at:at + len(speech)] += speech
             first, last = word_bounds(speech)
             t0 = start_s + (made + at) / SAMPLE_RATE
-            placements.append(Placement(clip.label, t0 + first / SAMPLE_RATE, t0 + last / SAMPLE_RATE))
+            placements.append(Placement(clip.label, t0 + first / SAMPLE_RATE,
+                                        t0 + last / SAMPLE_RATE))
         yield np.clip(audio, -1, 1).astype(np.float32), placements
         made += length
 
@@ -393,8 +396,8 @@ def long_run_check(model, data: Path, split: str, minutes: float, seed: int, wor
         "memory_flat": growth <= MEMORY_TOLERANCE_BYTES,
         "state_max_first": max(v for t, v in state_max if t <= compare_s),
         "state_max_last": max(v for t, v in state_max if t > total_s - compare_s),
-        "first": {k: first[k] for k in ("recall", "false_accepts_per_hour", "keywords", "latency_ms_median")},
-        "last": {k: last[k] for k in ("recall", "false_accepts_per_hour", "keywords", "latency_ms_median")},
+        "first": {k: first[k] for k in SUMMARY_KEYS},
+        "last": {k: last[k] for k in SUMMARY_KEYS},
         "no_worse": no_worse,
         "real_time_factor": run.compute_seconds / run.seconds,
         "passed": growth <= MEMORY_TOLERANCE_BYTES and no_worse,
@@ -422,8 +425,8 @@ def _print_long_run(r: dict):
           f"largest state value {r['state_max_first']:.3f} first vs {r['state_max_last']:.3f} last")
     for name in ("first", "last"):
         s = r[name]
-        print(f"  {name} {r['compare_minutes']:g} min: recall {s['recall']:.1%} of {s['keywords']}, "
-              f"false accepts/hour {s['false_accepts_per_hour']:.2f}")
+        print(f"  {name} {r['compare_minutes']:g} min: recall {s['recall']:.1%} of "
+              f"{s['keywords']}, false accepts/hour {s['false_accepts_per_hour']:.2f}")
     print("passed" if r["passed"] else "FAILED")
 
 
@@ -452,27 +455,28 @@ def eval_stream(args) -> int:
 
 
 def register(sub):
-    from kws.listen import parse_threshold
+    from kws.listen import parse_threshold, positive
 
     p = sub.add_parser("eval-stream", help="recall, false accepts/hour and latency on long "
                        "test streams through the live detection path")
     p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
     p.add_argument("--split", default="testing", choices=("validation", "testing"))
-    p.add_argument("--minutes", type=float, default=10.0, help="stream length (10)")
+    p.add_argument("--minutes", type=positive(float), default=10.0, help="stream length (10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--words", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
                    help="keywords, comma separated (default: the 17 well-covered words)")
     p.add_argument("--threshold", type=parse_threshold, help=f"detection probability "
                    f"(default {DEFAULT_THRESHOLD}), or per word: yes=0.9,no=0.7")
-    p.add_argument("--window-s", type=float, default=DEFAULT_WINDOW_S, help="score window")
+    p.add_argument("--window-s", type=positive(float), default=DEFAULT_WINDOW_S,
+                   help=f"seconds of logits averaged into a score ({DEFAULT_WINDOW_S:g})")
     p.add_argument("--refractory-s", type=float, default=DEFAULT_REFRACTORY_S)
     p.add_argument("--det-png", default="det.png", help="where to draw the DET curve "
                    "(default det.png; '' for none)")
     p.add_argument("--long-run-check", action="store_true", help="instead: check that memory "
                    "stays flat and detection does not degrade over --minutes (use >= 60)")
-    p.add_argument("--compare-minutes", type=float, default=10.0,
+    p.add_argument("--compare-minutes", type=positive(float), default=10.0,
                    help="with --long-run-check: minutes compared at the start and the end (10)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    p.add_argument("--threads", type=positive(int), default=1, help="torch threads (1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=eval_stream)

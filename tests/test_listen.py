@@ -93,7 +93,8 @@ def test_streaming_resampler_equals_resampling_the_whole_signal(rate):
     whole = AF.resample(torch.from_numpy(x), rate, 16000).numpy()
     for chunk in (50, 441, 1411, 10**6):
         r = Resampler(rate)
-        out = np.concatenate([r.process(x[i:i + chunk]) for i in range(0, len(x), chunk)] + [r.flush()])
+        pieces = [r.process(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+        out = np.concatenate(pieces + [r.flush()])
         assert out.shape == whole.shape
         assert np.abs(out - whole).max() < 1e-5
 
@@ -120,7 +121,8 @@ def test_chunk_length_does_not_change_file_detections(tiny_model_path, tmp_path,
     wav = tmp_path / "bursts.wav"
     sf.write(wav, noisy_bursts(5.0, seed=2), 16000, subtype="FLOAT")
     runs = [run_listen(["--model", str(tiny_model_path), "--input", str(wav), "--fast", "--json",
-                        "--threshold", "0.05", "--chunk-ms", ms], capsys)[1] for ms in ("10", "100")]
+                        "--threshold", "0.05", "--chunk-ms", ms], capsys)[1]
+            for ms in ("10", "100")]
     assert runs[0] and [(d["label"], d["time_s"]) for d in runs[0]] == \
                       [(d["label"], d["time_s"]) for d in runs[1]]
 

@@ -56,13 +56,15 @@ def test_background_alone_gives_no_detection():
 
 
 def test_words_limits_the_reported_labels():
-    audio = script((BACKGROUND, 1.5), ("yes", 0.8), (BACKGROUND, 1.5), ("no", 0.8), (BACKGROUND, 1.5))
+    audio = script((BACKGROUND, 1.5), ("yes", 0.8), (BACKGROUND, 1.5), ("no", 0.8),
+                   (BACKGROUND, 1.5))
     assert [d.label for d in detect(ScriptedModel(), audio, threshold=0.8)] == ["yes", "no"]
     assert [d.label for d in detect(ScriptedModel(), audio, threshold=0.8, words=["no"])] == ["no"]
 
 
 def test_per_word_thresholds_apply_to_their_word_only():
-    audio = script((BACKGROUND, 1.5), ("yes", 0.6), (BACKGROUND, 1.5), ("no", 0.6), (BACKGROUND, 1.5))
+    audio = script((BACKGROUND, 1.5), ("yes", 0.6), (BACKGROUND, 1.5), ("no", 0.6),
+                   (BACKGROUND, 1.5))
     found = detect(ScriptedModel(), audio, threshold={"yes": 0.99, "no": 0.3})
     assert [d.label for d in found] == ["no"]
 
@@ -172,5 +174,6 @@ def test_state_stays_bounded_and_detections_repeat_over_a_long_stream(tiny_model
     assert peak < 100.0
     end_offset = (len(audio) - len(repeated)) / 16000
     first = [(d.label, round(d.time_s, 2)) for d in found if 3.0 < d.time_s <= 20.0]
-    last = [(d.label, round(d.time_s - end_offset, 2)) for d in found if d.time_s > end_offset + 3.0]
+    last = [(d.label, round(d.time_s - end_offset, 2)) for d in found
+            if d.time_s > end_offset + 3.0]
     assert first and first == last

@@ -165,6 +165,7 @@ def test_long_run_check_reports_memory_and_start_versus_end(dataset, tiny_model_
     assert np.isfinite(result["state_max_last"]) and result["rss_growth_bytes"] >= 0
 
 
-def test_eval_stream_refuses_a_missing_dataset_with_a_clear_error(tiny_model_path, tmp_path, capsys):
+def test_eval_stream_refuses_a_missing_dataset_with_a_clear_error(tiny_model_path, tmp_path,
+                                                                   capsys):
     code = main(["eval-stream", "--model", str(tiny_model_path), "--data", str(tmp_path / "none")])
     assert code == 2 and "no dataset folder" in capsys.readouterr().err
