@@ -37,6 +37,10 @@ class DetectionBus:
         """The listener's current best scores, for the dashboard."""
         self._loop.call_soon_threadsafe(self._fan_out, ("scores", top))
 
+    def close(self):
+        """End every /events stream (the server is stopping); any thread may call it."""
+        self._loop.call_soon_threadsafe(self._fan_out, ("close", None))
+
     def since(self, unix_time: float) -> list[LiveDetection]:
         with self._lock:
             return [d for d in self._recent if d.at > unix_time]

@@ -8,8 +8,8 @@ import queue
 import threading
 
 from kws.errors import KwsError
-from kws.listen import (QUEUE_SECONDS, Counters, Resampler, file_rate, open_microphone,
-                        parse_device, play_file)
+from kws.listen import (QUEUE_SECONDS, Counters, Resampler, file_rate, input_settings,
+                        open_microphone, parse_device, play_file)
 from kws.stream import Detector
 
 from app.bus import DetectionBus
@@ -51,8 +51,8 @@ class LiveListener:
                 target=play_file, name="kws-file", daemon=True,
                 args=(self.input_file, BLOCK_SECONDS, False, self.blocks, self._stop)))
         else:
-            self._mic, rate = open_microphone(parse_device(self.device), None, BLOCK_SECONDS,
-                                              self.blocks, self.counters)
+            index, rate, _name = input_settings(parse_device(self.device), None)
+            self._mic = open_microphone(index, rate, BLOCK_SECONDS, self.blocks, self.counters)
         self._threads.insert(0, threading.Thread(target=self._detect_blocks, args=(rate,),
                                                  name="kws-detector", daemon=True))
         for thread in self._threads:

@@ -120,6 +120,8 @@ async def event_stream(service: Service):
             except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
+            if kind == "close":
+                return
             yield sse(kind, jsonable_encoder(payload))
     finally:
         service.bus.unsubscribe(queue)

@@ -5,7 +5,7 @@ import socket
 
 from kws.errors import KwsError
 
-GRACEFUL_SHUTDOWN_S = 3  # open /events streams never end by themselves: close them after this
+GRACEFUL_SHUTDOWN_S = 3  # then requests still open are cancelled
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -24,6 +24,16 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(args):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """uvicorn's server that also ends the open /events streams when told to stop: they
+        never end by themselves, and uvicorn waits for open requests before shutting down."""
+
+        def handle_exit(self, sig, frame):
+            service = getattr(self.config.app.state, "service", None)  # None before start-up
+            if service is not None:
+                service.bus.close()
+            super().handle_exit(sig, frame)
+
     from app.main import create_app
     from app.settings import from_env
     from kws.cli import load
@@ -40,7 +50,7 @@ def serve(args):
     config = uvicorn.Config(create_app(settings, model), log_level=args.log_level,
                             access_log=not args.no_access_log,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
 
 
 def register(sub):

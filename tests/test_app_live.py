@@ -27,7 +27,9 @@ def yes_model_path(tmp_path_factory):
 
 
 def read_events(lines, wanted: str, limit_s: float = 10.0):
-    """The data of the next SSE event named `wanted` from `lines` (a response's iter_lines())."""
+    """The data of the next SSE event named `wanted` from `lines`, a response's iter_lines().
+    Keep `lines` referenced while the connection should stay open: a dropped iterator is
+    closed, and httpx closes the connection with it."""
     event, deadline = None, time.monotonic() + limit_s
     for line in lines:
         if line.startswith("event: "):
@@ -59,12 +61,14 @@ def test_a_closed_events_connection_unsubscribes(model_path):
         bus = app.state.service.bus
         for _ in range(3):
             with client.stream("GET", "/events") as response:
-                read_events(response.iter_lines(), "ready")
-                assert bus.subscribers >= 1
-        deadline = time.monotonic() + 10
-        while bus.subscribers:
-            assert time.monotonic() < deadline, "a closed /events connection stayed subscribed"
-            time.sleep(0.05)
+                lines = response.iter_lines()
+                read_events(lines, "ready")
+                time.sleep(0.3)
+                assert bus.subscribers == 1  # still connected
+            deadline = time.monotonic() + 10
+            while bus.subscribers:
+                assert time.monotonic() < deadline, "a closed /events connection stayed subscribed"
+                time.sleep(0.05)
 
 
 def test_detections_since_returns_newer_ones_from_a_bounded_buffer(model_path):
@@ -134,7 +138,8 @@ def test_kws_serve_reads_env_serves_and_stops_cleanly_with_a_client_attached(mod
         assert httpx.get(f"{url}/stats").status_code == 401  # KWS_API_TOKEN was read
         with httpx.stream("GET", f"{url}/events", headers={"Authorization": "Bearer t0ken"},
                           timeout=10) as events:
-            read_events(events.iter_lines(), "ready")
+            lines = events.iter_lines()
+            read_events(lines, "ready")
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=20) == 130  # the CLI's exit status for Ctrl-C
     finally:
