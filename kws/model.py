@@ -40,6 +40,9 @@ class ModelConfig:
     use_delay: bool = True  # ablations switch off one mixer
     use_mingru: bool = True
     dropout: float = 0.1
+    # Training puts 0.5 s of other audio before every clip, so the model never learns to read a
+    # word straight from a zero state; whole clips are classified after this much silence.
+    clip_context_s: float = 0.5
 
     def __post_init__(self):
         self.labels = tuple(self.labels)
@@ -306,8 +309,10 @@ class MGRADE(nn.Module):
         return self.decoder(x)
 
     def classify(self, audio: torch.Tensor) -> torch.Tensor:
-        """Whole-clip logits (B, n_classes): the mean of the per-step logits."""
-        return self.forward(audio).mean(dim=1)
+        """Whole-clip logits (B, n_classes): the mean of the clip's per-step logits, the clip
+        heard as in a running stream, after `clip_context_s` of silence."""
+        context = round(self.cfg.clip_context_s * 16000) // self.cfg.stride * self.cfg.stride
+        return self.forward(F.pad(audio, (context, 0)))[:, context // self.cfg.stride:].mean(dim=1)
 
     # -- streams (listening)
     def initial_state(self, batch_size: int = 1) -> list[torch.Tensor]:
