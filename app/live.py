@@ -44,19 +44,23 @@ class LiveListener:
     def running(self) -> bool:
         return bool(self._threads) and self._threads[0].is_alive()
 
-    def start(self):
+    def start(self) -> str:
+        """Open the input and start; returns what it listens to."""
         if self.input_file:
             rate = file_rate(self.input_file)
             self._threads.append(threading.Thread(
                 target=play_file, name="kws-file", daemon=True,
                 args=(self.input_file, BLOCK_SECONDS, False, self.blocks, self._stop)))
+            source = f"{self.input_file} (played in real time)"
         else:
-            index, rate, _name = input_settings(parse_device(self.device), None)
+            index, rate, name = input_settings(parse_device(self.device), None)
             self._mic = open_microphone(index, rate, BLOCK_SECONDS, self.blocks, self.counters)
+            source = f"input device {name!r} at {rate} Hz"
         self._threads.insert(0, threading.Thread(target=self._detect_blocks, args=(rate,),
                                                  name="kws-detector", daemon=True))
         for thread in self._threads:
             thread.start()
+        return source
 
     def stop(self):
         self._stop.set()
@@ -96,10 +100,9 @@ def start_listener(model, bus: DetectionBus, device, input_file) -> tuple[LiveLi
     one line and goes on serving /predict."""
     listener = LiveListener(model, bus, device, input_file)
     try:
-        listener.start()
+        source = listener.start()
     except KwsError as e:
         log.warning("kws serve: live listener unavailable (%s); serving /predict only", e)
         return None, str(e)
-    source = input_file or (f"input device {device}" if device is not None else "the default microphone")
     log.info("kws serve: listening to %s", source)
     return listener, None
