@@ -8,7 +8,10 @@ turns the per-step logits (one per 10 ms step for the edge model) into detection
   training readout (cross-entropy on the mean logits of a 1-s clip), so the scores mean what
   they meant in training, and the background class ("_background_") makes silence and noise
   score low for every word without a separate energy gate;
-- a detection when the top word (background excluded) reaches its threshold;
+- a detection when the top word (background excluded) reaches its threshold, once the window
+  has filled: in the first `window_s` of a stream the model has had less context than in
+  training (0.5 s before every clip) and the mean runs over fewer steps, and word scores
+  measured on noise spike there;
 - then a refractory period in which nothing fires, and a word fires again only after its own
   score has fallen back below its threshold, so one utterance gives one detection.
 
@@ -99,7 +102,7 @@ class Detector:
         self._filled = 0  # how many rows of _recent hold real logits (the newest ones)
         self._steps = 0
         self._samples = 0
-        self._quiet_until = 0  # first step after the refractory period
+        self._quiet_until = self.window_steps - 1  # first step that may fire: the window is full
         self._armed = np.ones(n, dtype=bool)  # a word re-arms when its score falls below threshold
         self._probs = np.zeros(n)
         self.last_logits = np.zeros((0, n), dtype=np.float32)  # from the latest process()

@@ -51,6 +51,13 @@ def test_a_held_word_gives_one_detection_with_its_label_and_time():
     assert found[0].score >= 0.8
 
 
+def test_nothing_fires_before_the_score_window_has_filled_once():
+    # A fraction of a second of a word at the very start scores high over the few steps seen.
+    assert detect(ScriptedModel(), script(("yes", 0.2), (BACKGROUND, 2.0)), threshold=0.8) == []
+    found = detect(ScriptedModel(), script(("yes", 0.9), (BACKGROUND, 2.0)), threshold=0.8)
+    assert [d.label for d in found] == ["yes"] and found[0].time_s == pytest.approx(1.0)
+
+
 def test_background_alone_gives_no_detection():
     assert detect(ScriptedModel(), script((BACKGROUND, 10.0)), threshold=0.5) == []
 
