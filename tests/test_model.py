@@ -260,6 +260,8 @@ def test_chunked_stream_equals_full_pass(shape, length, sizes):
         streamed, states = stream_all(model, audio, sizes)
     assert streamed.shape == full.shape
     torch.testing.assert_close(streamed, full, rtol=0, atol=1e-4)
+    shapes = [t.shape for t in model.initial_state(2)[1:]]
+    assert all([t.shape for t in state[1:]] == shapes for state in states)  # fixed size
 
 
 @pytest.mark.parametrize("sizes", [[512], [1], [160], [399, 1, 7], [1600], [3, 200, 1000]])
@@ -330,8 +332,9 @@ def early_burst_batch(gen: torch.Generator, steps: int, batch: int = 32, stride:
     return audio, labels
 
 
-def train_on_early_burst(steps: int, updates: int, **overrides) -> list[float]:
-    """Train a tiny model to name the burst from its LAST step's logits; the losses."""
+def train_on_early_burst(steps: int, updates: int, stop_below: float = 0.0, **overrides) -> list[float]:
+    """Train a tiny model to name the burst from its LAST step's logits, for `updates` updates
+    or until the mean loss of the last 10 is below `stop_below`; the losses."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     cfg = preset("edge", [str(f) for f in TONES], stride=16, frontend_kernel=32, frontend_filters=16,
@@ -348,23 +351,30 @@ def train_on_early_burst(steps: int, updates: int, **overrides) -> list[float]:
         optimizer.step()
         model.clamp_positions()
         losses.append(loss.item())
+        if mean_of_last(losses) < stop_below:
+            break
     return losses
 
 
 def mean_of_last(losses: list[float], n: int = 10) -> float:
-    return sum(losses[-n:]) / n
+    return sum(losses[-n:]) / n if len(losses) >= n else math.inf
 
 
-# Two layers of delays reach back 2 * 15 steps (plus one frame): a burst 45 steps before the
-# last step is beyond them, so only the recurrence can carry it there.
+CHANCE = math.log(len(TONES))
+
+
+# Two layers of delays reach back 2 * 15 steps, and a step's frame one more: the burst ended 37
+# steps before the last step, beyond them, so only the recurrence can carry it there. (Over 16
+# seeds of model and data this took 43 to 130 updates.)
 def test_recurrence_carries_an_early_event_beyond_the_delays_reach():
-    assert mean_of_last(train_on_early_burst(steps=48, updates=120)) < 0.1
+    assert mean_of_last(train_on_early_burst(steps=40, updates=200, stop_below=0.1)) < 0.1
 
 
 def test_without_recurrence_an_event_beyond_the_delays_reach_is_lost():
-    losses = train_on_early_burst(steps=48, updates=50, use_mingru=False)
-    assert mean_of_last(losses) > 0.9 * math.log(len(TONES))  # chance: it cannot know
+    losses = train_on_early_burst(steps=40, updates=50, use_mingru=False)
+    assert mean_of_last(losses) > 0.9 * CHANCE  # it cannot know: chance level
 
 
 def test_delay_taps_alone_carry_an_event_within_their_reach():
-    assert mean_of_last(train_on_early_burst(steps=24, updates=100, use_mingru=False)) < 0.1
+    losses = train_on_early_burst(steps=24, updates=150, stop_below=0.1, use_mingru=False)
+    assert mean_of_last(losses) < 0.1
