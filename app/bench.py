@@ -86,6 +86,12 @@ class Server:
     def rss_bytes(self) -> int:
         return self.get("/stats")["rss_bytes"]
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (user + system), from /proc (Linux)."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 def drive(server: Server, body: bytes, requests: int, clients: int) -> tuple[list[float], int, float]:
     """(latency of each request in seconds, failed requests, wall seconds) for `requests` POSTs
@@ -131,7 +137,9 @@ def bench_http(args) -> int:
     with Server(args.model, args.workers) as server:
         drive(server, body, args.warmup, args.clients)  # first requests allocate and pick kernels
         rss_before = server.rss_bytes()
+        server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
         latencies, failed, wall = drive(server, body, args.requests, args.clients)
+        server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
         rss_after = server.rss_bytes()
     result = {
         "machine": machine(), "requests": args.requests, "clients": args.clients,
@@ -141,6 +149,9 @@ def bench_http(args) -> int:
         "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
         "rss_before_bytes": rss_before, "rss_after_bytes": rss_after,
         "rss_growth_bytes": rss_after - rss_before,
+        # CPU per request, which other load on the machine barely changes (unlike the rate)
+        "server_cpu_ms_per_request": server_cpu / args.requests * 1000,
+        "client_cpu_ms_per_request": client_cpu / args.requests * 1000,
     }
     if args.json:
         print(json.dumps(result))
@@ -153,6 +164,8 @@ def bench_http(args) -> int:
         print(f"latency:    p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms")
         print(f"RSS:        {rss_before / 2**20:.1f} MiB before, {rss_after / 2**20:.1f} MiB after "
               f"({result['rss_growth_bytes'] / 2**20:+.1f} MiB)")
+        print(f"CPU:        {result['server_cpu_ms_per_request']:.2f} ms per request in the server, "
+              f"{result['client_cpu_ms_per_request']:.2f} ms in the clients")
     return 1 if failed else 0
 
 
