@@ -1,0 +1,27 @@
+"""`kws bench http` runs end to end on a small model and reports what the issue asks for (the
+figures themselves are for the benchmark to print, not for a test to judge)."""
+
+import argparse
+import json
+
+from test_app import model_path  # noqa: F401 (a fixture)
+
+from app.bench import register
+
+
+def run_bench(capsys, *argv) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["http", *argv])
+    return args.func(args), capsys.readouterr().out
+
+
+def test_bench_http_reports_rate_latency_and_memory_as_json(model_path, capsys):  # noqa: F811
+    code, out = run_bench(capsys, "--model", str(model_path), "--requests", "40", "--warmup", "5",
+                          "--clients", "4", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["failed"] == 0
+    assert (result["requests"], result["clients"]) == (40, 4)
+    assert result["requests_per_s"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
+    assert result["rss_after_bytes"] - result["rss_before_bytes"] == result["rss_growth_bytes"]
+    assert result["server_cpu_ms_per_request"] > 0
