@@ -127,7 +127,9 @@ def drive(server: Server, body: bytes, requests: int, clients: int) -> tuple[lis
 
 
 def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def bench_http(args) -> int:

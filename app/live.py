@@ -95,7 +95,8 @@ class LiveListener:
                 self.bus.publish_scores([Score(label=k, score=v) for k, v in best[:TOP_K]])
 
 
-def start_listener(model, bus: DetectionBus, device, input_file) -> tuple[LiveListener | None, str | None]:
+def start_listener(model, bus: DetectionBus, device,
+                   input_file) -> tuple[LiveListener | None, str | None]:
     """(a running listener, None), or (None, why not): without a usable input the service logs
     one line and goes on serving /predict."""
     listener = LiveListener(model, bus, device, input_file)

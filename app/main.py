@@ -82,8 +82,9 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 bearer = HTTPBearer(auto_error=False, description="required when KWS_API_TOKEN is set")
 
 
-async def require_token(service: ServiceDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]):
+async def require_token(
+        service: ServiceDep,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]):
     expected = service.settings.api_token
     if expected is None:
         return
@@ -94,7 +95,7 @@ async def require_token(service: ServiceDep,
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-def errors(*codes: int) -> dict:
+def error_responses(*codes: int) -> dict:
     """OpenAPI entries for the 4xx answers an endpoint gives, all shaped like `Error`."""
     return {code: {"model": Error} for code in codes}
 
@@ -159,7 +160,8 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
     app.add_middleware(CountRequests, counts=requests)
 
     @app.post("/predict", response_model=Prediction, response_model_exclude_none=True,
-              dependencies=[Depends(require_token)], responses=errors(400, 401, 413, 415, 422),
+              dependencies=[Depends(require_token)],
+              responses=error_responses(400, 401, 413, 415, 422),
               openapi_extra={"requestBody": REQUEST_BODY})
     async def predict_clip(request: Request, service: ServiceDep):
         """Classify an audio file (WAV, FLAC, OGG or MP3; any rate, mono or stereo), sent as the
@@ -175,7 +177,7 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
 
     @app.get("/detections", response_model=Detections, dependencies=[Depends(require_token)],
-             responses=errors(401, 422))
+             responses=error_responses(401, 422))
     async def recent_detections(
             service: ServiceDep,
             since: Annotated[float, Query(description="Unix time: only detections after it")] = 0.0):
@@ -186,14 +188,14 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
              responses={200: {"description": "Server-Sent Events: `ready` once, then `detection` "
                                              "(a LiveDetection) and `scores` (the top five)",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                        **errors(401)})
+                        **error_responses(401)})
     async def events(service: ServiceDep):
         """Live detections as Server-Sent Events, as they happen."""
         return StreamingResponse(event_stream(service), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/stats", response_model=Stats, dependencies=[Depends(require_token)],
-             responses=errors(401))
+             responses=error_responses(401))
     async def stats(service: ServiceDep):
         """Memory use and health of the running process."""
         return service.stats()
@@ -201,7 +203,7 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
     @app.get("/metrics", response_class=Response, dependencies=[Depends(require_token)],
              responses={200: {"description": "The /stats numbers in Prometheus text format",
                               "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
-                        **errors(401)})
+                        **error_responses(401)})
     async def metrics(service: ServiceDep):
         return Response(generate_latest(service.metrics), media_type=CONTENT_TYPE_LATEST)
 

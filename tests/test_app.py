@@ -24,7 +24,8 @@ from app.schemas import Error, Prediction, Stats
 from app.settings import Settings
 from kws.audio import fit_length, load_audio
 from kws.data import LABELS
-from kws.model import MGRADE, load_model, parameter_bytes, parameter_count, preset, save_model, state_bytes
+from kws.model import (MGRADE, load_model, parameter_bytes, parameter_count, preset, save_model,
+                       state_bytes)
 from kws.stream import detect
 
 SMALL = dict(n_layers=2, width=16, frontend_filters=8, delay_window=8, n_taps=3)
@@ -208,7 +209,8 @@ BAD_UPLOADS = {
     "truncated flac": (audio_bytes(1.0, fmt="FLAC")[:5000], "audio/flac", 422, ["cannot decode"]),
     "truncated header": (audio_bytes(1.0)[:30], "audio/wav", 422, ["truncated"]),
     "shorter than 0.1 s": (audio_bytes(0.05), "audio/wav", 422, ["0.050 s", "at least 0.1 s"]),
-    "longer than the limit": (audio_bytes(61.0, rate=8000), "audio/wav", 422, ["61.0 s", "limit is 60 s"]),
+    "longer than the limit": (audio_bytes(61.0, rate=8000), "audio/wav", 422,
+                              ["61.0 s", "limit is 60 s"]),
     "NaN samples": (nan_wav(np.nan), "audio/wav", 422, ["NaN"]),
     "infinite samples": (nan_wav(np.inf), "audio/wav", 422, ["infinite"]),
     "odd sample rate": (audio_bytes(0.5, rate=96001), "audio/wav", 422, ["96001 Hz"]),

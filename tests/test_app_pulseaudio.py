@@ -17,7 +17,8 @@ from kws.model import save_model
 START_TIMEOUT_S = 60  # loading torch on a busy CI machine
 
 
-def test_serve_listen_reports_detections_from_the_default_input_device(pulse_env, tmp_path):  # noqa: F811
+def test_serve_listen_reports_detections_from_the_default_input_device(
+        pulse_env, tmp_path):  # noqa: F811
     model = tmp_path / "yes.pt"
     save_model(small_model(favour="yes"), model)
     with free_socket() as sock:

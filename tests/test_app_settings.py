@@ -24,8 +24,9 @@ def test_environment_sets_and_flags_override():
            "KWS_MAX_UPLOAD_BYTES": "5000", "KWS_MAX_DURATION_S": "30", "KWS_WORKERS": "3"}
     settings = from_env(env)
     assert settings.model == Path("/models/a.pt")
-    assert (settings.host, settings.port, settings.listen, settings.device) == ("0.0.0.0", 9000, True, "2")
-    assert (settings.api_token, settings.max_upload_bytes, settings.max_duration_s) == ("abc", 5000, 30.0)
+    assert (settings.host, settings.port, settings.listen) == ("0.0.0.0", 9000, True)
+    assert (settings.device, settings.api_token) == ("2", "abc")
+    assert (settings.max_upload_bytes, settings.max_duration_s) == (5000, 30.0)
     assert settings.workers == 3
     flagged = from_env(env, port=8080, model="/other.pt", host=None)
     assert (flagged.port, flagged.model, flagged.host) == (8080, Path("/other.pt"), "0.0.0.0")
