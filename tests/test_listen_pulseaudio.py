@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from test_listen import REPO, keyword_audio, shipped_model_path  # noqa: F401 (a fixture)
+from test_listen import (END_TO_END_THRESHOLD, REPO, keyword_audio,  # noqa: F401 (a fixture)
+                         shipped_model_path)
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(tool) for tool in ("pulseaudio", "pactl", "paplay")),
@@ -84,13 +85,14 @@ def wait_for_line(lines: "queue.Queue[str]", prefix: str, timeout: float) -> str
 
 
 def stop(proc: subprocess.Popen) -> tuple[str, int]:
+    """Ctrl-C; then (stdout, exit status). Its stderr stays with start_listen's reader."""
     proc.send_signal(signal.SIGINT)
     try:
-        out, _ = proc.communicate(timeout=30)
+        code = proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-    return out, proc.returncode
+    return proc.stdout.read(), code
 
 
 def test_listen_reports_keywords_played_into_the_default_input(pulse_env, shipped_model_path,
@@ -98,7 +100,8 @@ def test_listen_reports_keywords_played_into_the_default_input(pulse_env, shippe
     audio, words = keyword_audio()
     wav = tmp_path / "keywords.wav"
     sf.write(wav, np.concatenate([np.zeros(4800, np.float32), audio]), 16000)  # +0.3 s lead-in
-    proc, lines = start_listen(pulse_env, "--model", str(shipped_model_path), "--json")
+    proc, lines = start_listen(pulse_env, "--model", str(shipped_model_path), "--json",
+                               "--threshold", END_TO_END_THRESHOLD)
     try:
         started = wait_for_line(lines, "kws listen: listening", START_TIMEOUT_S)
         assert "16000 Hz" in started
