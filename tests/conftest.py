@@ -122,3 +122,23 @@ def constant_model_path(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_edge_model_path(tmp_path_factory) -> Path:
+    """A tiny model with the edge preset's front end and delay window (bench, listen, eval-stream)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny-edge.pt"
+    save_model(MGRADE(preset("edge", LABELS, n_layers=1, width=8)), path)
+    return path
+
+
+def noisy_bursts(seconds: float, seed: int) -> np.ndarray:
+    """Noise with loud tonal bursts, so a random model's scores move around."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    audio = 0.01 * rng.standard_normal(len(t))
+    for start in rng.uniform(0, seconds - 0.5, size=int(seconds / 2)):
+        on = (t >= start) & (t < start + 0.4)
+        audio[on] += 0.3 * np.sin(2 * np.pi * rng.uniform(200, 3000) * t[on])
+    return audio.astype(np.float32)

@@ -8,21 +8,13 @@ import torch
 
 from kws.cli import build_parser, main
 from kws.data import LABELS
-from kws.model import MGRADE, preset, save_model, state_bytes
+from kws.model import preset, state_bytes
 
 
-@pytest.fixture(scope="module")
-def tiny_model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(MGRADE(preset("edge", LABELS, n_layers=1, width=8)), path)
-    return path
-
-
-def test_bench_stream_json_has_the_issue_keys_with_sane_values(tiny_model_path, capsys):
+def test_bench_stream_json_has_the_issue_keys_with_sane_values(tiny_edge_model_path, capsys):
     threads = torch.get_num_threads()
     try:
-        code = main(["bench", "stream", "--model", str(tiny_model_path), "--seconds", "1.5",
+        code = main(["bench", "stream", "--model", str(tiny_edge_model_path), "--seconds", "1.5",
                      "--repeats", "1", "--rss-seconds", "1", "--json"])
     finally:
         torch.set_num_threads(threads)

@@ -15,11 +15,12 @@ import torch
 import torchaudio.functional as AF
 
 from kws import default_model_path
+from conftest import noisy_bursts
 from kws.audio import load_audio
 from kws.cli import main
 from kws.data import LABELS
 from kws.listen import Resampler
-from kws.model import MGRADE, load_model, preset, save_model
+from kws.model import load_model
 from kws.stream import detect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,14 +60,6 @@ def shipped_model_path() -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(MGRADE(preset("edge", LABELS, n_layers=1, width=8)), path)
-    return path
-
-
 @pytest.fixture
 def restore_threads():
     threads = torch.get_num_threads()
@@ -78,16 +71,6 @@ def run_listen(argv, capsys) -> tuple[int, list[dict], str]:
     code = main(["listen", *argv])
     out, err = capsys.readouterr()
     return code, [json.loads(line) for line in out.splitlines()], err
-
-
-def noisy_bursts(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    audio = 0.01 * rng.standard_normal(len(t))
-    for start in rng.uniform(0, seconds - 0.5, size=int(seconds / 2)):
-        on = (t >= start) & (t < start + 0.4)
-        audio[on] += 0.3 * np.sin(2 * np.pi * rng.uniform(200, 3000) * t[on])
-    return audio.astype(np.float32)
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
@@ -102,15 +85,15 @@ def test_streaming_resampler_equals_resampling_the_whole_signal(rate):
         assert np.abs(out - whole).max() < 1e-5
 
 
-def test_fast_file_input_gives_the_streaming_paths_detections(tiny_model_path, tmp_path, capsys,
+def test_fast_file_input_gives_the_streaming_paths_detections(tiny_edge_model_path, tmp_path, capsys,
                                                               restore_threads):
     audio = noisy_bursts(6.0, seed=1)
     wav = tmp_path / "bursts.wav"
     sf.write(wav, audio, 16000, subtype="FLOAT")  # the exact samples
-    code, lines, err = run_listen(["--model", str(tiny_model_path), "--input", str(wav), "--fast",
+    code, lines, err = run_listen(["--model", str(tiny_edge_model_path), "--input", str(wav), "--fast",
                                    "--json", "--threshold", "0.05"], capsys)
     assert code == 0 and lines
-    model = load_model(tiny_model_path)
+    model = load_model(tiny_edge_model_path)
     for chunk in (160, 1000, len(audio)):
         expected = detect(model, audio, chunk_samples=chunk, threshold=0.05)
         assert [(d["label"], d["time_s"]) for d in lines] == \
@@ -119,11 +102,11 @@ def test_fast_file_input_gives_the_streaming_paths_detections(tiny_model_path, t
     assert "6.0 s of audio" in err and f"{len(lines)} detections" in err
 
 
-def test_chunk_length_does_not_change_file_detections(tiny_model_path, tmp_path, capsys,
+def test_chunk_length_does_not_change_file_detections(tiny_edge_model_path, tmp_path, capsys,
                                                       restore_threads):
     wav = tmp_path / "bursts.wav"
     sf.write(wav, noisy_bursts(5.0, seed=2), 16000, subtype="FLOAT")
-    runs = [run_listen(["--model", str(tiny_model_path), "--input", str(wav), "--fast", "--json",
+    runs = [run_listen(["--model", str(tiny_edge_model_path), "--input", str(wav), "--fast", "--json",
                         "--threshold", "0.05", "--chunk-ms", ms], capsys)[1]
             for ms in ("10", "100")]
     assert runs[0] and [(d["label"], d["time_s"]) for d in runs[0]] == \
@@ -148,11 +131,11 @@ def test_a_44k_stereo_file_gives_the_words_of_the_16k_mono_file(shipped_model_pa
     assert found["stereo"] == words
 
 
-def test_ctrl_c_stops_a_real_time_stream_with_a_summary(tiny_model_path, tmp_path):
+def test_ctrl_c_stops_a_real_time_stream_with_a_summary(tiny_edge_model_path, tmp_path):
     wav = tmp_path / "long.wav"
     sf.write(wav, noisy_bursts(60.0, seed=3), 16000)
     proc = subprocess.Popen([sys.executable, "-m", "kws.cli", "listen", "--model",
-                             str(tiny_model_path), "--input", str(wav), "--json",
+                             str(tiny_edge_model_path), "--input", str(wav), "--json",
                              "--threshold", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -186,12 +169,12 @@ def exit_code(argv) -> int:
     (["--words", "yes,banana", "--input", "WAV"], "unknown word(s) 'banana'"),
     (["--input", "NOT_AUDIO"], "cannot read"),
 ])
-def test_bad_listen_options_give_one_clear_line_and_exit_2(argv, message, tiny_model_path, capsys,
+def test_bad_listen_options_give_one_clear_line_and_exit_2(argv, message, tiny_edge_model_path, capsys,
                                                            tmp_path, restore_threads):
     sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
     (tmp_path / "b.wav").write_text("not audio")
     argv = [{"WAV": str(tmp_path / "a.wav"), "NOT_AUDIO": str(tmp_path / "b.wav")}.get(a, a)
             for a in argv]
-    assert exit_code(["listen", "--model", str(tiny_model_path), *argv]) == 2
+    assert exit_code(["listen", "--model", str(tiny_edge_model_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import noisy_bursts
 from kws.data import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import MGRADE, preset
@@ -143,17 +144,6 @@ def test_unknown_words_and_bad_thresholds_are_user_errors():
 def tiny_model():
     torch.manual_seed(0)
     return MGRADE(preset("edge", LABELS, n_layers=2, width=16)).eval()
-
-
-def noisy_bursts(seconds: float, seed: int) -> np.ndarray:
-    """Noise with loud tonal bursts, so a random model's scores move around."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    audio = 0.01 * rng.standard_normal(len(t))
-    for start in rng.uniform(0, seconds - 0.5, size=int(seconds / 2)):
-        on = (t >= start) & (t < start + 0.4)
-        audio[on] += 0.3 * np.sin(2 * np.pi * rng.uniform(200, 3000) * t[on])
-    return audio.astype(np.float32)
 
 
 def test_real_model_detections_equal_in_any_chunking(tiny_model):

@@ -7,11 +7,9 @@ import zlib
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from kws.cli import main
-from kws.data import LABELS, read_noise, read_split
-from kws.model import MGRADE, preset, save_model
+from kws.data import read_noise, read_split
 from kws.stream import Detection
 from kws.stream_eval import (Placement, det_image, score, stream_slots, word_bounds, write_png)
 
@@ -39,14 +37,6 @@ def dataset(tmp_path_factory):
         noise = rng.standard_normal(16000 * 30).astype(np.float32) * 0.1
         sf.write(root / "_background_noise_" / f"{name}.wav", noise, 16000)
     return root
-
-
-@pytest.fixture(scope="module")
-def tiny_model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(MGRADE(preset("edge", LABELS, n_layers=1, width=8)), path)
-    return path
 
 
 def test_word_bounds_find_the_loud_part_of_a_clip():
@@ -137,10 +127,10 @@ def test_det_image_draws_the_curve_and_the_operating_point():
     assert cols.max() - cols.min() > 150
 
 
-def test_eval_stream_json_reports_the_issue_keys_and_writes_the_det_png(dataset, tiny_model_path,
+def test_eval_stream_json_reports_the_issue_keys_and_writes_the_det_png(dataset, tiny_edge_model_path,
                                                                           tmp_path, capsys):
     png = tmp_path / "det.png"
-    code = main(["eval-stream", "--model", str(tiny_model_path), "--data", str(dataset),
+    code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset),
                  "--minutes", "0.5", "--words", "yes,no,up", "--threshold", "0.05",
                  "--det-png", str(png), "--json"])
     assert code == 0
@@ -155,8 +145,8 @@ def test_eval_stream_json_reports_the_issue_keys_and_writes_the_det_png(dataset,
     read_png(png.read_bytes())
 
 
-def test_long_run_check_reports_memory_and_start_versus_end(dataset, tiny_model_path, capsys):
-    code = main(["eval-stream", "--model", str(tiny_model_path), "--data", str(dataset),
+def test_long_run_check_reports_memory_and_start_versus_end(dataset, tiny_edge_model_path, capsys):
+    code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset),
                  "--minutes", "0.6", "--compare-minutes", "0.2", "--long-run-check",
                  "--threshold", "0.05", "--json"])
     result = json.loads(capsys.readouterr().out)
@@ -165,7 +155,7 @@ def test_long_run_check_reports_memory_and_start_versus_end(dataset, tiny_model_
     assert np.isfinite(result["state_max_last"]) and result["rss_growth_bytes"] >= 0
 
 
-def test_eval_stream_refuses_a_missing_dataset_with_a_clear_error(tiny_model_path, tmp_path,
+def test_eval_stream_refuses_a_missing_dataset_with_a_clear_error(tiny_edge_model_path, tmp_path,
                                                                    capsys):
-    code = main(["eval-stream", "--model", str(tiny_model_path), "--data", str(tmp_path / "none")])
+    code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(tmp_path / "none")])
     assert code == 2 and "no dataset folder" in capsys.readouterr().err
