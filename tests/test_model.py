@@ -158,10 +158,10 @@ def test_sigma_anneals_geometrically_from_start_to_end():
 
 def naive_delay_conv(conv: DelayConv, x: torch.Tensor, line: torch.Tensor | None) -> torch.Tensor:
     """y[b, t, c] = sum_j w[c, j] * x[b, t - round(p[c, j]), c], earlier inputs from `line`
-    ((B, C, window-1), oldest first) or zero."""
+    ((B, window-1, C), oldest first) or zero."""
     B, T, C = x.shape
-    past = line if line is not None else torch.zeros(B, C, conv.window - 1)
-    seq = torch.cat([past, x.transpose(1, 2)], dim=2).double()
+    past = line if line is not None else torch.zeros(B, conv.window - 1, C)
+    seq = torch.cat([past, x], dim=1).transpose(1, 2).double()
     y = torch.zeros(B, T, C, dtype=torch.float64)
     for c in range(C):
         for j in range(conv.weight.shape[1]):
@@ -186,7 +186,7 @@ def test_inference_reads_each_tap_at_its_rounded_delay(seed):
     with torch.no_grad():
         torch.testing.assert_close(conv_output(conv, x).double(), naive_delay_conv(conv, x, None),
                                    rtol=1e-5, atol=1e-6)
-        line = torch.randn(2, 5, conv.window - 1)
+        line = torch.randn(2, conv.window - 1, 5)
         torch.testing.assert_close(conv_output(conv, x, line).double(), naive_delay_conv(conv, x, line),
                                    rtol=1e-5, atol=1e-6)
 
@@ -194,12 +194,12 @@ def test_inference_reads_each_tap_at_its_rounded_delay(seed):
 @pytest.mark.parametrize("steps", [1, 4, 30])
 def test_delay_line_carries_the_last_window_of_inputs(steps):
     conv = random_delay_conv(0)
-    line = torch.randn(2, 5, conv.window - 1)
+    line = torch.randn(2, conv.window - 1, 5)
     x = torch.randn(2, steps, 5)
     with torch.no_grad():
         _, new_line = conv(x, line)
-    everything = torch.cat([line, x.transpose(1, 2)], dim=2)
-    assert torch.equal(new_line, everything[:, :, -(conv.window - 1):])
+    everything = torch.cat([line, x], dim=1)
+    assert torch.equal(new_line, everything[:, -(conv.window - 1):])
 
 
 def conv_output(conv: DelayConv, x: torch.Tensor, line: torch.Tensor | None = None) -> torch.Tensor:
@@ -321,6 +321,35 @@ def test_footprint_is_parameters_plus_state():
 # ----------------------------------------------------------------------------- learning
 
 TONES = (800.0, 2400.0, 5600.0)  # Hz; the label is which one sounded
+
+
+def context_then_clip(model: MGRADE, audio: torch.Tensor) -> torch.Tensor:
+    """What classify means: the clip's mean logits after clip_context_s of silence, in one pass."""
+    context = round(model.cfg.clip_context_s * 16000) // model.cfg.stride * model.cfg.stride
+    return model(F.pad(audio, (context, 0)))[:, context // model.cfg.stride:].mean(1)
+
+
+@pytest.mark.parametrize("shape", ["edge", "short-steps"])
+def test_classify_is_the_clip_after_context_silence(shape):
+    model = small_model(shape)
+    audio = noise(3, 4000, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.classify(audio), context_then_clip(model, audio),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_classify_follows_weights_changed_after_a_first_call():
+    torch.manual_seed(0)
+    model = MGRADE(preset("edge", LABELS, frontend_filters=8, **SMALL)).eval()
+    audio = noise(2, 3200, seed=6)
+    with torch.no_grad():
+        before = model.classify(audio)
+        for name, p in model.named_parameters():
+            if not name.endswith("positions"):  # delays must stay inside their window
+                p.mul_(1.1)
+        after = model.classify(audio)
+        torch.testing.assert_close(after, context_then_clip(model, audio), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(before, after, atol=1e-3)
 
 
 def early_burst_batch(gen: torch.Generator, steps: int, batch: int = 32, stride: int = 16):
