@@ -39,6 +39,7 @@ class TrainConfig:
     label_smoothing: float = 0.05
     sigma_anneal_fraction: float = 0.8  # sigma reaches its end value here, then holds
     context_s: float = 0.5  # audio before each target clip, so training sees carried state
+    background_weight: float = 2.0  # how often background is drawn, against 1 for each word
     seed: int = 0
 
 
@@ -114,6 +115,15 @@ def distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0) -> TrainingBatches:
+    """One epoch's batches. Seeding per epoch and rank makes a resumed run draw the same
+    batches as an unbroken one."""
+    return TrainingBatches(d["real"], d["real_labels"], d["synth"], d["synth_labels"],
+                           d["noise"], len(LABELS), LABELS.index(BACKGROUND),
+                           seed=cfg.seed * 100003 + epoch * 101 + rank, context_s=cfg.context_s,
+                           background_weight=cfg.background_weight)
 
 
 def load_training_data(data: Path, synth: Path | None, log) -> dict:
@@ -210,10 +220,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     started = time.time()
     for epoch in range(start_epoch, cfg.epochs):
-        # Seeding per epoch and rank makes a resumed run draw the same batches as an unbroken one.
-        batches = TrainingBatches(d["real"], d["real_labels"], d["synth"], d["synth_labels"],
-                                  d["noise"], len(LABELS), LABELS.index(BACKGROUND),
-                                  seed=cfg.seed * 100003 + epoch * 101 + rank, context_s=cfg.context_s)
+        batches = epoch_batches(d, cfg, epoch, rank)
         model.train()
         progress = Progress(epoch, cfg.epochs, steps_per_epoch, enabled=rank == 0)
         for step in range(steps_per_epoch):

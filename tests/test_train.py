@@ -1,6 +1,7 @@
 """Training: the lr schedule, the optimizer's groups, a tiny run's outputs, --resume, the CLI's
 errors, and DistributedDataParallel under torchrun on the CPU (gloo)."""
 
+import collections
 import json
 import math
 import os
@@ -14,10 +15,11 @@ import torch
 
 from conftest import TINY_MODEL, tiny_model
 from kws.cli import main
-from kws.data import LABELS
+from kws.data import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import load_model, read_checkpoint
-from kws.train import TrainConfig, lr_factor, make_optimizer, train
+import kws.train
+from kws.train import TrainConfig, epoch_batches, load_training_data, lr_factor, make_optimizer, train
 
 # Three epochs of two steps: enough for a schedule, a best model and a resume point.
 TINY_TRAIN = TrainConfig(epochs=3, examples_per_epoch=16, batch_size=8, warmup_steps=2, seed=1)
@@ -68,6 +70,38 @@ def test_optimizer_decays_weight_matrices_only_and_scales_the_tap_position_lr():
     for n, p in model.named_parameters():
         expected = before[n] * (1 - 0.1 * 0.5) if n in decayed else before[n]
         torch.testing.assert_close(p.detach(), expected)
+
+
+# ----------------------------------------------------------------------------- background share
+
+def background_share(d, weight, n=600):
+    labels = epoch_batches(d, TrainConfig(background_weight=weight, seed=2), epoch=0).batch(n)[1]
+    return collections.Counter(labels.tolist())[LABELS.index(BACKGROUND)] / n
+
+
+def test_background_weight_sets_the_background_share_of_batches(speech_commands):
+    d = load_training_data(speech_commands.root, None, quiet)
+    words = len({label for label in d["real_labels"]})  # each word is weight 1
+    assert TrainConfig().background_weight == 2.0  # the shipped model's training
+    shares = {w: background_share(d, w) for w in (2.0, 10.0)}
+    for w, share in shares.items():  # tolerance: about 3.5 standard deviations at n = 600
+        assert share == pytest.approx(w / (words + w), abs=0.07), shares
+    assert shares[10.0] > shares[2.0] + 0.2
+
+
+def test_kws_train_passes_background_weight_to_the_batches(speech_commands, tmp_path, monkeypatch):
+    seen = []
+
+    class Recording(kws.train.TrainingBatches):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("background_weight"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(kws.train, "TrainingBatches", Recording)
+    code = main(["train", "--data", str(speech_commands.root), "--out", str(tmp_path / "m.pt"),
+                 "--epochs", "2", "--examples-per-epoch", "8", "--batch-size", "8",
+                 "--warmup-steps", "1", "--background-weight", "9", *TINY_SET])
+    assert code == 0 and seen == [9.0, 9.0]  # one TrainingBatches per epoch
 
 
 # ----------------------------------------------------------------------------- a tiny run
