@@ -11,8 +11,10 @@ GRACEFUL_SHUTDOWN_S = 3  # then requests still open are cancelled
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so that a taken port is a one-line error."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto, _, _ = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # proto must say TCP: asyncio turns Nagle's algorithm off only on sockets that do, and
+        # with it on every response's body waits ~40 ms for the client's delayed ACK.
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen()  # now, so a second server on the same port fails here, not later
@@ -67,7 +69,7 @@ def register(sub):
     p.add_argument("--device", help="input device for --listen, name or index ($KWS_DEVICE)")
     p.add_argument("--input", metavar="FILE", help="with --listen: play this audio file to the "
                    "listener in real time instead of a device ($KWS_LISTEN_INPUT)")
-    p.add_argument("--workers", type=int, help="inference threads ($KWS_WORKERS, default 2)")
+    p.add_argument("--workers", type=int, help="threads that decode uploads ($KWS_WORKERS, default 2)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")

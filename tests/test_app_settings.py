@@ -1,6 +1,8 @@
 """Service settings from defaults, KWS_* environment variables and `kws serve` flags, and the
 one-line errors `kws serve` gives for bad settings."""
 
+import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ from test_app import free_socket, model_path  # noqa: F401
 from app.settings import Settings, from_env
 from kws.cli import main
 from kws.errors import KwsError
+from kws.serve import bind
 
 
 def test_defaults_bind_loopback_with_the_documented_limits():
@@ -61,6 +64,28 @@ def test_serve_on_a_taken_port_is_a_one_line_error(model_path, capsys):  # noqa:
         taken.close()
     err = capsys.readouterr().err
     assert err.startswith("kws: error: cannot listen on 127.0.0.1:") and "in use" in err
+
+
+def test_served_connections_send_without_nagle_delay():
+    """Accepted connections have TCP_NODELAY, so a response's headers and body (two writes) do
+    not wait ~40 ms for the client's delayed ACK."""
+    async def accept_one() -> int:
+        answer = asyncio.get_running_loop().create_future()
+
+        async def handle(reader, writer):
+            sock = writer.get_extra_info("socket")
+            answer.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        listening = bind("127.0.0.1", 0)
+        server = await asyncio.start_server(handle, sock=listening)
+        async with server:
+            _, writer = await asyncio.open_connection(*listening.getsockname())
+            nodelay = await asyncio.wait_for(answer, 10)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(accept_one()) != 0
 
 
 def test_serve_input_file_needs_listen(model_path, capsys):  # noqa: F811
