@@ -1,7 +1,8 @@
 """The HTTP service: `create_app(settings)` builds the FastAPI application that `kws serve` runs.
 
 The lifespan loads the model once and builds the shared `Service`; endpoints reach it through
-the `get_service` dependency. Inference runs in a small thread pool, never on the event loop.
+the `get_service` dependency. Nothing heavy runs on the event loop: uploads are decoded in a
+small thread pool, and one batching thread classifies them (app.batcher).
 """
 
 import asyncio
@@ -23,12 +24,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kws import __version__
-from kws.audio import AudioError
+from kws.audio import SAMPLE_RATE, AudioError
 from kws.model import load_model, parameter_bytes, parameter_count, state_bytes
 
 from app.bus import DetectionBus
 from app.live import LiveListener, start_listener
-from app.predict import predict
+from app.batcher import ClipBatcher
+from app.predict import (DETECT_ABOVE_S, clip_for_classifier, decode_upload, prediction,
+                         streaming_detections)
 from app.schemas import Detections, Error, Health, Listener, Prediction, Stats
 from app.settings import Settings, from_env
 from app.stats import CountRequests, RequestCounts, memory_bytes, prometheus_registry
@@ -44,7 +47,9 @@ class Service:
 
     def __init__(self, settings: Settings, model, bus: DetectionBus, requests: RequestCounts):
         self.settings, self.model, self.bus, self.requests = settings, model, bus, requests
-        self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="kws-infer")
+        # Decoding and long clips' detections run in the pool; clips are classified in batches.
+        self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="kws-work")
+        self.batcher = ClipBatcher(model, settings.max_batch)
         # Uploads being read or analysed; more wait unread, so memory stays bounded.
         self.uploads = asyncio.Semaphore(4 * settings.workers)
         self.started = time.monotonic()
@@ -69,7 +74,8 @@ class Service:
             dropped_frames=self.listener.counters.dropped_frames if self.listener else 0,
             uptime_s=time.monotonic() - self.started,
             requests=self.requests.by_route(), in_flight=self.requests.in_flight,
-            detections=self.bus.total, listener=self.listener_state())
+            detections=self.bus.total, classify_batches=self.batcher.batches,
+            classified_clips=self.batcher.clips, listener=self.listener_state())
 
 
 # Dependencies and endpoints that never block are `async def`: FastAPI would run plain `def`
@@ -149,6 +155,7 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
             if service.listener is not None:
                 service.listener.stop()
             service.executor.shutdown(cancel_futures=True)
+            service.batcher.stop()
             torch.set_num_threads(threads)
 
     app = FastAPI(
@@ -167,14 +174,22 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
         """Classify an audio file (WAV, FLAC, OGG or MP3; any rate, mono or stereo), sent as the
         multipart form field `file` or as the raw body with an audio/* content type."""
         settings = service.settings
+        loop = asyncio.get_running_loop()
         async with service.uploads:
             data = await read_upload(request, settings.max_upload_bytes)
-            work = partial(predict, service.model, data, settings.min_duration_s,
-                           settings.max_duration_s)
+            started = time.perf_counter()
+            decoding = partial(decode_upload, data, settings.min_duration_s, settings.max_duration_s)
             try:
-                return await asyncio.get_running_loop().run_in_executor(service.executor, work)
+                audio, sample_rate = await loop.run_in_executor(service.executor, decoding)
             except AudioError as e:
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
+            work = [asyncio.wrap_future(service.batcher.submit(clip_for_classifier(audio)))]
+            if len(audio) > DETECT_ABOVE_S * SAMPLE_RATE:
+                work.append(loop.run_in_executor(
+                    service.executor, partial(streaming_detections, service.model, audio)))
+            logits, *detections = await asyncio.gather(*work)
+            return prediction(service.model.cfg.labels, logits, audio, sample_rate,
+                              detections[0] if detections else None, started)
 
     @app.get("/detections", response_model=Detections, dependencies=[Depends(require_token)],
              responses=error_responses(401, 422))

@@ -1,6 +1,6 @@
-"""/predict's work, run in a worker thread: decode an upload, check it, classify it and, for a
-long clip, run the streaming detector over it. The model is only read; every call builds its
-own stream state, so calls may run in parallel."""
+"""/predict's work: decode and check an upload and, for a long clip, run the streaming detector
+over it (both in worker threads), and build the answer around the clip's logits (from the
+batcher). The model is only read; every call builds its own stream state."""
 
 import io
 import math
@@ -60,15 +60,15 @@ def check_duration(seconds: float, min_s: float, max_s: float):
         raise AudioError(f"audio is {seconds:.1f} s long; the limit is {max_s:g} s")
 
 
-def top_scores(logits: torch.Tensor, labels, k: int = TOP_K) -> list[Score]:
-    probs = torch.softmax(logits.double(), dim=-1)
+def top_scores(logits: np.ndarray, labels, k: int = TOP_K) -> list[Score]:
+    probs = torch.softmax(torch.from_numpy(logits).double(), dim=-1)
     values, indices = probs.topk(min(k, len(labels)))
     return [Score(label=labels[i], score=float(v)) for v, i in zip(values, indices)]
 
 
-def predict(model, data: bytes, min_s: float, max_s: float) -> Prediction:
-    """The Prediction for an uploaded file, or AudioError saying why it cannot be used."""
-    started = time.perf_counter()
+def decode_upload(data: bytes, min_s: float, max_s: float) -> tuple[np.ndarray, int]:
+    """(float32 mono 16-kHz samples, the upload's sample rate), or AudioError saying why the
+    upload cannot be used."""
     header = probe(data)
     if header is not None:
         check_sample_rate(header.samplerate)
@@ -77,17 +77,24 @@ def predict(model, data: bytes, min_s: float, max_s: float) -> Prediction:
         raise AudioError("the WAV file is truncated: it holds less audio than its header says")
     audio, sample_rate = decode(data)
     check_duration(len(audio) / sample_rate, min_s, max_s)
-    audio = resample(audio, sample_rate, SAMPLE_RATE)
-    # Clips shorter than the 1-s training length are padded with silence at the end.
-    clip = np.pad(audio, (0, max(0, CLIP_SAMPLES - len(audio))))
-    with torch.inference_mode():
-        top = top_scores(model.classify(torch.from_numpy(clip)[None])[0], model.cfg.labels)
-    duration_s = len(audio) / SAMPLE_RATE
-    detections = None
-    if duration_s > DETECT_ABOVE_S:
-        # Chunking does not change what the detector finds; 1-s chunks keep the overhead low.
-        found = detect(model, audio, chunk_samples=SAMPLE_RATE)
-        detections = [Detection(time_s=d.time_s, label=d.label, score=d.score) for d in found]
-    return Prediction(label=top[0].label, score=top[0].score, top=top, duration_s=duration_s,
-                      sample_rate=sample_rate, latency_ms=(time.perf_counter() - started) * 1000,
-                      detections=detections)
+    return resample(audio, sample_rate, SAMPLE_RATE), sample_rate
+
+
+def clip_for_classifier(audio: np.ndarray) -> np.ndarray:
+    """Clips shorter than the 1-s training length are padded with silence at the end."""
+    return np.pad(audio, (0, max(0, CLIP_SAMPLES - len(audio))))
+
+
+def streaming_detections(model, audio: np.ndarray) -> list[Detection]:
+    """A long clip's detections by the streaming path of `kws listen`."""
+    # Chunking does not change what the detector finds; 1-s chunks keep the overhead low.
+    found = detect(model, audio, chunk_samples=SAMPLE_RATE)
+    return [Detection(time_s=d.time_s, label=d.label, score=d.score) for d in found]
+
+
+def prediction(labels, logits: np.ndarray, audio: np.ndarray, sample_rate: int,
+               detections: list[Detection] | None, started: float) -> Prediction:
+    top = top_scores(logits, labels)
+    return Prediction(label=top[0].label, score=top[0].score, top=top,
+                      duration_s=len(audio) / SAMPLE_RATE, sample_rate=sample_rate,
+                      latency_ms=(time.perf_counter() - started) * 1000, detections=detections)

@@ -69,4 +69,7 @@ class Stats(BaseModel):
         examples=[{"/predict": {"200": 41, "422": 2}}])
     in_flight: int = Field(description="requests being answered now")
     detections: int = Field(description="live detections since start-up")
+    classify_batches: int = Field(description="batches /predict's clips were classified in")
+    classified_clips: int = Field(description="clips classified; over classify_batches, the "
+                                  "mean batch size")
     listener: Listener

@@ -20,7 +20,8 @@ class Settings:
     max_upload_bytes: int = 10_000_000
     max_duration_s: float = 60.0
     min_duration_s: float = 0.1
-    workers: int = 2  # inference threads: one per core of a 2-core board
+    workers: int = 2  # threads that decode uploads and run long clips' detections
+    max_batch: int = 16  # clips classified together, at most (app.batcher)
     torch_threads: int = 1  # intra-op threads per inference: parallel requests beat parallel ops
     detections_kept: int = 1000  # live detections /detections can return
 
@@ -30,7 +31,8 @@ class Settings:
         object.__setattr__(self, "model", Path(self.model))
         if not self.api_token:
             object.__setattr__(self, "api_token", None)  # an empty token means none
-        for name in ("port", "max_upload_bytes", "workers", "torch_threads", "detections_kept"):
+        for name in ("port", "max_upload_bytes", "workers", "max_batch", "torch_threads",
+                     "detections_kept"):
             if getattr(self, name) < 1:
                 raise KwsError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0 < self.min_duration_s < self.max_duration_s:
@@ -48,6 +50,7 @@ ENVIRONMENT = {
     "KWS_MAX_UPLOAD_BYTES": "max_upload_bytes",
     "KWS_MAX_DURATION_S": "max_duration_s",
     "KWS_WORKERS": "workers",
+    "KWS_MAX_BATCH": "max_batch",
     "KWS_TORCH_THREADS": "torch_threads",
 }
 

@@ -84,6 +84,8 @@ GAUGES = {
 COUNTERS = {
     "dropped_frames": "Audio frames the live listener could not keep up with",
     "detections": "Live detections since start-up",
+    "classify_batches": "Batches /predict's clips were classified in",
+    "classified_clips": "Clips /predict classified",
 }
 
 

@@ -26,6 +26,7 @@ from kws.audio import fit_length, load_audio
 from kws.data import LABELS
 from kws.model import (MGRADE, load_model, parameter_bytes, parameter_count, preset, save_model,
                        state_bytes)
+from kws.serve import bind
 from kws.stream import detect
 
 SMALL = dict(n_layers=2, width=16, frontend_filters=8, delay_window=8, n_taps=3)
@@ -62,10 +63,8 @@ def audio_bytes(seconds=1.0, rate=16000, fmt="WAV", subtype=None, channels=1, se
 
 
 def free_socket() -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    return sock
+    """A listening loopback socket on a free port, made as `kws serve` makes its own."""
+    return bind("127.0.0.1", 0)
 
 
 @contextmanager
@@ -370,6 +369,8 @@ def test_stats_report_memory_model_sizes_and_request_counts(client, model_path):
     assert 0 < after.rss_bytes <= after.peak_rss_bytes
     assert after.uptime_s > before.uptime_s
     assert after.audio_queue_depth == after.dropped_frames == 0
+    assert after.classified_clips == before.classified_clips + 1  # the empty upload never got there
+    assert before.classify_batches < after.classify_batches <= after.classified_clips
     assert after.listener.state == "off"
     count = lambda s, status: s.requests.get("/predict", {}).get(status, 0)  # noqa: E731
     assert count(after, "200") == count(before, "200") + 1
@@ -387,6 +388,7 @@ def test_metrics_give_the_stats_in_prometheus_format(client):
     for key in ("model_parameters", "model_bytes", "stream_state_bytes", "audio_queue_depth"):
         assert samples[(f"kws_{key}", ())] == stats[key]
     assert samples[("kws_rss_bytes", ())] > 0
+    assert samples[("kws_classified_clips_total", ())] == stats["classified_clips"] >= 1
     assert samples[("kws_http_requests_total", (("route", "/predict"), ("status", "200")))] == \
            stats["requests"]["/predict"]["200"]
 
