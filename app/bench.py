@@ -94,9 +94,6 @@ class Server:
         finally:
             conn.close()
 
-    def rss_bytes(self) -> int:
-        return self.get("/stats")["rss_bytes"]
-
     def cpu_seconds(self) -> float:
         """CPU time the server process has used (user + system), from /proc (Linux)."""
         with open(f"/proc/{self.process.pid}/stat") as f:
@@ -149,11 +146,13 @@ def bench_http(args) -> int:
     body = wav_clip(args.clip_seconds)
     with Server(args.model, args.workers) as server:
         drive(server, body, args.warmup, args.clients)  # first requests allocate and pick kernels
-        rss_before = server.rss_bytes()
+        before = server.get("/stats")
         server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
         latencies, failed, wall = drive(server, body, args.requests, args.clients)
         server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
-        rss_after = server.rss_bytes()
+        after = server.get("/stats")
+    rss_before, rss_after = before["rss_bytes"], after["rss_bytes"]
+    batches = after["classify_batches"] - before["classify_batches"]
     result = {
         "machine": machine(), "requests": args.requests, "clients": args.clients,
         "clip_seconds": args.clip_seconds, "workers": from_env(workers=args.workers).workers,
@@ -165,6 +164,7 @@ def bench_http(args) -> int:
         # CPU per request, which other load on the machine barely changes (unlike the rate)
         "server_cpu_ms_per_request": server_cpu / args.requests * 1000,
         "client_cpu_ms_per_request": client_cpu / args.requests * 1000,
+        "mean_batch": (after["classified_clips"] - before["classified_clips"]) / max(1, batches),
     }
     if args.json:
         print(json.dumps(result))
@@ -179,6 +179,7 @@ def bench_http(args) -> int:
               f"({result['rss_growth_bytes'] / 2**20:+.1f} MiB)")
         print(f"CPU:        {result['server_cpu_ms_per_request']:.2f} ms per request in the server, "
               f"{result['client_cpu_ms_per_request']:.2f} ms in the clients")
+        print(f"batching:   {result['mean_batch']:.2f} clips per batch on average")
     return 1 if failed else 0
 
 

@@ -25,3 +25,4 @@ def test_bench_http_reports_rate_latency_and_memory_as_json(model_path, capsys):
     assert result["requests_per_s"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
     assert result["rss_after_bytes"] - result["rss_before_bytes"] == result["rss_growth_bytes"]
     assert result["server_cpu_ms_per_request"] > 0
+    assert 1 <= result["mean_batch"] <= 4  # at most one clip per client in any batch
