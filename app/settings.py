@@ -72,9 +72,12 @@ def from_env(env=None, **overrides) -> Settings:
     """Settings from `env` (default os.environ), then `overrides` that are not None (CLI flags)."""
     env = os.environ if env is None else env
     types = {f.name: f.type for f in fields(Settings)}
+    defaults = {f.name: f.default for f in fields(Settings)}
     values = {}
     for variable, name in ENVIRONMENT.items():
         if variable in env:
+            if env[variable] == "" and defaults[name] is None:
+                continue  # set but empty (compose passes host variables through): unset, None
             kind = types[name] if isinstance(types[name], type) else str  # "str | None" -> str
             values[name] = _parse(variable, kind, env[variable])
     if env.get("KWS_MODEL"):

@@ -39,6 +39,18 @@ def test_empty_token_means_no_token():
     assert from_env({"KWS_API_TOKEN": ""}).api_token is None
 
 
+@pytest.mark.parametrize("variable,name", [
+    ("KWS_DEVICE", "device"), ("KWS_LISTEN_INPUT", "listen_input"), ("KWS_API_TOKEN", "api_token"),
+])
+def test_set_but_empty_variables_count_as_unset(variable, name, monkeypatch):
+    """docker compose passes KWS_DEVICE through from the host, empty when the host has none:
+    an empty value for a setting that defaults to None is None, not ""."""
+    monkeypatch.setenv(variable, "")
+    assert getattr(from_env(), name) is None
+    assert getattr(from_env({variable: ""}), name) is None
+    assert getattr(from_env({variable: "2"}), name) == "2"  # a value still counts
+
+
 @pytest.mark.parametrize("env,words", [
     ({"KWS_PORT": "eighty"}, "KWS_PORT='eighty'"),
     ({"KWS_LISTEN": "maybe"}, "KWS_LISTEN='maybe'"),
