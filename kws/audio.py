@@ -38,7 +38,12 @@ def decode(source: "str | Path | bytes | io.IOBase") -> tuple[np.ndarray, int]:
         source = io.BytesIO(source)
     try:
         audio, sr = sf.read(source, dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+    except sf.LibsndfileError as e:
+        # str(e) names the source by repr: a path is worth keeping, "<_io.BytesIO object at
+        # 0x...>" is not, so in-memory audio gets libsndfile's own message alone.
+        reason = str(e) if isinstance(source, (str, Path)) else e.error_string
+        raise AudioError(f"cannot decode audio: {reason}") from None
+    except (RuntimeError, TypeError, ValueError) as e:
         raise AudioError(f"cannot decode audio: {e}") from None
     audio = to_mono(audio)
     if audio.size == 0:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.main import create_app
 from app.schemas import Error, Prediction, Stats
 from app.settings import Settings
-from kws.audio import fit_length, load_audio
+from kws.audio import AudioError, decode, fit_length, load_audio
 from kws.data import LABELS
 from kws.model import (MGRADE, load_model, parameter_bytes, parameter_count, preset, save_model,
                        state_bytes)
@@ -108,6 +108,7 @@ def assert_error(response, status: int, *words: str):
     detail = Error.model_validate(response.json()).detail
     for word in words:
         assert word.lower() in detail.lower(), detail
+    assert "<_io" not in detail and "object at 0x" not in detail, detail  # no Python reprs
 
 
 @torch.inference_mode()
@@ -222,6 +223,22 @@ def test_bad_upload_is_a_4xx_naming_the_problem(client, case):
     assert_error(upload(client, body, content_type=content_type), status, *words)
     assert_error(client.post("/predict", content=body, headers={"Content-Type": content_type}),
                  status, *words)
+
+
+@pytest.mark.parametrize("wrap", [bytes, io.BytesIO], ids=["bytes", "file object"])
+def test_decode_error_names_the_problem_not_the_buffer(wrap):
+    with pytest.raises(AudioError) as error:
+        decode(wrap(b"this is a text file, not a sound"))
+    message = str(error.value)
+    assert message.startswith("cannot decode audio: ") and "format" in message.lower(), message
+    assert "<_io" not in message and "object at 0x" not in message, message
+
+
+def test_decode_error_for_a_path_keeps_the_path(tmp_path):
+    path = tmp_path / "broken.wav"
+    path.write_bytes(b"RIFF\x00\x00\x00\x00WAVE but not really")
+    with pytest.raises(AudioError, match=r"cannot decode audio: .*broken\.wav"):
+        decode(path)
 
 
 def test_empty_body_and_empty_file_are_400(client):
