@@ -104,11 +104,21 @@ def rounding_effect(model: MGRADE, audio: np.ndarray, rounded_logits: torch.Tens
     }
 
 
-def plot_confusion(result: dict, path: Path):
-    import matplotlib
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a KwsError: matplotlib is an optional extra."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KwsError("--confusion needs matplotlib, which is not installed: "
+                       "pip install 'kws[plots]'") from None
+    return plt
+
+
+def plot_confusion(result: dict, path: Path):
+    plt = pyplot()
 
     counts = np.array(result["confusion"], dtype=float)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -151,6 +161,8 @@ def print_report(result: dict):
 def run(args):
     from kws.cli import load
 
+    if args.confusion:
+        pyplot()  # without matplotlib, say so before the evaluation rather than after it
     model = load(args.model)
     result = evaluate(model, args.data, args.split, seed=args.seed, rounding=not args.no_rounding)
     if args.confusion:
@@ -168,7 +180,8 @@ def register(sub):
     p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
     p.add_argument("--split", default="testing", choices=["testing", "validation", "training"])
-    p.add_argument("--confusion", metavar="PNG", help="write the confusion matrix here")
+    p.add_argument("--confusion", metavar="PNG",
+                   help="write the confusion matrix here (needs matplotlib: pip install 'kws[plots]')")
     p.add_argument("--seed", type=int, default=0, help="seed for the silence clips")
     p.add_argument("--no-rounding", action="store_true", help="skip the Gaussian-taps comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -2,6 +2,7 @@
 `kws eval` output formats and its one-line errors."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -207,3 +208,14 @@ def test_kws_eval_with_an_unwritable_confusion_path_exits_2(speech_commands, tin
     expect_one_line_error(capsys, ["eval", "--model", str(tiny_model_path), "--data", str(speech_commands.root),
                                    "--no-rounding", "--confusion", str(blocker / "c.png")],
                           "cannot write the confusion matrix")
+
+
+def test_kws_eval_confusion_without_matplotlib_exits_2_naming_the_extra(
+        speech_commands, tiny_model_path, tmp_path, monkeypatch, capsys):
+    """matplotlib is the optional extra `plots`: without it, --confusion is a one-line error."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib(.pyplot)` now fails
+    png = tmp_path / "confusion.png"
+    expect_one_line_error(capsys, ["eval", "--model", str(tiny_model_path), "--data", str(speech_commands.root),
+                                   "--no-rounding", "--confusion", str(png)],
+                          "matplotlib", "pip install 'kws[plots]'")
+    assert not png.exists()
