@@ -8,9 +8,9 @@ import queue
 import threading
 
 from kws.errors import KwsError
-from kws.listen import (QUEUE_SECONDS, Counters, Resampler, file_rate, input_settings,
-                        open_microphone, parse_device, play_file)
-from kws.stream import Detector
+from kws.listen import (QUEUE_SECONDS, Counters, Worker, file_rate, input_settings,
+                        open_microphone, parse_device, play_file, put_end)
+from kws.stream import Detection, Detector
 
 from app.bus import DetectionBus
 from app.predict import TOP_K
@@ -32,9 +32,11 @@ class LiveListener:
         self.device, self.input_file = device, input_file
         self.counters = Counters()
         self.blocks = queue.Queue(maxsize=math.ceil(QUEUE_SECONDS / BLOCK_SECONDS))
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # tells the file player to end the queue
         self._mic = None
+        self._worker: Worker | None = None
         self._threads: list[threading.Thread] = []
+        self._scores_at = 0.0  # stream time of the last scores published
 
     @property
     def queue_depth(self) -> int:
@@ -56,8 +58,9 @@ class LiveListener:
             index, rate, name = input_settings(parse_device(self.device), None)
             self._mic = open_microphone(index, rate, BLOCK_SECONDS, self.blocks, self.counters)
             source = f"input device {name!r} at {rate} Hz"
-        self._threads.insert(0, threading.Thread(target=self._detect_blocks, args=(rate,),
-                                                 name="kws-detector", daemon=True))
+        self._worker = Worker(self.detector, rate, self.blocks, self._publish)
+        self._threads.insert(0, threading.Thread(target=self._detect_blocks, name="kws-detector",
+                                                 daemon=True))
         for thread in self._threads:
             thread.start()
         return source
@@ -67,32 +70,25 @@ class LiveListener:
         if self._mic is not None:
             self._mic.stop()
             self._mic.close()
+            put_end(self.blocks)
         for thread in self._threads:
             thread.join(timeout=2)
 
-    def _detect_blocks(self, rate: int):
-        try:
-            self._run(Resampler(rate))
-        except Exception as e:  # the service goes on without its listener, and says why
+    def _detect_blocks(self):
+        self._worker.run()
+        if self._worker.error is not None:  # the service goes on without its listener, and says why
+            e = self._worker.error
             log.error("kws serve: the live listener failed: %s: %s", type(e).__name__, e)
             return
         log.info("kws serve: the live listener stopped after %.1f s of audio", self.detector.time_s)
 
-    def _run(self, resampler: Resampler):
-        last_scores = 0.0
-        while not self._stop.is_set():
-            try:
-                block = self.blocks.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if block is None:  # the file ended
-                return
-            for d in self.detector.process(resampler.process(block)):
-                self.bus.publish(d.time_s, d.label, d.score)
-            if self.detector.time_s - last_scores >= SCORES_EVERY_S:
-                last_scores = self.detector.time_s
-                best = sorted(self.detector.scores.items(), key=lambda kv: kv[1], reverse=True)
-                self.bus.publish_scores([Score(label=k, score=v) for k, v in best[:TOP_K]])
+    def _publish(self, found: list[Detection]):
+        for d in found:
+            self.bus.publish(d.time_s, d.label, d.score)
+        if self.detector.time_s - self._scores_at >= SCORES_EVERY_S:
+            self._scores_at = self.detector.time_s
+            best = sorted(self.detector.scores.items(), key=lambda kv: kv[1], reverse=True)
+            self.bus.publish_scores([Score(label=k, score=v) for k, v in best[:TOP_K]])
 
 
 def start_listener(model, bus: DetectionBus, device,

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
@@ -212,38 +213,56 @@ def format_detection(d: Detection, as_json: bool) -> str:
     return f"{wall}  stream {d.time_s:9.2f} s  {d.label:<10} {d.score:.3f}"
 
 
-class Worker(threading.Thread):
-    """Takes blocks at `rate` from the queue, resamples, detects, prints. Stops on None."""
+class Worker:
+    """The detecting side of the pipeline: takes blocks at `rate` from the queue, resamples,
+    detects, and hands the detections of every call to `on_detections`; stops at None. `kws
+    listen` prints them; the service publishes them. Run `run` in a thread of its own."""
 
-    def __init__(self, detector: Detector, rate: int, blocks: queue.Queue, as_json: bool, out):
-        super().__init__(daemon=True, name="kws-detector")
-        self.detector, self.blocks, self.as_json, self.out = detector, blocks, as_json, out
+    def __init__(self, detector: Detector, rate: int, blocks: queue.Queue,
+                 on_detections: Callable[[list[Detection]], None]):
+        self.detector, self.blocks, self.on_detections = detector, blocks, on_detections
         self.resampler = Resampler(rate)
         self.detections = 0
         self.compute_seconds = 0.0
         self.error: BaseException | None = None
-        # The main thread waits on this, not on join(): a join interrupted by Ctrl-C can mark
-        # a running thread as finished (CPython's bpo-45274 handling), and the interpreter
-        # would then exit under a thread still inside torch.
+        # Waited on instead of a join: a join interrupted by Ctrl-C can mark a running thread
+        # as finished (CPython's bpo-45274 handling), and the interpreter would then exit under
+        # a thread still inside torch.
         self.finished = threading.Event()
 
     def run(self):
         try:
-            while (block := self.blocks.get()) is not None:
-                self._detect(self.resampler.process(block))
+            ended = False
+            while not ended:
+                waiting, ended = self._take_blocks()
+                if waiting:
+                    self._detect(self.resampler.process(np.concatenate(waiting)))
             self._detect(self.resampler.flush())
-        except BaseException as e:  # reported by the main thread, which owns the exit
+        except BaseException as e:  # reported by whoever owns the thread
             self.error = e
         finally:
             self.finished.set()
+
+    def _take_blocks(self) -> tuple[list[np.ndarray], bool]:
+        """(the blocks waiting, whether the end marker came). Blocks are taken as they come; a
+        worker that has fallen behind takes all that wait at once, as one chunk: the model's
+        cost per call is mostly fixed, so it catches up, and chunking changes no detection."""
+        waiting = []
+        block = self.blocks.get()
+        while block is not None:
+            waiting.append(block)
+            try:
+                block = self.blocks.get_nowait()
+            except queue.Empty:
+                return waiting, False
+        return waiting, True
 
     def _detect(self, audio: np.ndarray):
         t0 = time.perf_counter()
         found = self.detector.process(audio)
         self.compute_seconds += time.perf_counter() - t0
-        for d in found:
-            print(format_detection(d, self.as_json), file=self.out, flush=True)
         self.detections += len(found)
+        self.on_detections(found)
 
 
 def summary(worker: Worker, counters: Counters) -> str:
@@ -279,9 +298,14 @@ def listen(args) -> int:
                                   args=(args.input, block_seconds, args.fast, blocks, stop))
     else:
         mic = open_microphone(device, rate, block_seconds, blocks, counters)
-    worker = Worker(detector, rate, blocks, args.json, sys.stdout)
+    def print_detections(found: list[Detection]):
+        for d in found:
+            print(format_detection(d, args.json), flush=True)
+
+    worker = Worker(detector, rate, blocks, print_detections)
+    thread = threading.Thread(target=worker.run, daemon=True, name="kws-detector")
     with _signals_stop():
-        worker.start()
+        thread.start()
         if source:
             source.start()
         print(f"kws listen: listening to {what}; Ctrl-C stops", file=sys.stderr, flush=True)
@@ -294,9 +318,9 @@ def listen(args) -> int:
             if mic is not None:
                 mic.stop()
                 mic.close()
-                _put_end(blocks)
+                put_end(blocks)
             worker.finished.wait()
-    worker.join()
+    thread.join()
     if worker.error is not None:
         raise worker.error
     print(summary(worker, counters), file=sys.stderr, flush=True)
@@ -317,7 +341,7 @@ def _signals_stop():
             signal.signal(sig, handler)
 
 
-def _put_end(blocks: queue.Queue):
+def put_end(blocks: queue.Queue):
     """Queue the end marker even when the queue is full (the oldest block makes room)."""
     while True:
         try:

@@ -3,9 +3,12 @@ clean Ctrl-C, clear errors. (The microphone path: test_listen_pulseaudio.py.)"""
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +19,10 @@ import torchaudio.functional as AF
 
 from kws import default_model_path
 from conftest import noisy_bursts
-from kws.audio import load_audio
+from kws.audio import SAMPLE_RATE, load_audio
 from kws.cli import main
 from kws.data import LABELS
-from kws.listen import Resampler
+from kws.listen import Resampler, Worker
 from kws.model import load_model
 from kws.stream import detect
 
@@ -178,3 +181,42 @@ def test_bad_listen_options_give_one_clear_line_and_exit_2(argv, message, tiny_e
     assert exit_code(["listen", "--model", str(tiny_edge_model_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+class RecordingDetector:
+    """Records the length of every chunk it is given; detects nothing."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def process(self, samples):
+        self.chunks.append(len(samples))
+        return []
+
+
+def test_a_worker_behind_takes_all_waiting_blocks_as_one_chunk():
+    blocks = queue.Queue()
+    for n in (512, 512, 300):
+        blocks.put(np.zeros(n, np.float32))
+    blocks.put(None)
+    detector = RecordingDetector()
+    worker = Worker(detector, SAMPLE_RATE, blocks, on_detections=lambda found: None)
+    worker.run()
+    assert worker.error is None and worker.finished.is_set()
+    assert detector.chunks == [1324, 0]  # everything waiting at once, then the (empty) flush
+
+
+def test_a_worker_keeping_up_takes_blocks_as_they_come():
+    blocks = queue.Queue()
+    detector = RecordingDetector()
+    worker = Worker(detector, SAMPLE_RATE, blocks, on_detections=lambda found: None)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    for n in (512, 256):
+        blocks.put(np.zeros(n, np.float32))
+        deadline = time.monotonic() + 10
+        while len(detector.chunks) < (1 if n == 512 else 2) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    blocks.put(None)
+    thread.join(10)
+    assert detector.chunks == [512, 256, 0]
