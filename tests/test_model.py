@@ -101,7 +101,8 @@ def recurrence(gru: MinGRU, x: torch.Tensor, h0: torch.Tensor | None) -> torch.T
 @pytest.mark.parametrize("scale", [2.0, 300.0], ids=["typical", "saturated-gates"])
 @pytest.mark.parametrize("with_h0", [False, True], ids=["from-zeros", "from-state"])
 def test_minGRU_equals_step_by_step_recurrence(steps, scale, with_h0):
-    """Whole sequences run the log-space scan, chunks continuing from a state the recurrence."""
+    """Whole sequences run the log-space scan, chunks continuing from a state (on a CPU) the
+    recurrence."""
     torch.manual_seed(steps)
     gru = MinGRU(8)
     x = scale * torch.randn(3, steps, 8)
@@ -113,6 +114,21 @@ def test_minGRU_equals_step_by_step_recurrence(steps, scale, with_h0):
             # float32 resolution of the state's scale: a step that forgets a large state (z near 1)
             # keeps an absolute error of about eps * h_{t-1}
             torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("steps", [1, 17, 400])
+def test_scan_from_a_state_equals_the_recurrence(steps):
+    """The scan continuing from h0, which long chunks of a stream run on a GPU."""
+    torch.manual_seed(steps)
+    gru = MinGRU(8)
+    x = 2.0 * torch.randn(3, steps, 8)
+    h0 = torch.rand(3, 8) * 2
+    with torch.no_grad():
+        k, v = gru.to_gate_and_candidate(x).chunk(2, dim=-1)
+        log_values = -F.softplus(-k) + torch.log(torch.where(v >= 0, v + 0.5, torch.sigmoid(v)))
+        out = MinGRU.scan(-F.softplus(k), log_values, h0)
+        expected = recurrence(gru, x, h0)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_hidden_state_stays_positive_and_bounded():
