@@ -32,6 +32,8 @@ NOISE_DIR = "_background_noise_"
 # Each noise recording is cut in time: training uses the start, evaluation the end, so no test
 # stream or silence example ever replays noise the model was trained on.
 NOISE_TRAIN_FRACTION = 0.8
+# A "word tail" speech negative keeps this share of the word's span (see TrainingBatches).
+WORD_TAIL_FRACTION = (0.15, 0.5)
 
 
 class DataError(KwsError):
@@ -131,6 +133,19 @@ def noise_segment(noise: list[np.ndarray], length: int, rng: random.Random) -> n
     return fit_length(recording[start:start + length], length)
 
 
+WORD_FLOOR_DB = 20.0  # frames this far below the loudest frame are not the word
+
+
+def word_bounds(clip: np.ndarray, frame: int = 160) -> tuple[int, int]:
+    """(first, last) sample of the word: the frames within WORD_FLOOR_DB of the loudest one."""
+    n = len(clip) // frame
+    if n == 0:
+        return 0, len(clip)
+    energy = np.square(clip[: n * frame].reshape(n, frame)).mean(axis=1)
+    loud = np.flatnonzero(energy >= energy.max() * 10 ** (-WORD_FLOOR_DB / 10))
+    return int(loud[0]) * frame, int(loud[-1] + 1) * frame
+
+
 def rms(x: torch.Tensor) -> torch.Tensor:
     return x.square().mean(-1, keepdim=True).add(1e-10).sqrt()
 
@@ -141,12 +156,20 @@ class TrainingBatches:
     Each example is `context` seconds of something else (noise, silence or the end of another
     clip) followed by a 1-s target clip, so the model learns from arbitrary carried state; the
     loss reads out only the target's steps. Synthetic clips are also sped up or slowed down.
+
+    `speech_negatives` is the fraction of background examples that hold speech which must not
+    fire: about half of them the end of a clip in the context then a target of noise alone (a
+    word just ended), the others a target second that starts with only the tail of a word
+    (`word_tail`). No background example's target ever holds a whole word.
     """
 
     def __init__(self, real: np.ndarray, real_labels: list[int], synth: np.ndarray,
                  synth_labels: list[int], noise: list[np.ndarray], n_classes: int,
                  background: int, seed: int = 0, context_s: float = 0.5,
-                 real_weight: float = 4.0, background_weight: float = 2.0):
+                 real_weight: float = 4.0, background_weight: float = 2.0,
+                 speech_negatives: float = 0.0):
+        if not 0.0 <= speech_negatives <= 1.0:
+            raise DataError(f"speech_negatives is a fraction from 0 to 1, not {speech_negatives}")
         self.clips = np.concatenate([real, synth]) if len(synth) else real
         self.is_synth = np.r_[np.zeros(len(real), bool), np.ones(len(synth), bool)]
         labels = np.r_[np.asarray(real_labels, int), np.asarray(synth_labels, int)]
@@ -159,6 +182,7 @@ class TrainingBatches:
         self.noise = noise
         self.background = background
         self.context = int(context_s * SAMPLE_RATE)
+        self.speech_negatives = speech_negatives
         self.rng = random.Random(seed)
         self.np_rng = np.random.default_rng(seed)
 
@@ -174,17 +198,37 @@ class TrainingBatches:
     def _context(self) -> np.ndarray:
         kind = self.rng.random()
         if kind < 0.4:  # the end of another word, as when keywords follow each other
-            other = self.np_rng.choice(len(self.clips))
-            tail = self.clips[other][max(0, CLIP_SAMPLES - self.context):]  # [-0:] would be all
-            tail = np.pad(tail, (self.context - len(tail), 0))  # a context longer than a clip
-            return tail * 10 ** (self.rng.uniform(-10, 5) / 20)
+            return self._clip_end()
         return np.zeros(self.context, np.float32)  # noise is added to the whole example below
+
+    def _clip_end(self) -> np.ndarray:
+        """The last `context` samples of a random clip at a random level."""
+        other = self.np_rng.choice(len(self.clips))
+        tail = self.clips[other][max(0, CLIP_SAMPLES - self.context):]  # [-0:] would be all
+        tail = np.pad(tail, (self.context - len(tail), 0))  # a context longer than a clip
+        return tail * 10 ** (self.rng.uniform(-10, 5) / 20)
+
+    def _speech_negative(self) -> np.ndarray:
+        """A background example (before noise) that holds speech the model must not fire on."""
+        total = self.context + CLIP_SAMPLES
+        if self.context > 0 and self.rng.random() < 0.5:  # a word just ended before the target
+            x = np.zeros(total, np.float32)
+            x[:self.context] = self._clip_end()
+            return x
+        clip = self.clips[self.np_rng.choice(len(self.clips))]
+        tail = word_tail(clip, self.rng.uniform(*WORD_TAIL_FRACTION))
+        x = np.zeros(total, np.float32)
+        x[self.context:self.context + len(tail)] = tail * 10 ** (self.rng.uniform(-10, 5) / 20)
+        return x
 
     def example(self) -> tuple[np.ndarray, int]:
         label = int(self.np_rng.choice(len(self.class_p), p=self.class_p))
         total = self.context + CLIP_SAMPLES
         if label == self.background:
             x = np.zeros(total, np.float32)
+            # No draw at all when the option is off: the seeded batches stay as they were.
+            if self.speech_negatives > 0 and self.rng.random() < self.speech_negatives:
+                x = self._speech_negative()
         else:
             target = self._speech(label) * 10 ** (self.rng.uniform(-12, 8) / 20)
             x = np.concatenate([self._context(), target]).astype(np.float32)
@@ -201,6 +245,15 @@ class TrainingBatches:
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*(self.example() for _ in range(size)))
         return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+
+
+def word_tail(clip: np.ndarray, fraction: float) -> np.ndarray:
+    """The last `fraction` (< 1) of the word in `clip` (located by `word_bounds`), at least one
+    sample and never the whole word: what a 1-s window starting inside the word hears of it."""
+    first, last = word_bounds(clip)
+    span = last - first
+    keep = min(max(1, int(span * fraction)), max(1, span - 1))
+    return clip[last - keep:last].astype(np.float32)
 
 
 def _change_speed(clip: np.ndarray, factor: float) -> np.ndarray:

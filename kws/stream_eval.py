@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kws.audio import SAMPLE_RATE, load_audio
-from kws.data import BACKGROUND, WELL_COVERED, read_noise, read_split
+from kws.data import BACKGROUND, WELL_COVERED, read_noise, read_split, word_bounds
 from kws.errors import KwsError
 from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_REFRACTORY_S, DEFAULT_THRESHOLD,
                         DEFAULT_WINDOW_S, Detection, Detector)
@@ -39,7 +39,6 @@ KEYWORD_FREE_SLOTS = 0.2
 SNR_DB = (5.0, 20.0)
 GAIN_DB = (-10.0, 5.0)
 QUIET_DBFS = (-70.0, -25.0)
-WORD_FLOOR_DB = 20.0  # frames this far below the loudest frame are not the word
 MAX_LATENCY_S = 1.0
 FADE_S = 0.01
 DET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7,
@@ -56,16 +55,6 @@ class Placement:
 
 
 # ----------------------------------------------------------------------------- building streams
-
-def word_bounds(clip: np.ndarray, frame: int = 160) -> tuple[int, int]:
-    """(first, last) sample of the word: the frames within WORD_FLOOR_DB of the loudest one."""
-    n = len(clip) // frame
-    if n == 0:
-        return 0, len(clip)
-    energy = np.square(clip[: n * frame].reshape(n, frame)).mean(axis=1)
-    loud = np.flatnonzero(energy >= energy.max() * 10 ** (-WORD_FLOOR_DB / 10))
-    return int(loud[0]) * frame, int(loud[-1] + 1) * frame
-
 
 def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))) + 1e-8)

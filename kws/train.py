@@ -40,6 +40,7 @@ class TrainConfig:
     sigma_anneal_fraction: float = 0.8  # sigma reaches its end value here, then holds
     context_s: float = 0.5  # audio before each target clip, so training sees carried state
     background_weight: float = 2.0  # how often background is drawn, against 1 for each word
+    speech_negatives: float = 0.0  # share of background examples holding a word's end or tail
     seed: int = 0
 
 
@@ -123,7 +124,8 @@ def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0) -> Train
     return TrainingBatches(d["real"], d["real_labels"], d["synth"], d["synth_labels"],
                            d["noise"], len(LABELS), LABELS.index(BACKGROUND),
                            seed=cfg.seed * 100003 + epoch * 101 + rank, context_s=cfg.context_s,
-                           background_weight=cfg.background_weight)
+                           background_weight=cfg.background_weight,
+                           speech_negatives=cfg.speech_negatives)
 
 
 def load_training_data(data: Path, synth: Path | None, log) -> dict:
@@ -154,6 +156,8 @@ def check_budget(cfg: TrainConfig, world: int) -> int:
     """Steps per epoch, or a KwsError when the settings leave nothing to train."""
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise KwsError(f"--epochs and --batch-size must be at least 1, not {cfg.epochs} and {cfg.batch_size}")
+    if not 0.0 <= cfg.speech_negatives <= 1.0:
+        raise KwsError(f"--speech-negatives is a fraction from 0 to 1, not {cfg.speech_negatives}")
     steps = cfg.examples_per_epoch // (cfg.batch_size * world)
     if steps < 1:
         raise KwsError(f"--examples-per-epoch {cfg.examples_per_epoch} is less than one batch "

@@ -9,7 +9,7 @@ import soundfile as sf
 
 from kws.audio import CLIP_SAMPLES, fit_length, load_audio
 from kws.data import (BACKGROUND, LABELS, NOISE_TRAIN_FRACTION, DataError, TrainingBatches,
-                      load_clips, read_noise, read_split)
+                      load_clips, read_noise, read_split, word_bounds, word_tail)
 
 BG = LABELS.index(BACKGROUND)
 
@@ -223,3 +223,107 @@ def test_background_examples_are_labelled_background_and_hold_no_speech(training
     assert all(float(row.square().mean().sqrt()) > quietest for row in x[y == BG])
     # ...while word examples of silent clips only get noise scaled to their (zero) speech.
     assert float(x[y != BG].abs().max()) < 1e-6
+
+
+# ----------------------------------------------------------------------------- speech negatives
+
+def test_speech_negatives_off_leave_the_seeded_batches_as_they_were(training_arrays):
+    """Labels and example levels drawn by the code before speech negatives existed: turning the
+    option off (the default) must not add or move a single random draw."""
+    old_labels = [1, 35, 0, 0, 35, 35, 26, 35, 20, 35, 35, 35, 35, 35, 2, 35, 20, 2, 35, 1, 0, 26,
+                  35, 2, 2, 2, 35, 35, 20, 1, 35, 0]
+    old_rms = [0.217384, 0.021972, 0.141247, 0.241936, 0.000389, 0.006631, 0.056908, 0.001828,
+               0.13257, 0.000317, 0.008128, 0.000524, 0.033476, 0.002714, 0.185098, 0.015062,
+               0.305112, 0.061189, 0.020233, 0.332028, 0.052808, 0.09076, 0.000917, 0.095941,
+               0.274113, 0.174886, 0.011487, 0.001532, 0.150266, 0.07461, 0.000823, 0.206238]
+    default = batches(training_arrays, seed=11, synth=3, background_weight=6.0).batch(32)
+    off = batches(training_arrays, seed=11, synth=3, background_weight=6.0, speech_negatives=0.0).batch(32)
+    on = batches(training_arrays, seed=11, synth=3, background_weight=6.0, speech_negatives=0.6).batch(32)
+    assert np.array_equal(default[0].numpy(), off[0].numpy()) and default[1].tolist() == off[1].tolist()
+    assert off[1].tolist() == old_labels
+    rms_off = off[0].double().square().mean(1).sqrt().tolist()
+    assert rms_off == pytest.approx(old_rms, rel=1e-3, abs=2e-6)
+    assert not np.array_equal(off[0].numpy(), on[0].numpy())  # the option does change batches
+
+
+def tone_burst(start_s=0.3, end_s=0.7, n=CLIP_SAMPLES):
+    """A 'clip' whose word is a loud tone from start_s to end_s, silence elsewhere."""
+    clip = np.zeros(n, np.float32)
+    a, b = int(start_s * 16000), int(end_s * 16000)
+    clip[a:b] = 0.5 * np.sin(2 * np.pi * 440 * np.arange(b - a) / 16000)
+    return clip
+
+
+def test_word_bounds_lives_in_data_and_stream_eval_uses_the_same_function():
+    import kws.stream_eval
+    assert kws.stream_eval.word_bounds is word_bounds
+    assert word_bounds(tone_burst(0.3, 0.7)) == (4800, 11200)
+
+
+@pytest.mark.parametrize("fraction", [0.15, 0.3, 0.5, 0.999])
+def test_word_tail_is_the_last_part_of_the_word_and_never_all_of_it(fraction):
+    clip = tone_burst(0.3, 0.7)  # the word spans 6400 samples and ends at 11200
+    tail = word_tail(clip, fraction)
+    assert 1 <= len(tail) < 6400
+    assert len(tail) == pytest.approx(fraction * 6400, abs=2)
+    np.testing.assert_array_equal(tail, clip[11200 - len(tail):11200])  # it ends where the word does
+
+
+def test_word_tail_of_a_clip_with_trailing_quiet_still_ends_at_the_word():
+    clip = tone_burst(0.1, 0.4) + np.float32(1e-5)  # a quiet floor 90 dB under the word
+    tail = word_tail(clip, 0.5)
+    assert len(tail) == pytest.approx(0.5 * 4800, abs=2)
+    np.testing.assert_array_equal(tail, clip[6400 - len(tail):6400])
+
+
+def silent_noise_batches(fraction, seed=0, n=800, context_s=0.5):
+    """Examples of one word (a tone burst at 0.3-0.7 s) with noise that is all zeros, so that
+    anything in a background example is speech put there as a negative."""
+    clips = np.stack([tone_burst(), tone_burst(0.25, 0.75)])
+    b = TrainingBatches(clips, [0, 0], clips[:0], [], [np.zeros(3 * 16000, np.float32)], len(LABELS),
+                        BG, seed=seed, background_weight=9.0, context_s=context_s,
+                        speech_negatives=fraction)
+    x, y = b.batch(n)
+    return x[y == BG].numpy(), int(context_s * 16000)
+
+
+def test_background_examples_hold_speech_only_at_the_end_of_the_context_or_the_start_of_the_target():
+    x, ctx = silent_noise_batches(0.6, seed=4)
+    loud = np.abs(x) > 1e-6
+    with_speech = loud.any(axis=1)
+    after_word = loud[:, :ctx].any(axis=1) & with_speech
+    tail = loud[:, ctx:].any(axis=1) & with_speech
+    assert not (after_word & tail).any()  # one kind or the other, never both
+    # "After a word": the end of a clip in the context, nothing at all in the target second.
+    assert after_word.sum() > 50 and not loud[after_word, ctx:].any()
+    # "Word tail": the target starts with the tail (never more than half of the 0.4-0.5 s word,
+    # so nothing after its first 0.25 s and never in its last half); the context is empty.
+    assert tail.sum() > 50
+    assert loud[tail, ctx:ctx + 40].any(axis=1).all()  # at the very start of the target
+    assert not loud[tail, :ctx].any() and not loud[tail, ctx + 4000 + 160:].any()
+    lengths = loud[tail, ctx:].sum(axis=1)
+    assert lengths.min() >= 0.15 * 6400 - 160 and lengths.max() <= 0.5 * 8000 + 160
+    # Roughly half of each kind.
+    assert after_word.sum() / with_speech.sum() == pytest.approx(0.5, abs=0.1)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.6, 1.0])
+def test_the_share_of_background_examples_with_speech_is_the_option(fraction):
+    x, _ = silent_noise_batches(fraction, seed=9)
+    share = float((np.abs(x) > 1e-6).any(axis=1).mean())
+    assert len(x) > 600  # background weight 9 against one word
+    # tolerance: about 4 standard deviations of a share of ~700 draws
+    assert share == pytest.approx(fraction, abs=0.075)
+
+
+def test_without_context_every_speech_negative_is_a_word_tail():
+    x, ctx = silent_noise_batches(1.0, seed=2, n=200, context_s=0.0)
+    assert ctx == 0 and x.shape[1] == CLIP_SAMPLES
+    loud = np.abs(x) > 1e-6
+    assert loud[:, :40].any(axis=1).all() and not loud[:, 4000 + 160:].any()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_a_speech_negative_share_outside_0_to_1_is_a_data_error(training_arrays, bad):
+    with pytest.raises(DataError, match="speech_negatives"):
+        batches(training_arrays, speech_negatives=bad)

@@ -104,6 +104,25 @@ def test_kws_train_passes_background_weight_to_the_batches(speech_commands, tmp_
     assert code == 0 and seen == [9.0, 9.0]  # one TrainingBatches per epoch
 
 
+def test_speech_negatives_are_off_unless_asked_for_and_kws_train_passes_them(speech_commands, tmp_path,
+                                                                              monkeypatch):
+    assert TrainConfig().speech_negatives == 0.0  # the shipped model's first training had none
+    seen = []
+
+    class Recording(kws.train.TrainingBatches):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("speech_negatives"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(kws.train, "TrainingBatches", Recording)
+    common = ["train", "--data", str(speech_commands.root), "--epochs", "1", "--examples-per-epoch", "8",
+              "--batch-size", "8", "--warmup-steps", "1", *TINY_SET]
+    assert main([*common, "--out", str(tmp_path / "a.pt")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b.pt"), "--speech-negatives", "0.6"]) == 0
+    assert seen == [0.0, 0.6]
+    assert read_checkpoint(tmp_path / "b.pt")[2]["train"]["speech_negatives"] == 0.6
+
+
 # ----------------------------------------------------------------------------- a tiny run
 
 @pytest.fixture(scope="module")
@@ -219,6 +238,8 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--preset", "huge"],
     ["--epochs", "0"],
     ["--examples-per-epoch", "4", "--batch-size", "8"],
+    ["--speech-negatives", "1.5"],
+    ["--speech-negatives", "-0.1"],
 ])
 def test_kws_train_with_bad_settings_exits_2_with_one_line(speech_commands, tmp_path, capsys, bad):
     out = tmp_path / "m.pt"
