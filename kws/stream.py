@@ -22,7 +22,8 @@ keep the recurrence healthy: the minGRU hidden state is a convex combination of 
 state and a positive candidate, h_t = (1 - z_t) h_{t-1} + z_t g(.), so it stays between 0 and
 the largest candidate seen and cannot drift or blow up; the delay line forgets everything older
 than `delay_window` steps. The model is trained with 0.5 s of unrelated audio before every
-clip and the state carried through it, so it expects arbitrary prior state rather than zeros.
+clip and the state carried through it, so it expects arbitrary prior state rather than zeros;
+a stream starts from the state 0.5 s of silence leaves.
 `kws eval-stream --long-run-check` verifies this on an hour of audio (memory flat, recall and
 false accepts in the last ten minutes no worse than in the first ten).
 """
@@ -95,8 +96,10 @@ class Detector:
                            f"the model knows: {words}")
 
     def reset(self) -> None:
-        """Back to the start of a stream: zero state, empty score window, time 0."""
-        self.state = self.model.initial_state(1)
+        """Back to the start of a stream: the model's state after `clip_context_s` of silence
+        (every training clip came after some audio, never from a zero state, and `classify`
+        starts from the same state), an empty score window, time 0."""
+        self.state = self.model.primed_state(1)
         n = len(self.labels)
         self._recent = np.zeros((self.window_steps - 1, n))  # last W-1 logits, oldest first
         self._filled = 0  # how many rows of _recent hold real logits (the newest ones)

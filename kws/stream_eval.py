@@ -205,7 +205,8 @@ def best_at(points: list[dict], max_false_accepts_per_hour: float) -> dict | Non
 
 def clip_accuracy(model, clips, seed: int, batch: int = 64) -> dict:
     """Clip accuracy (mean-logit readout over each clip's own steps) with the stream state
-    reset before every clip, and carried from one clip to the next in a seeded order."""
+    reset before every clip to the state a stream starts in (`model.primed_state`, what
+    `classify` does), and carried from one clip to the next in a seeded order."""
     order = np.random.default_rng(seed).permutation(len(clips))
     audio = [np.pad(a, (0, max(0, SAMPLE_RATE - len(a))))[:SAMPLE_RATE]
              for a in (load_audio(clips[i].path) for i in order)]
@@ -214,9 +215,9 @@ def clip_accuracy(model, clips, seed: int, batch: int = 64) -> dict:
     with torch.inference_mode():
         for start in range(0, len(audio), batch):
             x = torch.from_numpy(np.stack(audio[start:start + batch]))
-            logits, _ = model.stream(x, model.initial_state(len(x)))
+            logits, _ = model.stream(x, model.primed_state(len(x)))
             reset += logits.mean(1).argmax(1).tolist()
-        state = model.initial_state(1)
+        state = model.primed_state(1)
         for a in audio:
             logits, state = model.stream(torch.from_numpy(a)[None], state)
             carried.append(int(logits[0].mean(0).argmax()))

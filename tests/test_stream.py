@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from conftest import noisy_bursts
 from kws.data import BACKGROUND, LABELS
 from kws.errors import KwsError
-from kws.model import MGRADE, preset
+from kws.model import MGRADE, load_model, preset
 from kws.stream import Detector, detect
 
 STRIDE = 160
@@ -28,6 +28,8 @@ class ScriptedModel:
 
     def initial_state(self, batch_size=1):
         return [torch.zeros(batch_size, 0)]
+
+    primed_state = initial_state  # no memory: silence leaves nothing behind
 
     def stream(self, chunk, state):
         audio = torch.cat([state[0], chunk], dim=1)
@@ -174,3 +176,19 @@ def test_state_stays_bounded_and_detections_repeat_over_a_long_stream(tiny_model
     last = [(d.label, round(d.time_s - end_offset, 2)) for d in found
             if d.time_s > end_offset + 3.0]
     assert first and first == last
+
+
+def test_a_stream_starts_where_classify_does_after_context_silence(tiny_edge_model_path):
+    """The detector's first logits are those of the model continuing from 0.5 s of silence,
+    as every training clip came after some audio; reset() returns there."""
+    model = load_model(tiny_edge_model_path)
+    audio = noisy_bursts(1.0, seed=3)
+    with torch.inference_mode():
+        expected, _ = model.stream(torch.from_numpy(audio)[None], model.primed_state(1))
+        from_zeros, _ = model.stream(torch.from_numpy(audio)[None], model.initial_state(1))
+    assert not torch.allclose(expected, from_zeros, atol=1e-4)  # the start state matters
+    detector = Detector(model)
+    for _ in range(2):
+        detector.process(audio)
+        np.testing.assert_allclose(detector.last_logits, expected[0].numpy(), rtol=1e-5, atol=1e-5)
+        detector.reset()
