@@ -1,7 +1,6 @@
 """`kws data download`: fetch the official Speech Commands v0.02 archive and unpack it safely."""
 
 import os
-import shutil
 import sys
 import tarfile
 import tempfile

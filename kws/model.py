@@ -11,7 +11,7 @@ Shapes: audio (B, T) samples at 16 kHz -> per-step logits (B, T // stride, n_cla
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch

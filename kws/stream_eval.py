@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kws.audio import SAMPLE_RATE, load_audio
-from kws.data import BACKGROUND, WELL_COVERED, read_noise, read_split, word_bounds
+from kws.data import WELL_COVERED, read_noise, read_split, word_bounds
 from kws.errors import KwsError
 from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_REFRACTORY_S, DEFAULT_THRESHOLD,
                         DEFAULT_WINDOW_S, Detection, Detector)

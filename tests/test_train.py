@@ -3,7 +3,6 @@ errors, and DistributedDataParallel under torchrun on the CPU (gloo)."""
 
 import collections
 import json
-import math
 import os
 import shutil
 import subprocess
