@@ -173,7 +173,8 @@ class DelayConv(nn.Module):
             # quarter of what conv1d's set-up does there.
             y = (xs.unfold(1, self.window, 1) * kernel).sum(-1)
         else:
-            y = F.conv1d(xs.transpose(1, 2), kernel[:, None, :], groups=C).transpose(1, 2)
+            y = F.conv1d(xs.transpose(1, 2), kernel[:, None, :], groups=C)
+            y = y.transpose(1, 2).contiguous()  # the ops that follow run several times slower on a strided view
         return y, xs[:, T:]
 
     def _oldest_first_kernel(self) -> torch.Tensor:
@@ -237,10 +238,10 @@ class MinGRU(nn.Module):
         In float64: log A_t falls without bound over long sequences, and float32 would lose the
         small log h in the difference of two large numbers."""
         a_star = torch.cumsum(log_a.double(), dim=1)
-        h = torch.exp(a_star + _logcumsumexp(log_b.double() - a_star))
+        h = torch.exp((a_star + _logcumsumexp(log_b.double() - a_star)).to(log_a.dtype))
         if h0 is not None:
-            h = h + torch.exp(a_star) * h0.double()[:, None]
-        return h.to(log_a.dtype)
+            h = h + (torch.exp(a_star) * h0.double()[:, None]).to(h.dtype)
+        return h
 
 
 def _logcumsumexp(x: torch.Tensor, block: int = 16) -> torch.Tensor:
