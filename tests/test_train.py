@@ -88,15 +88,21 @@ def test_background_weight_sets_the_background_share_of_batches(speech_commands)
     assert shares[10.0] > shares[2.0] + 0.2
 
 
-def test_kws_train_passes_background_weight_to_the_batches(speech_commands, tmp_path, monkeypatch):
+def batches_option(monkeypatch, name: str) -> list:
+    """The value of TrainingBatches' keyword `name` at every construction kws.train makes."""
     seen = []
 
     class Recording(kws.train.TrainingBatches):
         def __init__(self, *args, **kwargs):
-            seen.append(kwargs.get("background_weight"))
+            seen.append(kwargs.get(name))
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(kws.train, "TrainingBatches", Recording)
+    return seen
+
+
+def test_kws_train_passes_background_weight_to_the_batches(speech_commands, tmp_path, monkeypatch):
+    seen = batches_option(monkeypatch, "background_weight")
     code = main(["train", "--data", str(speech_commands.root), "--out", str(tmp_path / "m.pt"),
                  "--epochs", "2", "--examples-per-epoch", "8", "--batch-size", "8",
                  "--warmup-steps", "1", "--background-weight", "9", *TINY_SET])
@@ -106,14 +112,7 @@ def test_kws_train_passes_background_weight_to_the_batches(speech_commands, tmp_
 def test_speech_negatives_are_off_unless_asked_for_and_kws_train_passes_them(speech_commands, tmp_path,
                                                                               monkeypatch):
     assert TrainConfig().speech_negatives == 0.0  # the shipped model's first training had none
-    seen = []
-
-    class Recording(kws.train.TrainingBatches):
-        def __init__(self, *args, **kwargs):
-            seen.append(kwargs.get("speech_negatives"))
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(kws.train, "TrainingBatches", Recording)
+    seen = batches_option(monkeypatch, "speech_negatives")
     common = ["train", "--data", str(speech_commands.root), "--epochs", "1", "--examples-per-epoch", "8",
               "--batch-size", "8", "--warmup-steps", "1", *TINY_SET]
     assert main([*common, "--out", str(tmp_path / "a.pt")]) == 0
