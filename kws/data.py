@@ -210,14 +210,12 @@ class TrainingBatches:
 
     def _speech_negative(self) -> np.ndarray:
         """A background example (before noise) that holds speech the model must not fire on."""
-        total = self.context + CLIP_SAMPLES
+        x = np.zeros(self.context + CLIP_SAMPLES, np.float32)
         if self.context > 0 and self.rng.random() < 0.5:  # a word just ended before the target
-            x = np.zeros(total, np.float32)
             x[:self.context] = self._clip_end()
             return x
         clip = self.clips[self.np_rng.choice(len(self.clips))]
         tail = word_tail(clip, self.rng.uniform(*WORD_TAIL_FRACTION))
-        x = np.zeros(total, np.float32)
         x[self.context:self.context + len(tail)] = tail * 10 ** (self.rng.uniform(-10, 5) / 20)
         return x
 
