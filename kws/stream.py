@@ -1,8 +1,9 @@
 """Keyword detection on an endless audio stream: the one path `kws listen`, `kws eval-stream`
 and the HTTP service all use.
 
-A `Detector` feeds audio of any length to `model.stream`, carrying the recurrent state, and
-turns the per-step logits (one per 10 ms step for the edge model) into detections:
+A `Detector` feeds audio of any length to the model's stream engine (`model.stream_engine()`,
+the NumPy form of `model.stream`), carrying the recurrent state, and turns the per-step logits
+(one per 10 ms step for the edge model) into detections:
 
 - score: softmax of the mean of the last `window_s` seconds of per-step logits. That is the
   training readout (cross-entropy on the mean logits of a 1-s clip), so the scores mean what
@@ -32,7 +33,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from kws.audio import SAMPLE_RATE
 from kws.data import BACKGROUND
@@ -61,7 +61,7 @@ class Detector:
     def __init__(self, model, threshold: "float | dict[str, float] | None" = None,
                  words: Iterable[str] | None = None, window_s: float = DEFAULT_WINDOW_S,
                  refractory_s: float = DEFAULT_REFRACTORY_S):
-        self.model = model
+        self.engine = model.stream_engine()
         self.labels = tuple(model.cfg.labels)
         self.stride = model.cfg.stride
         self.window_steps = max(1, round(window_s * SAMPLE_RATE / self.stride))
@@ -99,10 +99,9 @@ class Detector:
         """Back to the start of a stream: the model's state after `clip_context_s` of silence
         (every training clip came after some audio, never from a zero state, and `classify`
         starts from the same state), an empty score window, time 0."""
-        self.state = self.model.primed_state(1)
+        self.state = self.engine.start_state()
         n = len(self.labels)
         self._recent = np.zeros((self.window_steps - 1, n))  # last W-1 logits, oldest first
-        self._filled = 0  # how many rows of _recent hold real logits (the newest ones)
         self._steps = 0
         self._samples = 0
         self._quiet_until = self.window_steps - 1  # first step that may fire: the window is full
@@ -126,9 +125,7 @@ class Detector:
         if samples.ndim != 1:
             raise KwsError(f"the detector takes mono samples (1-D), got shape {samples.shape}")
         self._samples += len(samples)
-        with torch.inference_mode():
-            logits, self.state = self.model.stream(torch.from_numpy(samples)[None], self.state)
-        self.last_logits = logits[0].numpy()
+        self.last_logits, self.state = self.engine.stream(samples, self.state)
         return self.process_logits(self.last_logits)
 
     def process_logits(self, logits: np.ndarray) -> list[Detection]:
@@ -137,7 +134,7 @@ class Detector:
         thresholds without re-running the model."""
         if len(logits) == 0:
             return []
-        probs = self._smoothed_probabilities(np.asarray(logits, dtype=np.float64))
+        probs = self._smoothed_probabilities(np.asarray(logits))
         first_step = self._steps
         self._steps += len(logits)
         self._probs = probs[-1]
@@ -146,16 +143,16 @@ class Detector:
     def _smoothed_probabilities(self, logits: np.ndarray) -> np.ndarray:
         """softmax(mean of the last window_steps logits) at every new step, (n, n_classes).
         At the start of a stream the window holds only the steps seen so far."""
-        history = self._recent[len(self._recent) - self._filled:]
-        seq = np.concatenate([history, logits])
-        sums = np.concatenate([np.zeros((1, seq.shape[1])), np.cumsum(seq, axis=0)])
-        ends = np.arange(len(history), len(seq)) + 1
-        starts = np.maximum(ends - self.window_steps, 0)
-        means = (sums[ends] - sums[starts]) / (ends - starts)[:, None]
-        keep = len(self._recent)
-        if keep:
-            self._recent = np.concatenate([self._recent, logits])[-keep:]
-            self._filled = min(keep, self._filled + len(logits))
+        W, n = self.window_steps, len(logits)
+        seq = np.concatenate((self._recent, logits))  # rows not yet seen are zeros: they add nothing
+        sums = np.cumsum(seq, axis=0)
+        window_sums = sums[W - 1:]
+        window_sums[1:] -= sums[:n - 1]
+        if self._steps + 1 >= W:
+            means = window_sums / W
+        else:
+            means = window_sums / np.minimum(np.arange(self._steps + 1, self._steps + n + 1), W)[:, None]
+        self._recent = seq[n:]
         z = means - means.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)

@@ -22,21 +22,21 @@ BG = LABELS.index(BACKGROUND)
 class ScriptedModel:
     """A stand-in whose per-step logits are spelled out by the audio itself: a step of 160
     samples whose value is k gives logit 8 for label k and 0 elsewhere. It streams like
-    MGRADE (unconsumed samples carried), so it exercises the Detector alone."""
+    MGRADE's engine (unconsumed samples carried), so it exercises the Detector alone."""
 
     cfg = SimpleNamespace(labels=LABELS, stride=STRIDE)
 
-    def initial_state(self, batch_size=1):
-        return [torch.zeros(batch_size, 0)]
+    def stream_engine(self):
+        return self
 
-    primed_state = initial_state  # no memory: silence leaves nothing behind
+    def start_state(self):
+        return [np.zeros(0, np.float32)]  # no memory: silence leaves nothing behind
 
-    def stream(self, chunk, state):
-        audio = torch.cat([state[0], chunk], dim=1)
-        steps = audio.shape[1] // STRIDE
-        index = audio[:, : steps * STRIDE:STRIDE].round().long()
-        logits = 8.0 * torch.nn.functional.one_hot(index, len(LABELS)).float()
-        return logits, [audio[:, steps * STRIDE:]]
+    def stream(self, samples, state):
+        audio = np.concatenate([state[0], samples])
+        steps = len(audio) // STRIDE
+        index = audio[: steps * STRIDE:STRIDE].round().astype(int)
+        return 8.0 * np.eye(len(LABELS), dtype=np.float32)[index], [audio[steps * STRIDE:]]
 
 
 def script(*segments) -> np.ndarray:
@@ -148,6 +148,18 @@ def tiny_model():
     return MGRADE(preset("edge", LABELS, n_layers=2, width=16)).eval()
 
 
+def test_scores_are_the_softmax_of_the_mean_of_the_last_window_of_logits():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (400, len(LABELS))).astype(np.float32)
+    detector, seen = Detector(ScriptedModel(), window_s=0.5), 0
+    for n in [1, 7, 30, 2, 100, 60, 200]:
+        detector.process_logits(logits[seen:seen + n])
+        seen += n
+        mean = logits[max(0, seen - 50):seen].astype(np.float64).mean(axis=0)
+        expected = np.exp(mean - mean.max()) / np.exp(mean - mean.max()).sum()
+        np.testing.assert_allclose(list(detector.scores.values()), expected, rtol=1e-9, atol=1e-12)
+
+
 def test_real_model_detections_equal_in_any_chunking(tiny_model):
     audio = noisy_bursts(4.0, seed=1)
     kwargs = dict(threshold=0.04, refractory_s=0.3)
@@ -168,8 +180,8 @@ def test_state_stays_bounded_and_detections_repeat_over_a_long_stream(tiny_model
     found, peak = [], 0.0
     for start in range(0, len(audio), 16000):
         found += detector.process(audio[start:start + 16000])
-        peak = max(peak, max(float(s.abs().max()) for s in detector.state if s is not None))
-        assert all(torch.isfinite(s).all() for s in detector.state if s is not None)
+        peak = max(peak, max(float(np.abs(s).max()) for s in detector.state if s is not None))
+        assert all(np.isfinite(s).all() for s in detector.state if s is not None)
     assert peak < 100.0
     end_offset = (len(audio) - len(repeated)) / 16000
     first = [(d.label, round(d.time_s, 2)) for d in found if 3.0 < d.time_s <= 20.0]
