@@ -25,7 +25,7 @@ import torch
 
 PIECE_SAMPLES = 16000  # longer chunks run 1 s at a time, so working memory stays constant
 SCAN_BLOCK = 16  # steps per closed-form block: A_t stays above 1e-280 unless gates saturate
-LOOP_MAX_STEPS = 4  # up to here the step-by-step recurrence costs fewer calls
+LOOP_MAX_STEPS = 4  # chunks up to this many steps run the recurrence step by step: fewer calls
 TINY = 1e-280
 
 
@@ -132,9 +132,10 @@ class _Layer:
         self.mingru = layer.mingru is not None
         if self.mingru:
             gate = layer.mingru.to_gate_and_candidate
-            self.gate_w, self.gate_b = _numpy(gate.weight.T), _numpy(gate.bias)
-            # exp(-k) for the keep gate 1 - z = 1/(1 + exp(k)) and exp(-v) for sigmoid(v)
-            self.gate_sign = np.concatenate([np.ones(H), -np.ones(H)])
+            # The candidate columns negated: one exp of [k | -v] gives the keep gate
+            # 1 - z = 1 / (1 + exp(k)) and sigmoid(v) = 1 / (1 + exp(-v)) together.
+            sign = np.concatenate([np.ones(H), -np.ones(H)]).astype(np.float32)
+            self.gate_w, self.gate_b = _numpy(gate.weight.T) * sign, _numpy(gate.bias) * sign
             linear, norm = layer.mingru_out
             self.out_w = _numpy(linear.weight.T) @ centre  # output already centred
             self.out_b = _numpy(linear.bias) @ centre
@@ -149,8 +150,9 @@ class _Layer:
         self.fc1_w = (gamma[:, None] * w1 * math.sqrt(H / 2)).astype(np.float32)
         self.fc1_b = ((beta @ w1 + _numpy(fc1.bias, np.float64)) / math.sqrt(2)).astype(np.float32)
         self.mlp_eps = H * norm_in.eps
-        self.fc2_w = _numpy(fc2.weight.T) / np.float32(math.sqrt(2))
-        self.fc2_b = _numpy(fc2.bias)
+        # ... and the final LayerNorm's centring: it centres x + fc2(.), and x comes centred.
+        self.fc2_w = _numpy(fc2.weight.T) @ centre / np.float32(math.sqrt(2))
+        self.fc2_b = _numpy(fc2.bias) @ centre
         self.norm_eps = H * layer.norm.eps
         self.norm_g = _numpy(layer.norm.weight) * math.sqrt(H)
         self.norm_b = _numpy(layer.norm.bias)
@@ -164,33 +166,40 @@ class _Layer:
             line = xs[T:]
             x = x + _scale(d @ self.centre, self.delay_eps) * self.delay_g + self.delay_b
         if self.mingru:
-            kv = (x @ self.gate_w + self.gate_b).astype(np.float64)
-            s = 1.0 / (1.0 + np.exp(kv * self.gate_sign))  # [1 - z | sigmoid(v)]
+            k_minus_v = x @ self.gate_w + self.gate_b
+            s = 1.0 / (1.0 + np.exp(k_minus_v))  # [1 - z | sigmoid(v)]
             keep = s[:, :H]
-            g = np.maximum(kv[:, H:] + 0.5, s[:, H:])
-            hs = _recurrence(keep, (1.0 - keep) * g, h).astype(np.float32)
+            g = np.maximum(0.5 - k_minus_v[:, H:], s[:, H:])
+            hs = _recurrence(keep, (1.0 - keep) * g, h)
             h = hs[-1]
             x = x + _scale(hs @ self.out_w + self.out_b, self.out_eps) * self.out_g + self.out_b2
-        u = _scale(x @ self.centre, self.mlp_eps) @ self.fc1_w + self.fc1_b
+        c = x @ self.centre
+        u = _scale(c, self.mlp_eps) @ self.fc1_w + self.fc1_b
         m = (u * (1.0 + torch.erf(torch.from_numpy(u)).numpy())) @ self.fc2_w + self.fc2_b
-        y = (x + m) @ self.centre
-        return _scale(y, self.norm_eps) * self.norm_g + self.norm_b, line, h
+        return _scale(c + m, self.norm_eps) * self.norm_g + self.norm_b, line, h
 
 
 def _recurrence(a: np.ndarray, b: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """h_t = a_t h_{t-1} + b_t for every t, from h (float64 a, b of shape (T, H))."""
+    """h_t = a_t h_{t-1} + b_t for every t from h; a, b (T, H) float32. Short chunks step by
+    step; longer ones closed-form in float64 blocks of SCAN_BLOCK steps."""
+    if len(a) <= LOOP_MAX_STEPS:
+        return _step_by_step(a, b, h)
     out = np.empty_like(b)
-    h = h.astype(np.float64)
     for start in range(0, len(a), SCAN_BLOCK):
-        ab, bb = a[start:start + SCAN_BLOCK], b[start:start + SCAN_BLOCK]
-        A = np.cumprod(ab, axis=0) if len(ab) > LOOP_MAX_STEPS else None
-        if A is not None and A[-1].min() > TINY:
+        ab, bb = a[start:start + SCAN_BLOCK].astype(np.float64), b[start:start + SCAN_BLOCK].astype(np.float64)
+        A = np.cumprod(ab, axis=0)
+        if A[-1].min() > TINY:
             block = A * (np.cumsum(bb / A, axis=0) + h)
-        else:  # a short block, or a gate saturated to keep nothing: step by step
-            block = np.empty_like(bb)
-            for t in range(len(ab)):
-                h = ab[t] * h + bb[t]
-                block[t] = h
+        else:  # a gate saturated to keep nothing: the product underflowed
+            block = _step_by_step(ab, bb, h)
         out[start:start + len(ab)] = block
         h = block[-1]
+    return out
+
+
+def _step_by_step(a: np.ndarray, b: np.ndarray, h: np.ndarray) -> np.ndarray:
+    out = np.empty_like(b)
+    for t in range(len(a)):
+        h = a[t] * h + b[t]
+        out[t] = h
     return out
