@@ -52,13 +52,21 @@ def bench_audio(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up: first calls allocate and pick kernels
-    times = []
+    return interleaved_median_seconds({"run": run}, repeats)["run"]
+
+
+def interleaved_median_seconds(runs: dict, repeats: int) -> dict:
+    """{name: median seconds} of each run, timed round-robin so that a drift in the machine's
+    speed touches every run alike and their ratios stay fair."""
+    for run in runs.values():
+        run()  # warm-up: first calls allocate and pick kernels
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def machine() -> dict:
@@ -68,17 +76,18 @@ def machine() -> dict:
 
 # ----------------------------------------------------------------------------- bench stream
 
-def streaming_seconds(model, audio: np.ndarray, chunk: int, repeats: int) -> float:
+def streaming_run(model, audio: np.ndarray, chunk: int):
+    """The live path: a fresh Detector fed `audio` in blocks of `chunk` samples."""
     def run():
         detector = Detector(model)
         for start in range(0, len(audio), chunk):
             detector.process(audio[start:start + chunk])
-    return median_seconds(run, repeats)
+    return run
 
 
-def sliding_window_seconds(model, audio: np.ndarray, repeats: int) -> tuple[dict, float]:
-    """({way: time}, audio seconds covered) for the model re-run on a 1-s window every 100 ms,
-    each window read out as in training (softmax of the mean of its per-step logits), run two
+def sliding_window_runs(model, audio: np.ndarray) -> tuple[dict, float]:
+    """({way: run}, audio seconds covered) for the model re-run on a 1-s window every 100 ms,
+    each window read out as in training (softmax of the mean of its per-step logits), two
     ways: the model's whole-sequence `forward` (PyTorch), and the stream engine on each window
     from a stream's start state. The faster one is the fair baseline."""
     window, hop = int(SLIDING_WINDOW_S * SAMPLE_RATE), int(SLIDING_HOP_S * SAMPLE_RATE)
@@ -94,8 +103,7 @@ def sliding_window_seconds(model, audio: np.ndarray, repeats: int) -> tuple[dict
         for s in starts:
             mean = engine.stream(audio[s:s + window], engine.start_state())[0].mean(0)
             np.exp(mean - mean.max()) / np.exp(mean - mean.max()).sum()
-    return ({"forward": median_seconds(forward, repeats), "engine": median_seconds(on_engine, repeats)},
-            len(starts) * SLIDING_HOP_S)
+    return {"forward": forward, "engine": on_engine}, len(starts) * SLIDING_HOP_S
 
 
 def peak_rss_bytes(argv: list[str]) -> int:
@@ -120,13 +128,14 @@ def bench_stream(args) -> int:
     model = load(args.model)
     audio = bench_audio(args.seconds)
     result = {"machine": machine(), "audio_seconds": args.seconds, "repeats": args.repeats}
-    for ms in STREAM_CHUNKS_MS:
-        chunk = int(SAMPLE_RATE * ms / 1000)
-        result[f"rtf_{ms}ms"] = streaming_seconds(model, audio, chunk, args.repeats) / args.seconds
-    sliding, covered = sliding_window_seconds(model, audio, args.repeats)
-    for way, seconds in sliding.items():
-        result[f"rtf_sliding_window_{way}"] = seconds / covered
-    result["rtf_sliding_window"] = min(sliding.values()) / covered
+    runs = {f"rtf_{ms}ms": streaming_run(model, audio, int(SAMPLE_RATE * ms / 1000))
+            for ms in STREAM_CHUNKS_MS}
+    windows, covered = sliding_window_runs(model, audio)
+    runs.update((f"rtf_sliding_window_{way}", run) for way, run in windows.items())
+    seconds = interleaved_median_seconds(runs, args.repeats)
+    for name, t in seconds.items():
+        result[name] = t / (covered if name.startswith("rtf_sliding") else args.seconds)
+    result["rtf_sliding_window"] = min(result[f"rtf_sliding_window_{way}"] for way in windows)
     # Same 100-ms update rate on both sides; the 32-ms figure updates three times as often.
     result["sliding_window_ratio"] = result["rtf_sliding_window"] / result["rtf_100ms"]
     result["sliding_window_ratio_32ms"] = result["rtf_sliding_window"] / result["rtf_32ms"]
@@ -144,7 +153,7 @@ def bench_stream(args) -> int:
         return 0
     m = result["machine"]
     print(f"one thread of {m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}, "
-          f"{args.seconds:g} s of audio, median of {args.repeats}")
+          f"{args.seconds:g} s of audio, median of {args.repeats} runs timed round-robin")
     for ms in STREAM_CHUNKS_MS:
         print(f"streaming, {ms:>3} ms chunks: real-time factor {result[f'rtf_{ms}ms']:.4f}")
     print(f"1-s window every 100 ms:   real-time factor {result['rtf_sliding_window']:.4f} (forward "
