@@ -85,6 +85,16 @@ def streaming_run(model, audio: np.ndarray, chunk: int):
     return run
 
 
+def torch_stream_run(model, audio: np.ndarray, chunk: int):
+    """`model.stream` itself (PyTorch), the reference the stream engine is tested against."""
+    def run():
+        state = model.primed_state(1)
+        with torch.inference_mode():
+            for start in range(0, len(audio), chunk):
+                _, state = model.stream(torch.from_numpy(audio[start:start + chunk])[None], state)
+    return run
+
+
 def sliding_window_runs(model, audio: np.ndarray) -> tuple[dict, float]:
     """({way: run}, audio seconds covered) for the model re-run on a 1-s window every 100 ms,
     each window read out as in training (softmax of the mean of its per-step logits), two
@@ -130,6 +140,7 @@ def bench_stream(args) -> int:
     result = {"machine": machine(), "audio_seconds": args.seconds, "repeats": args.repeats}
     runs = {f"rtf_{ms}ms": streaming_run(model, audio, int(SAMPLE_RATE * ms / 1000))
             for ms in STREAM_CHUNKS_MS}
+    runs["rtf_32ms_torch_stream"] = torch_stream_run(model, audio, int(SAMPLE_RATE * 0.032))
     windows, covered = sliding_window_runs(model, audio)
     runs.update((f"rtf_sliding_window_{way}", run) for way, run in windows.items())
     seconds = interleaved_median_seconds(runs, args.repeats)
@@ -156,6 +167,8 @@ def bench_stream(args) -> int:
           f"{args.seconds:g} s of audio, median of {args.repeats} runs timed round-robin")
     for ms in STREAM_CHUNKS_MS:
         print(f"streaming, {ms:>3} ms chunks: real-time factor {result[f'rtf_{ms}ms']:.4f}")
+    print(f"PyTorch model.stream, 32 ms: real-time factor {result['rtf_32ms_torch_stream']:.4f} "
+          f"(the stream engine is {result['rtf_32ms_torch_stream'] / result['rtf_32ms']:.1f}x faster)")
     print(f"1-s window every 100 ms:   real-time factor {result['rtf_sliding_window']:.4f} (forward "
           f"{result['rtf_sliding_window_forward']:.4f}, stream engine {result['rtf_sliding_window_engine']:.4f})")
     print(f"sliding window / streaming: {result['sliding_window_ratio']:.1f}x at the same "
