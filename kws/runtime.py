@@ -2,16 +2,17 @@
 
 `MGRADE.stream` is the reference, written in PyTorch for batches and GPUs. A live stream is
 one batch row fed 3 to 10 steps at a time, and there the cost is not arithmetic but the fixed
-cost of each operator call: about 2-10 us per PyTorch operator on a small tensor against
-about 1 us per NumPy ufunc. `StreamEngine` computes the same function with the weights
+cost of each operator call: about 2-10 µs per PyTorch operator on a small tensor against
+about 1 µs per NumPy ufunc. `StreamEngine` computes the same function with the weights
 rearranged once, so each chunk needs fewer and cheaper calls:
 
 - delay taps are read with one `take` at precomputed indices (only the taps, not the window);
 - LayerNorm's affine parameters and centring are folded into the neighbouring linear layers
   where one exists, and GELU's scale factors into the MLP's weights;
-- the minGRU recurrence over a chunk is closed-form, h_t = A_t (h_0 + sum_s b_s / A_s) with
-  A_t the running product of (1 - z), in float64, in blocks short enough that A stays far
-  from underflow (saturated gates fall back to the step-by-step form);
+- the minGRU recurrence runs step by step over a chunk of a few steps, and closed-form over
+  longer ones, h_t = A_t (h_0 + sum_s b_s / A_s) with A_t the running product of (1 - z),
+  in float64 and in blocks short enough that A stays far from underflow (saturated gates
+  fall back to the step-by-step form);
 - both gates come from one exp over the joint gate/candidate projection.
 
 Its state has the same parts as `MGRADE.stream`'s: unconsumed audio, then per layer a delay
