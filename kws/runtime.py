@@ -28,6 +28,10 @@ PIECE_SAMPLES = 16000  # longer chunks run 1 s at a time, so working memory stay
 SCAN_BLOCK = 16  # steps per closed-form block: A_t stays above 1e-280 unless gates saturate
 LOOP_MAX_STEPS = 4  # chunks up to this many steps run the recurrence step by step: fewer calls
 TINY = 1e-280
+# No floating-point warnings: an exp that overflows gives a gate of exactly 0 or 1, as meant,
+# and OpenBLAS on arm64 sets spurious divide/overflow/invalid flags in matmuls whose results
+# are correct (numpy issues 28687, 29820), which would print RuntimeWarnings on every board.
+QUIET = dict(all="ignore")
 
 
 class StreamEngine:
@@ -40,7 +44,7 @@ class StreamEngine:
         self.stride = model.cfg.stride
         self.history = model.frontend.history
         self.n_classes = model.cfg.n_classes
-        with torch.no_grad():
+        with torch.no_grad(), np.errstate(**QUIET):
             self.frontend = _Frontend(model.frontend)
             max_steps = (PIECE_SAMPLES + model.frontend.history) // self.stride + 1
             self.layers = [_Layer(layer, max_steps) for layer in model.layers]
@@ -66,12 +70,12 @@ class StreamEngine:
         new_state = [audio[steps * self.stride:]]
         if steps == 0:
             return np.zeros((0, self.n_classes), np.float32), new_state + state[1:]
-        with np.errstate(over="ignore", under="ignore"):  # exp overflow -> a gate exactly 0 or 1
+        with np.errstate(**QUIET):
             x = self.frontend(audio, steps)
             for i, layer in enumerate(self.layers):
                 x, line, h = layer(x, *state[1 + 2 * i: 3 + 2 * i])
                 new_state += [line, h]
-        return x @ self.decoder_w + self.decoder_b, new_state
+            return x @ self.decoder_w + self.decoder_b, new_state
 
 
 def _numpy(t: torch.Tensor, dtype=np.float32) -> np.ndarray:

@@ -1,6 +1,8 @@
 """The NumPy stream engine computes what `MGRADE.stream` computes, for every model shape, in
 any chunking, with a fixed-size state, and is rebuilt when the weights change."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -74,15 +76,19 @@ def test_gaussian_taps_at_inference_are_read_in_full():
         model.set_gaussian_at_inference(False)
 
 
-def test_saturated_gates_take_the_step_by_step_form():
+@pytest.mark.parametrize("bias", [80.0, 100.0], ids=["underflow", "overflow"])
+def test_saturated_gates_take_the_step_by_step_form_without_warnings(bias):
     # A gate bias of 80 keeps exp(-80) of the state per step: the running product underflows
-    # within one block, so the closed form would divide by zero.
+    # within one block, so the closed form would divide by zero. At 100, exp overflows float32
+    # and the keep gate is exactly 0, as PyTorch's sigmoid is exactly 1.
     model = small_model("edge", seed=4)
     with torch.no_grad():
         for layer in model.layers:
-            layer.mingru.to_gate_and_candidate.bias[:SMALL["width"]] = 80.0
+            layer.mingru.to_gate_and_candidate.bias[:SMALL["width"]] = bias
     audio = noisy_bursts(1.0, seed=5)
-    got, _ = engine_logits(model, audio, (SCAN_BLOCK * 160 + 160,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, _ = engine_logits(model, audio, (SCAN_BLOCK * 160 + 160,))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, reference_logits(model, audio), atol=2e-5, rtol=1e-4)
 
