@@ -112,7 +112,8 @@ def sliding_window_runs(model, audio: np.ndarray) -> tuple[dict, float]:
     def on_engine():
         for s in starts:
             mean = engine.stream(audio[s:s + window], engine.start_state())[0].mean(0)
-            np.exp(mean - mean.max()) / np.exp(mean - mean.max()).sum()
+            e = np.exp(mean - mean.max())
+            e / e.sum()
     return {"forward": forward, "engine": on_engine}, len(starts) * SLIDING_HOP_S
 
 

@@ -327,9 +327,14 @@ class MGRADE(nn.Module):
         logits, _ = self.stream(audio, self.primed_state(audio.shape[0]))
         return logits.mean(dim=1)
 
+    def _weights_key(self) -> tuple:
+        """Changes whenever the weights (or train/eval mode) do: the key of what is derived from
+        them and kept between calls."""
+        return tuple((p.data_ptr(), p._version) for p in self.parameters()) + (self.training,)
+
     def primed_state(self, batch_size: int = 1) -> list[torch.Tensor]:
         """The stream state after `clip_context_s` of silence, kept until the weights change."""
-        key = tuple(p._version for p in self.parameters()) + (self.training,)
+        key = self._weights_key()
         if key != self._primed_key:
             context = round(self.cfg.clip_context_s * 16000) // self.cfg.stride * self.cfg.stride
             # Normal tensors even when first asked inside inference mode, for later callers.
@@ -369,7 +374,7 @@ class MGRADE(nn.Module):
     def stream_engine(self) -> StreamEngine:
         """`stream` for one stream in NumPy (kws.runtime): what every Detector runs, several
         times faster on the 3-10 steps of a live chunk. Kept until the weights change."""
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters()) + (self.training,)
+        key = self._weights_key()
         if key != self._engine_key:
             self._engine, self._engine_key = StreamEngine(self), key
         return self._engine

@@ -215,8 +215,7 @@ def clip_accuracy(model, clips, seed: int, batch: int = 64) -> dict:
     with torch.inference_mode():
         for start in range(0, len(audio), batch):
             x = torch.from_numpy(np.stack(audio[start:start + batch]))
-            logits, _ = model.stream(x, model.primed_state(len(x)))
-            reset += logits.mean(1).argmax(1).tolist()
+            reset += model.classify(x).argmax(1).tolist()
         state = model.primed_state(1)
         for a in audio:
             logits, state = model.stream(torch.from_numpy(a)[None], state)
