@@ -215,8 +215,9 @@ def format_detection(d: Detection, as_json: bool) -> str:
 
 class Worker:
     """The detecting side of the pipeline: takes blocks at `rate` from the queue, resamples,
-    detects, and hands the detections of every call to `on_detections`; stops at None. `kws
-    listen` prints them; the service publishes them. Run `run` in a thread of its own."""
+    detects, and hands the detections of every call to `on_detections`; stops at None, after
+    flushing the detector so that a word at the very end is reported. `kws listen` prints them;
+    the service publishes them. Run `run` in a thread of its own."""
 
     def __init__(self, detector: Detector, rate: int, blocks: queue.Queue,
                  on_detections: Callable[[list[Detection]], None]):
@@ -238,6 +239,7 @@ class Worker:
                 if waiting:
                     self._detect(self.resampler.process(np.concatenate(waiting)))
             self._detect(self.resampler.flush())
+            self._report(self.detector.flush())
         except BaseException as e:  # reported by whoever owns the thread
             self.error = e
         finally:
@@ -261,6 +263,9 @@ class Worker:
         t0 = time.perf_counter()
         found = self.detector.process(audio)
         self.compute_seconds += time.perf_counter() - t0
+        self._report(found)
+
+    def _report(self, found: list[Detection]):
         self.detections += len(found)
         self.on_detections(found)
 

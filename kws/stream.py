@@ -9,12 +9,21 @@ the NumPy form of `model.stream`), carrying the recurrent state, and turns the p
   training readout (cross-entropy on the mean logits of a 1-s clip), so the scores mean what
   they meant in training, and the background class ("_background_") makes silence and noise
   score low for every word without a separate energy gate;
-- a detection when the top word (background excluded) reaches its threshold, once the window
-  has filled: in the first `window_s` of a stream the model has had less context than in
-  training (0.5 s before every clip) and the mean runs over fewer steps, and word scores
+- a word becomes a candidate when its score (background excluded) reaches its threshold, once
+  the window has filled: in the first `window_s` of a stream the model has had less context than
+  in training (0.5 s before every clip) and the mean runs over fewer steps, and word scores
   measured on noise spike there;
+- the candidate is followed until its score has peaked (the first step it falls below its best
+  so far) or `peak_wait_s` has passed, whichever comes first; the detection then reports the
+  peak, the utterance's score rather than the value that happened to cross, and the word that
+  peaked highest if another word overtook the first meanwhile. The wait bounds the latency
+  this adds (`peak_wait_s=0` reports at the crossing);
 - then a refractory period in which nothing fires, and a word fires again only after its own
   score has fallen back below its threshold, so one utterance gives one detection.
+
+At the end of a stream (a file, a /predict clip) `flush()` feeds silence long enough for a word
+at the very end to pass through the score window, so the last word, or a file that holds a
+single 1-s clip, is still reported.
 
 State over an endless stream. Everything the detector keeps has a fixed size: the model's stream
 state (unconsumed audio, a delay line of `delay_window - 1` steps and one hidden vector per
@@ -41,6 +50,7 @@ from kws.errors import KwsError
 DEFAULT_THRESHOLD = 0.97  # at most 2 false accepts per hour on the validation streams (eval-stream)
 DEFAULT_WINDOW_S = 1.0  # logits averaged over the last second: the training clip length
 DEFAULT_REFRACTORY_S = 1.0  # after a detection, silence for this long
+DEFAULT_PEAK_WAIT_S = 0.2  # a candidate is reported at its peak, at most this long after crossing
 DEFAULT_CHUNK_SAMPLES = 512  # 32 ms, a typical microphone block
 
 
@@ -48,7 +58,7 @@ DEFAULT_CHUNK_SAMPLES = 512  # 32 ms, a typical microphone block
 class Detection:
     time_s: float  # stream time of the detection: seconds from the start of the stream
     label: str
-    score: float
+    score: float  # the peak of the word's score over the utterance
 
 
 class Detector:
@@ -56,16 +66,20 @@ class Detector:
 
     threshold: one probability for every word, or {word: probability} (words not named keep
     DEFAULT_THRESHOLD). words: report only these (default: every label but the background).
+    peak_wait_s: how long after crossing its threshold a word may still be rising before it is
+    reported (its peak score so far).
     """
 
     def __init__(self, model, threshold: "float | dict[str, float] | None" = None,
                  words: Iterable[str] | None = None, window_s: float = DEFAULT_WINDOW_S,
-                 refractory_s: float = DEFAULT_REFRACTORY_S):
+                 refractory_s: float = DEFAULT_REFRACTORY_S,
+                 peak_wait_s: float = DEFAULT_PEAK_WAIT_S):
         self.engine = model.stream_engine()
         self.labels = tuple(model.cfg.labels)
         self.stride = model.cfg.stride
         self.window_steps = max(1, round(window_s * SAMPLE_RATE / self.stride))
         self.refractory_steps = max(0, round(refractory_s * SAMPLE_RATE / self.stride))
+        self.peak_wait_steps = max(0, round(peak_wait_s * SAMPLE_RATE / self.stride))
         self._thresholds = self._threshold_per_label(threshold, words)
         self.reset()
 
@@ -106,6 +120,7 @@ class Detector:
         self._samples = 0
         self._quiet_until = self.window_steps - 1  # first step that may fire: the window is full
         self._armed = np.ones(n, dtype=bool)  # a word re-arms when its score falls below threshold
+        self._candidate: _Candidate | None = None  # a word above threshold, not yet reported
         self._probs = np.zeros(n)
         self.last_logits = np.zeros((0, n), dtype=np.float32)  # from the latest process()
 
@@ -157,36 +172,85 @@ class Detector:
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
+    def flush(self) -> list[Detection]:
+        """End the stream: feed silence until a word at the very end has passed through the
+        score window and been reported. Detections made in the silence are dated at the end of
+        the audio; `time_s` stays there too. Call `reset()` before feeding another stream."""
+        end = self._samples
+        found = self.process(np.zeros(round((self.window_steps + self.peak_wait_steps + 1)
+                                            * self.stride), np.float32))
+        if self._candidate is not None:  # still rising after the whole wait: report it now
+            found.append(self._report(self._steps - 1))
+        self._samples = end
+        end_s = end / SAMPLE_RATE
+        return [Detection(min(d.time_s, end_s), d.label, d.score) for d in found]
+
     def _decide(self, probs: np.ndarray, first_step: int) -> list[Detection]:
-        """Thresholds, re-arming and the refractory period, step by step. Only steps where some
-        word is above its threshold need a look; any other step re-arms every word."""
+        """Thresholds, peak following, re-arming and the refractory period, step by step. Only
+        steps where some word is above its threshold need a look, and the first step after
+        them, where every score is below threshold (any candidate has peaked, and every word
+        re-arms)."""
         detections = []
         above = probs >= self._thresholds
         previous = -1
         for i in np.flatnonzero(above.any(axis=1)):
             if i > previous + 1:
-                self._armed[:] = True
+                self._below_every_threshold(first_step + previous + 1, detections)
             previous = i
             self._armed |= ~above[i]
             step = first_step + int(i)
-            if step < self._quiet_until:
-                continue
-            candidates = np.where(above[i] & self._armed, probs[i], -1.0)
-            best = int(candidates.argmax())
-            if candidates[best] < 0:
-                continue
-            detections.append(Detection(time_s=(step + 1) * self.stride / SAMPLE_RATE,
-                                        label=self.labels[best], score=float(probs[i, best])))
-            self._armed[best] = False
-            self._quiet_until = step + 1 + self.refractory_steps
+            if self._candidate is not None:
+                self._follow(probs[i], above[i], step, detections)
+            elif step >= self._quiet_until:
+                candidates = np.where(above[i] & self._armed, probs[i], -1.0)
+                best = int(candidates.argmax())
+                if candidates[best] >= 0:
+                    self._candidate = _Candidate(best, float(probs[i, best]),
+                                                 step + self.peak_wait_steps)
+                    if self.peak_wait_steps == 0:
+                        detections.append(self._report(step))
         if previous < len(probs) - 1:
-            self._armed[:] = True
+            self._below_every_threshold(first_step + previous + 1, detections)
         return detections
+
+    def _follow(self, probs: np.ndarray, above: np.ndarray, step: int, detections: list):
+        """A step while a candidate waits for its peak: a higher score (of the candidate or a
+        word that overtakes it) becomes the peak; a fall or the end of the wait reports."""
+        c = self._candidate
+        challengers = np.where(above & self._armed, probs, -1.0)
+        best = int(challengers.argmax())
+        if challengers[best] > c.peak:
+            c.label, c.peak = best, float(challengers[best])
+        elif probs[c.label] < c.peak:
+            detections.append(self._report(step))
+            return
+        if step >= c.deadline:
+            detections.append(self._report(step))
+
+    def _below_every_threshold(self, step: int, detections: list):
+        if self._candidate is not None:
+            detections.append(self._report(step))
+        self._armed[:] = True
+
+    def _report(self, step: int) -> Detection:
+        c, self._candidate = self._candidate, None
+        self._armed[c.label] = False
+        self._quiet_until = step + 1 + self.refractory_steps
+        return Detection(time_s=(step + 1) * self.stride / SAMPLE_RATE, label=self.labels[c.label],
+                         score=c.peak)
+
+
+@dataclass
+class _Candidate:
+    label: int  # index into labels
+    peak: float  # best score so far
+    deadline: int  # the step at which it is reported even if still rising
 
 
 def detect(model, audio: np.ndarray, chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
            **detector_kwargs) -> list[Detection]:
-    """Every detection in a whole signal, fed through a fresh Detector in chunks."""
+    """Every detection in a whole signal, fed through a fresh Detector in chunks, and flushed
+    at the end so that a word at the very end is reported too."""
     if chunk_samples < 1:
         raise KwsError(f"chunk_samples must be positive, got {chunk_samples}")
     detector = Detector(model, **detector_kwargs)
@@ -194,4 +258,4 @@ def detect(model, audio: np.ndarray, chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
     detections = []
     for start in range(0, len(audio), chunk_samples):
         detections += detector.process(audio[start:start + chunk_samples])
-    return detections
+    return detections + detector.flush()

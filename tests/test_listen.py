@@ -134,6 +134,20 @@ def test_a_44k_stereo_file_gives_the_words_of_the_16k_mono_file(shipped_model_pa
     assert found["stereo"] == words
 
 
+@pytest.mark.parametrize("clip", KEYWORD_CLIPS)
+def test_a_file_holding_a_single_clip_is_reported_with_its_word(clip, shipped_model_path, capsys,
+                                                                 restore_threads):
+    if not (shared_data() / clip).is_file():
+        pytest.skip(f"the shared Speech Commands copy is not at {shared_data()} (set KWS_DATA)")
+    # At the default threshold: the word ends less than a second before the file does, so it
+    # is heard only because the end of the file flushes the detector.
+    code, lines, _ = run_listen(["--model", str(shipped_model_path), "--input",
+                                 str(shared_data() / clip), "--fast", "--json"], capsys)
+    assert code == 0
+    assert [d["label"] for d in lines] == [clip.split("/")[0]]
+    assert lines[0]["time_s"] <= sf.info(shared_data() / clip).duration + 1e-3
+
+
 def test_ctrl_c_stops_a_real_time_stream_with_a_summary(tiny_edge_model_path, tmp_path):
     wav = tmp_path / "long.wav"
     sf.write(wav, noisy_bursts(60.0, seed=3), 16000)
@@ -193,6 +207,10 @@ class RecordingDetector:
         self.chunks.append(len(samples))
         return []
 
+    def flush(self):
+        self.chunks.append("flush")
+        return []
+
 
 def test_a_worker_behind_takes_all_waiting_blocks_as_one_chunk():
     blocks = queue.Queue()
@@ -203,7 +221,8 @@ def test_a_worker_behind_takes_all_waiting_blocks_as_one_chunk():
     worker = Worker(detector, SAMPLE_RATE, blocks, on_detections=lambda found: None)
     worker.run()
     assert worker.error is None and worker.finished.is_set()
-    assert detector.chunks == [1324, 0]  # everything waiting at once, then the (empty) flush
+    # Everything waiting at once, then the resampler's (empty) rest, then the detector's flush.
+    assert detector.chunks == [1324, 0, "flush"]
 
 
 def test_a_worker_keeping_up_takes_blocks_as_they_come():
@@ -219,4 +238,4 @@ def test_a_worker_keeping_up_takes_blocks_as_they_come():
             time.sleep(0.001)
     blocks.put(None)
     thread.join(10)
-    assert detector.chunks == [512, 256, 0]
+    assert detector.chunks == [512, 256, 0, "flush"]

@@ -21,7 +21,8 @@ BG = LABELS.index(BACKGROUND)
 
 class ScriptedModel:
     """A stand-in whose per-step logits are spelled out by the audio itself: a step of 160
-    samples whose value is k gives logit 8 for label k and 0 elsewhere. It streams like
+    samples whose value is k + 1 gives logit 8 for label k and 0 elsewhere, and silence (0)
+    gives the background (the last label). It streams like
     MGRADE's engine (unconsumed samples carried), so it exercises the Detector alone."""
 
     cfg = SimpleNamespace(labels=LABELS, stride=STRIDE)
@@ -35,13 +36,13 @@ class ScriptedModel:
     def stream(self, samples, state):
         audio = np.concatenate([state[0], samples])
         steps = len(audio) // STRIDE
-        index = audio[: steps * STRIDE:STRIDE].round().astype(int)
+        index = audio[: steps * STRIDE:STRIDE].round().astype(int) - 1
         return 8.0 * np.eye(len(LABELS), dtype=np.float32)[index], [audio[steps * STRIDE:]]
 
 
 def script(*segments) -> np.ndarray:
     """Audio for ScriptedModel from (label, seconds) pairs."""
-    return np.concatenate([np.full(round(s * 16000), LABELS.index(label), np.float32)
+    return np.concatenate([np.full(round(s * 16000), LABELS.index(label) + 1, np.float32)
                            for label, s in segments])
 
 
@@ -49,16 +50,26 @@ def test_a_held_word_gives_one_detection_with_its_label_and_time():
     audio = script((BACKGROUND, 2.0), ("yes", 0.8), (BACKGROUND, 2.0))
     found = detect(ScriptedModel(), audio, threshold=0.8)
     assert [d.label for d in found] == ["yes"]
-    # The score crosses 0.8 once enough of the last second is "yes": after 2 s of background.
-    assert 2.0 < found[0].time_s < 2.8
-    assert found[0].score >= 0.8
+    # The score crosses 0.8 once about two thirds of the last second is "yes" (at 2.67 s) and
+    # peaks when the window holds all 0.8 s of the word: reported by the end of the 0.2-s wait.
+    assert 2.8 <= found[0].time_s <= 2.87 + 1e-9
+    assert found[0].score == pytest.approx(peak_score(0.8))
+
+
+def peak_score(fraction: float) -> float:
+    """ScriptedModel's word score when `fraction` of the 1-s window is the word, the rest
+    background."""
+    word, background, others = np.exp(8 * fraction), np.exp(8 * (1 - fraction)), len(LABELS) - 2
+    return word / (word + background + others)
 
 
 def test_nothing_fires_before_the_score_window_has_filled_once():
     # A fraction of a second of a word at the very start scores high over the few steps seen.
     assert detect(ScriptedModel(), script(("yes", 0.2), (BACKGROUND, 2.0)), threshold=0.8) == []
     found = detect(ScriptedModel(), script(("yes", 0.9), (BACKGROUND, 2.0)), threshold=0.8)
-    assert [d.label for d in found] == ["yes"] and found[0].time_s == pytest.approx(1.0)
+    # The window fills at 1.0 s with the score at its peak; it falls one step later.
+    assert [d.label for d in found] == ["yes"] and found[0].time_s == pytest.approx(1.01)
+    assert found[0].score == pytest.approx(peak_score(0.9))
 
 
 def test_background_alone_gives_no_detection():
@@ -99,6 +110,70 @@ def test_smoothing_window_length_changes_when_a_word_is_confident_enough():
     assert [d.label for d in detect(ScriptedModel(), audio, threshold=0.8, window_s=0.3)] == ["yes"]
 
 
+def rising_and_falling(word_logits: dict[str, list[float]], before: int = 10,
+                       after: int = 10) -> np.ndarray:
+    """Per-step logits: background, then each word's logit per step (others 0), then
+    background. With a one-step window a word's score is e^a / (e^a + 35)."""
+    steps = len(next(iter(word_logits.values())))
+    logits = np.zeros((before + steps + after, len(LABELS)), np.float32)
+    logits[:before, BG] = logits[before + steps:, BG] = 8.0
+    for word, values in word_logits.items():
+        logits[before:before + steps, LABELS.index(word)] = values
+    return logits
+
+
+def one_step_score(a: float) -> float:
+    return np.exp(a) / (np.exp(a) + len(LABELS) - 1)
+
+
+def test_a_detection_reports_the_peak_score_when_the_score_falls():
+    logits = rising_and_falling({"yes": [5, 6, 7, 6, 5]})  # crosses 0.8 at 5, peaks at 7
+    found = Detector(ScriptedModel(), threshold=0.8, window_s=0.01).process_logits(logits)
+    assert [d.label for d in found] == ["yes"]
+    assert found[0].score == pytest.approx(one_step_score(7))
+    assert found[0].time_s == pytest.approx(0.14)  # step 13, the first below the peak
+
+
+def test_the_peak_wait_bounds_how_late_a_rising_score_is_reported():
+    logits = rising_and_falling({"yes": [5, 6, 7, 6, 5]})
+    at_crossing = Detector(ScriptedModel(), threshold=0.8, window_s=0.01, peak_wait_s=0.0)
+    one_step = Detector(ScriptedModel(), threshold=0.8, window_s=0.01, peak_wait_s=0.01)
+    [crossed] = at_crossing.process_logits(logits)
+    [waited] = one_step.process_logits(logits)
+    assert (crossed.time_s, crossed.score) == pytest.approx((0.11, one_step_score(5)))
+    assert (waited.time_s, waited.score) == pytest.approx((0.12, one_step_score(6)))
+
+
+def test_a_word_that_overtakes_the_candidate_before_its_report_is_the_one_reported():
+    logits = rising_and_falling({"no": [5, 4], "off": [0, 7]})
+    found = Detector(ScriptedModel(), threshold=0.8, window_s=0.01).process_logits(logits)
+    assert [(d.label, d.time_s) for d in found] == [("off", pytest.approx(0.13))]
+
+
+def test_following_the_peak_does_not_depend_on_how_the_logits_are_split():
+    logits = rising_and_falling({"yes": [5, 6, 7, 7, 7, 6], "go": [0, 0, 0, 0, 12, 0]})
+    whole = Detector(ScriptedModel(), threshold=0.8, window_s=0.01).process_logits(logits)
+    detector, steps = Detector(ScriptedModel(), threshold=0.8, window_s=0.01), []
+    for row in logits:
+        steps += detector.process_logits(row[None])
+    assert steps == whole and [d.label for d in whole] == ["go"]
+
+
+def test_flush_reports_a_word_at_the_very_end_of_a_stream_dated_at_its_end():
+    audio = script((BACKGROUND, 2.0), ("yes", 0.8))
+    detector = Detector(ScriptedModel(), threshold=0.8)
+    assert detector.process(audio) == []  # still rising when the audio ends
+    [found] = detector.flush()
+    assert (found.label, found.time_s) == ("yes", pytest.approx(2.8))
+    assert found.score == pytest.approx(peak_score(0.8))
+    assert detector.time_s == pytest.approx(2.8)
+
+
+def test_a_stream_of_a_single_clip_is_reported_when_flushed():
+    audio = script((BACKGROUND, 0.3), ("left", 0.6), (BACKGROUND, 0.1))  # 1 s in all
+    assert [d.label for d in detect(ScriptedModel(), audio, threshold=0.6)] == ["left"]
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(1, 5000), min_size=1, max_size=40).filter(lambda c: sum(c) > 800))
 def test_detections_do_not_depend_on_chunk_sizes(chunks):
@@ -126,7 +201,8 @@ def test_scores_and_time_follow_the_stream_and_reset_clears_them():
     detector.reset()
     assert detector.time_s == 0.0
     assert max(detector.scores.values()) == 0.0
-    assert detector.process(script(("go", 1.0))) == detect(ScriptedModel(), script(("go", 1.0)))
+    found = detector.process(script(("go", 1.0))) + detector.flush()
+    assert found == detect(ScriptedModel(), script(("go", 1.0)))
 
 
 def test_unknown_words_and_bad_thresholds_are_user_errors():
