@@ -26,8 +26,9 @@ class LiveListener:
     """Start with `start()` (raises KwsError when there is no usable source), end with `stop()`."""
 
     def __init__(self, model, bus: DetectionBus, device: str | None = None,
-                 input_file: str | None = None):
-        self.detector = Detector(model)  # its own stream state; the model is shared read-only
+                 input_file: str | None = None, threshold=None, words=None):
+        # Its own stream state; the model is shared read-only.
+        self.detector = Detector(model, threshold=threshold, words=words)
         self.bus = bus
         self.device, self.input_file = device, input_file
         self.counters = Counters()
@@ -91,11 +92,11 @@ class LiveListener:
             self.bus.publish_scores([Score(label=k, score=v) for k, v in best[:TOP_K]])
 
 
-def start_listener(model, bus: DetectionBus, device,
-                   input_file) -> tuple[LiveListener | None, str | None]:
+def start_listener(model, bus: DetectionBus, device, input_file, threshold=None,
+                   words=None) -> tuple[LiveListener | None, str | None]:
     """(a running listener, None), or (None, why not): without a usable input the service logs
     one line and goes on serving /predict."""
-    listener = LiveListener(model, bus, device, input_file)
+    listener = LiveListener(model, bus, device, input_file, threshold, words)
     try:
         source = listener.start()
     except KwsError as e:

@@ -26,13 +26,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kws import __version__
 from kws.audio import SAMPLE_RATE, AudioError
 from kws.model import load_model, parameter_bytes, parameter_count, state_bytes
+from kws.stream import Detector
 
 from app.bus import DetectionBus
 from app.live import LiveListener, start_listener
 from app.batcher import ClipBatcher
 from app.predict import (DETECT_ABOVE_S, clip_for_classifier, decode_upload, prediction,
                          streaming_detections)
-from app.schemas import Detections, Error, Health, Listener, Prediction, Stats
+from app.schemas import Detections, DetectorSettings, Error, Health, Listener, Prediction, Stats
 from app.settings import Settings, from_env
 from app.stats import CountRequests, RequestCounts, memory_bytes, prometheus_registry
 from app.upload import REQUEST_BODY, read_upload
@@ -56,6 +57,11 @@ class Service:
         self.listener: LiveListener | None = None
         self.listener_problem: str | None = None
         self.metrics = prometheus_registry(self.stats)
+        self.detector_options = {"threshold": settings.threshold, "words": settings.words}
+        thresholds = Detector(model, **self.detector_options).thresholds
+        values = set(thresholds.values())
+        self.detector_settings = DetectorSettings(
+            threshold=values.pop() if len(values) == 1 else thresholds, words=list(thresholds))
 
     def listener_state(self) -> Listener:
         if self.listener is not None:
@@ -147,7 +153,8 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
         service = Service(settings, model or load_model(settings.model), bus, requests)
         if settings.listen:
             service.listener, service.listener_problem = start_listener(
-                service.model, bus, settings.device, settings.listen_input)
+                service.model, bus, settings.device, settings.listen_input,
+                **service.detector_options)
         app.state.service = service
         try:
             yield
@@ -186,7 +193,8 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
             work = [asyncio.wrap_future(service.batcher.submit(clip_for_classifier(audio)))]
             if len(audio) > DETECT_ABOVE_S * SAMPLE_RATE:
                 work.append(loop.run_in_executor(
-                    service.executor, partial(streaming_detections, service.model, audio)))
+                    service.executor,
+                    partial(streaming_detections, service.model, audio, **service.detector_options)))
             logits, *detections = await asyncio.gather(*work)
             return prediction(service.model.cfg.labels, logits, audio, sample_rate,
                               detections[0] if detections else None, started)
@@ -225,7 +233,8 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
     @app.get("/health", response_model=Health)
     async def health(service: ServiceDep):
         """Liveness: open even when an API token is set."""
-        return Health(model=str(service.settings.model), listener=service.listener_state())
+        return Health(model=str(service.settings.model), listener=service.listener_state(),
+                      detector=service.detector_settings)
 
     dashboard_html = DASHBOARD.read_text()
 

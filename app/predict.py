@@ -85,10 +85,11 @@ def clip_for_classifier(audio: np.ndarray) -> np.ndarray:
     return np.pad(audio, (0, max(0, CLIP_SAMPLES - len(audio))))
 
 
-def streaming_detections(model, audio: np.ndarray) -> list[Detection]:
-    """A long clip's detections by the streaming path of `kws listen`."""
+def streaming_detections(model, audio: np.ndarray, threshold=None,
+                         words=None) -> list[Detection]:
+    """A long clip's detections by the streaming path of `kws listen` (flushed at the end)."""
     # Chunking does not change what the detector finds; 1-s chunks keep the overhead low.
-    found = detect(model, audio, chunk_samples=SAMPLE_RATE)
+    found = detect(model, audio, chunk_samples=SAMPLE_RATE, threshold=threshold, words=words)
     return [Detection(time_s=d.time_s, label=d.label, score=d.score) for d in found]
 
 

@@ -49,10 +49,18 @@ class Listener(BaseModel):
     detail: str | None = Field(None, description="why the listener is unavailable")
 
 
+class DetectorSettings(BaseModel):
+    """What the live listener and long /predict clips report (`--threshold`, `--words`)."""
+    threshold: float | dict[str, float] = Field(
+        description="one probability for every word, or a probability per word")
+    words: list[str] = Field(description="the words reported")
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str = Field(description="the checkpoint being served")
     listener: Listener
+    detector: DetectorSettings
 
 
 class Stats(BaseModel):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kws import default_model_path
 from kws.errors import KwsError
+from kws.stream import parse_threshold, parse_words
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class Settings:
     max_batch: int = 16  # clips classified together, at most (app.batcher)
     torch_threads: int = 1  # intra-op threads per inference: parallel requests beat parallel ops
     detections_kept: int = 1000  # live detections /detections can return
+    # The detector of the listener and of long /predict clips, as `kws listen` takes them:
+    threshold: float | dict[str, float] | None = None  # None: kws.stream.DEFAULT_THRESHOLD
+    words: tuple[str, ...] | None = None  # None: every word
 
     def __post_init__(self):
         if self.model is None:
@@ -35,6 +39,8 @@ class Settings:
                      "detections_kept"):
             if getattr(self, name) < 1:
                 raise KwsError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.words is not None:
+            object.__setattr__(self, "words", tuple(self.words))
         if not 0 < self.min_duration_s < self.max_duration_s:
             raise KwsError("durations must satisfy 0 < min_duration_s < max_duration_s")
 
@@ -52,7 +58,10 @@ ENVIRONMENT = {
     "KWS_WORKERS": "workers",
     "KWS_MAX_BATCH": "max_batch",
     "KWS_TORCH_THREADS": "torch_threads",
+    "KWS_THRESHOLD": "threshold",
+    "KWS_WORDS": "words",
 }
+PARSERS = {"threshold": parse_threshold, "words": parse_words}  # the same text as the CLI flags
 
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
@@ -78,6 +87,12 @@ def from_env(env=None, **overrides) -> Settings:
         if variable in env:
             if env[variable] == "" and defaults[name] is None:
                 continue  # set but empty (compose passes host variables through): unset, None
+            if name in PARSERS:
+                try:
+                    values[name] = PARSERS[name](env[variable])
+                except KwsError as e:
+                    raise KwsError(f"{variable}: {e}") from None
+                continue
             kind = types[name] if isinstance(types[name], type) else str  # "str | None" -> str
             values[name] = _parse(variable, kind, env[variable])
     if env.get("KWS_MODEL"):

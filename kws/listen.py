@@ -28,7 +28,7 @@ import torchaudio
 
 from kws.audio import SAMPLE_RATE, to_mono
 from kws.errors import KwsError
-from kws.stream import Detection, Detector
+from kws.stream import DEFAULT_THRESHOLD, Detection, Detector, parse_threshold, parse_words
 
 QUEUE_SECONDS = 10.0  # audio the worker may fall behind before blocks are dropped
 LOWPASS_WIDTH = 6  # torchaudio's default sinc filter width, in zero crossings
@@ -359,15 +359,14 @@ def put_end(blocks: queue.Queue):
                 pass
 
 
-def parse_threshold(text: str):
-    """'0.8' for every word, or 'yes=0.9,no=0.7' per word."""
-    try:
-        if "=" not in text:
-            return float(text)
-        return {w.strip(): float(t) for w, t in (item.split("=", 1) for item in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a probability like 0.8, "
-                                         f"or per word like yes=0.9,no=0.7") from None
+def argument(parse):
+    """An argparse type from a parser that raises KwsError: its message becomes argparse's."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except KwsError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
 
 
 def positive(kind):
@@ -390,10 +389,11 @@ def register(sub):
     p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--rate", type=positive(int), help="device sample rate in Hz "
                    "(default: 16000 if the device takes it, else its default rate)")
-    p.add_argument("--threshold", type=parse_threshold, help="detection probability, "
-                   "one for all words (0.8) or per word (yes=0.9,no=0.7)")
-    p.add_argument("--words", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
-                   help="report only these words, comma separated")
+    p.add_argument("--threshold", type=argument(parse_threshold), help="detection probability, "
+                   f"one for all words (default {DEFAULT_THRESHOLD}) or per word "
+                   "(yes=0.9,no=0.7; words not named keep the default)")
+    p.add_argument("--words", type=argument(parse_words),
+                   help="report only these words, comma separated (default: all 35)")
     p.add_argument("--input", metavar="FILE", help="stream this audio file instead of a device")
     p.add_argument("--fast", action="store_true", help="with --input: as fast as possible, "
                    "not in real time")

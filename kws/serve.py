@@ -39,12 +39,15 @@ def serve(args):
     from app.main import create_app
     from app.settings import from_env
     from kws.cli import load
+    from kws.stream import Detector
 
     settings = from_env(model=args.model, host=args.host, port=args.port, listen=args.listen,
-                        device=args.device, listen_input=args.input, workers=args.workers)
+                        device=args.device, listen_input=args.input, workers=args.workers,
+                        threshold=args.threshold, words=args.words)
     if settings.listen_input and not settings.listen:
         raise KwsError("--input plays a file to the live listener: add --listen")
     model = load(settings.model)  # before binding: a bad checkpoint is a one-line error
+    Detector(model, threshold=settings.threshold, words=settings.words)  # likewise unknown words
     sock = bind(settings.host, settings.port)
     logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
     logging.getLogger("kws.serve").info(
@@ -56,6 +59,9 @@ def serve(args):
 
 
 def register(sub):
+    from kws.listen import argument
+    from kws.stream import DEFAULT_THRESHOLD, parse_threshold, parse_words
+
     p = sub.add_parser("serve", help="run the HTTP service: /predict, live detections, dashboard",
                        description="Serve the model over HTTP (settings also from KWS_* "
                        "environment variables; flags win). Dashboard at http://HOST:PORT/, "
@@ -69,6 +75,12 @@ def register(sub):
     p.add_argument("--device", help="input device for --listen, name or index ($KWS_DEVICE)")
     p.add_argument("--input", metavar="FILE", help="with --listen: play this audio file to the "
                    "listener in real time instead of a device ($KWS_LISTEN_INPUT)")
+    p.add_argument("--threshold", type=argument(parse_threshold),
+                   help="detection probability for the listener and long /predict clips, as in "
+                   f"`kws listen` ($KWS_THRESHOLD, default {DEFAULT_THRESHOLD}; per word: "
+                   "yes=0.9,no=0.7)")
+    p.add_argument("--words", type=argument(parse_words), help="report only these words, comma "
+                   "separated ($KWS_WORDS, default: all 35)")
     p.add_argument("--workers", type=int, help="threads that decode uploads ($KWS_WORKERS, default 2)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])

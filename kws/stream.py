@@ -102,6 +102,12 @@ class Detector:
                                f"thresholds are probabilities in [0, 1]")
         return np.array([per_label.get(label, np.inf) for label in self.labels])
 
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The words this detector reports, with their thresholds."""
+        return {label: float(t) for label, t in zip(self.labels, self._thresholds)
+                if np.isfinite(t)}
+
     def _check_labels(self, names, what: str):
         unknown = [n for n in names if n not in self.labels or n == BACKGROUND]
         if unknown:
@@ -245,6 +251,26 @@ class _Candidate:
     label: int  # index into labels
     peak: float  # best score so far
     deadline: int  # the step at which it is reported even if still rising
+
+
+def parse_threshold(text: str) -> "float | dict[str, float]":
+    """'0.8' for every word, or 'yes=0.9,no=0.7' per word (what --threshold and KWS_THRESHOLD
+    take); the Detector checks the words and the range."""
+    try:
+        if "=" not in text:
+            return float(text)
+        return {w.strip(): float(t) for w, t in (item.split("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise KwsError(f"{text!r}: give a probability like 0.8, "
+                       f"or per word like yes=0.9,no=0.7") from None
+
+
+def parse_words(text: str) -> list[str]:
+    """'yes,no,stop' -> ['yes', 'no', 'stop'] (what --words and KWS_WORDS take)."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words:
+        raise KwsError(f"{text!r}: give words separated by commas, like yes,no,stop")
+    return words
 
 
 def detect(model, audio: np.ndarray, chunk_samples: int = DEFAULT_CHUNK_SAMPLES,

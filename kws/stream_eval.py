@@ -32,7 +32,7 @@ from kws.audio import SAMPLE_RATE, load_audio
 from kws.data import WELL_COVERED, read_noise, read_split, word_bounds
 from kws.errors import KwsError
 from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_REFRACTORY_S, DEFAULT_THRESHOLD,
-                        DEFAULT_WINDOW_S, Detection, Detector)
+                        DEFAULT_WINDOW_S, Detection, Detector, parse_threshold, parse_words)
 
 SLOT_S = (3.0, 6.0)
 KEYWORD_FREE_SLOTS = 0.2
@@ -444,7 +444,7 @@ def eval_stream(args) -> int:
 
 
 def register(sub):
-    from kws.listen import parse_threshold, positive
+    from kws.listen import argument, positive
 
     p = sub.add_parser("eval-stream", help="recall, false accepts/hour and latency on long "
                        "test streams through the live detection path")
@@ -453,9 +453,9 @@ def register(sub):
     p.add_argument("--split", default="testing", choices=("validation", "testing"))
     p.add_argument("--minutes", type=positive(float), default=10.0, help="stream length (10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--words", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
+    p.add_argument("--words", type=argument(parse_words),
                    help="keywords, comma separated (default: the 17 well-covered words)")
-    p.add_argument("--threshold", type=parse_threshold, help=f"detection probability "
+    p.add_argument("--threshold", type=argument(parse_threshold), help=f"detection probability "
                    f"(default {DEFAULT_THRESHOLD}), or per word: yes=0.9,no=0.7")
     p.add_argument("--window-s", type=positive(float), default=DEFAULT_WINDOW_S,
                    help=f"seconds of logits averaged into a score ({DEFAULT_WINDOW_S:g})")

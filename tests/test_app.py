@@ -27,7 +27,7 @@ from kws.data import LABELS
 from kws.model import (MGRADE, load_model, parameter_bytes, parameter_count, preset, save_model,
                        state_bytes)
 from kws.serve import bind
-from kws.stream import detect
+from kws.stream import DEFAULT_THRESHOLD, detect
 
 SMALL = dict(n_layers=2, width=16, frontend_filters=8, delay_window=8, n_taps=3)
 
@@ -176,6 +176,8 @@ def test_long_clip_gets_the_detections_of_the_streaming_path(tmp_path):
     assert [(d["label"], d["time_s"]) for d in result["detections"]] == \
            [(d.label, pytest.approx(d.time_s)) for d in expected]
     assert result["label"] == "yes"
+    with client_for(Settings(model=tmp_path / "yes.pt", words=("no", "up"))) as client:
+        assert upload(client, data).json()["detections"] == []  # the service's --words apply
 
 
 def test_parallel_requests_each_get_their_own_answer(client):
@@ -410,9 +412,18 @@ def test_metrics_give_the_stats_in_prometheus_format(client):
            stats["requests"]["/predict"]["200"]
 
 
-def test_health_is_ok_and_names_the_model(client, model_path):
+def test_health_is_ok_and_names_the_model_and_the_detector_settings(client, model_path):
     assert client.get("/health").json() == {
-        "status": "ok", "model": str(model_path), "listener": {"state": "off", "detail": None}}
+        "status": "ok", "model": str(model_path), "listener": {"state": "off", "detail": None},
+        "detector": {"threshold": DEFAULT_THRESHOLD,
+                     "words": [w for w in LABELS if w != "_background_"]}}
+
+
+def test_health_shows_the_threshold_and_words_the_service_was_given(model_path):
+    settings = Settings(model=model_path, threshold={"no": 0.6}, words=("yes", "no"))
+    with client_for(settings) as client:
+        assert client.get("/health").json()["detector"] == {
+            "threshold": {"yes": DEFAULT_THRESHOLD, "no": 0.6}, "words": ["yes", "no"]}
 
 
 def test_dashboard_page_is_served_without_external_resources(client):

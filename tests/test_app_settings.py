@@ -35,6 +35,33 @@ def test_environment_sets_and_flags_override():
     assert (flagged.port, flagged.model, flagged.host) == (8080, Path("/other.pt"), "0.0.0.0")
 
 
+def test_threshold_and_words_take_the_text_kws_listen_takes():
+    settings = from_env({"KWS_THRESHOLD": "0.8", "KWS_WORDS": "yes, no,stop"})
+    assert settings.threshold == 0.8 and settings.words == ("yes", "no", "stop")
+    assert from_env({"KWS_THRESHOLD": "yes=0.9,no=0.7"}).threshold == {"yes": 0.9, "no": 0.7}
+    assert from_env({"KWS_THRESHOLD": "0.8"}, threshold={"go": 0.5}).threshold == {"go": 0.5}
+    assert from_env({"KWS_WORDS": ""}).words is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--threshold", "2"], "threshold for 'yes' is 2.0"),
+    (["--words", "yes,banana"], "unknown word(s) 'banana'"),
+])
+def test_serve_with_bad_detector_settings_is_a_one_line_error(argv, message, model_path,  # noqa: F811
+                                                              capsys):
+    assert main(["serve", "--model", str(model_path), "--port", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_serve_threshold_text_is_checked_as_kws_listen_checks_it(capsys):
+    for command in ("serve", "listen"):
+        with pytest.raises(SystemExit) as exit:
+            main([command, "--threshold", "high"])
+        assert exit.value.code == 2
+        assert "argument --threshold: 'high': give a probability like 0.8" in capsys.readouterr().err
+
+
 def test_empty_token_means_no_token():
     assert from_env({"KWS_API_TOKEN": ""}).api_token is None
 
@@ -56,6 +83,8 @@ def test_set_but_empty_variables_count_as_unset(variable, name, monkeypatch):
     ({"KWS_LISTEN": "maybe"}, "KWS_LISTEN='maybe'"),
     ({"KWS_WORKERS": "0"}, "workers must be a positive integer"),
     ({"KWS_MAX_DURATION_S": "0.05"}, "min_duration_s < max_duration_s"),
+    ({"KWS_THRESHOLD": "yes=high"}, "KWS_THRESHOLD: 'yes=high': give a probability"),
+    ({"KWS_WORDS": ","}, "KWS_WORDS: ',': give words"),
 ])
 def test_bad_environment_values_are_named(env, words):
     with pytest.raises(KwsError, match=words.replace("(", r"\(")):

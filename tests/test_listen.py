@@ -24,7 +24,7 @@ from kws.cli import main
 from kws.data import LABELS
 from kws.listen import Resampler, Worker
 from kws.model import load_model
-from kws.stream import detect
+from kws.stream import DEFAULT_THRESHOLD, detect
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,6 +132,12 @@ def test_a_44k_stereo_file_gives_the_words_of_the_16k_mono_file(shipped_model_pa
         found[name] = [d["label"] for d in lines]
     assert found["mono"] == words
     assert found["stereo"] == words
+
+
+def test_listen_help_shows_the_real_default_threshold(capsys):
+    with pytest.raises(SystemExit):
+        main(["listen", "--help"])
+    assert f"(default {DEFAULT_THRESHOLD})" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("clip", KEYWORD_CLIPS)
