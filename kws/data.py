@@ -16,6 +16,7 @@ WELL_COVERED = ("bed", "cat", "happy", "down", "go", "left", "right", "up", "eig
 # The v2 benchmark's 12-class protocol: ten words, the other 25 as unknown, and silence.
 CORE_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,7 @@ class TrainingBatches:
         self.class_p /= self.class_p.sum()
         self.noise = noise
         self.background = background
-        self.context = int(context_s * SAMPLE_RATE)
+        self.context = round(context_s * SAMPLE_RATE)
         self.speech_negatives = speech_negatives
         self.rng = random.Random(seed)
         self.np_rng = np.random.default_rng(seed)
@@ -239,6 +240,16 @@ class TrainingBatches:
                 level = speech_rms * 10 ** (-self.rng.uniform(0, 25) / 20)
             x = x + noise * (level / (np.sqrt(np.mean(noise ** 2)) + 1e-8))
         return np.clip(x, -1, 1), label
+
+    def state(self) -> str:
+        """Where the batches stand, as JSON text: `set_state` continues from here."""
+        return json.dumps({"random": self.rng.getstate(), "numpy": self.np_rng.bit_generator.state})
+
+    def set_state(self, text: str):
+        saved = json.loads(text)
+        version, internal, gauss = saved["random"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.np_rng.bit_generator.state = saved["numpy"]
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*(self.example() for _ in range(size)))

@@ -41,8 +41,9 @@ class ModelConfig:
     use_delay: bool = True  # ablations switch off one mixer
     use_mingru: bool = True
     dropout: float = 0.1
-    # Training puts 0.5 s of other audio before every clip, so the model never learns to read a
-    # word straight from a zero state; whole clips are classified after this much silence.
+    # Training puts this much other audio before every clip, so the model never learns to read a
+    # word straight from a zero state; whole clips are classified after this much silence. The
+    # one setting of both (`kws train --context-s`), in whole steps: see `context_samples`.
     clip_context_s: float = 0.5
 
     def __post_init__(self):
@@ -53,6 +54,8 @@ class ModelConfig:
             raise ValueError("the linear frontend reads exactly one stride: frontend_kernel == stride")
         if self.frontend == "gabor" and self.frontend_kernel < 2 * self.stride:
             raise ValueError("the gabor frontend needs frontend_kernel >= 2 * stride")
+        if not 0 <= self.clip_context_s <= 10:
+            raise ValueError(f"clip_context_s is 0 to 10 seconds, not {self.clip_context_s}")
 
     @property
     def n_classes(self) -> int:
@@ -61,6 +64,11 @@ class ModelConfig:
     @property
     def step_seconds(self) -> float:
         return self.stride / 16000
+
+    @property
+    def context_samples(self) -> int:
+        """Audio before each clip in training, and silence before it in `classify`: whole steps."""
+        return round(self.clip_context_s * 16000) // self.stride * self.stride
 
 
 PRESETS = {
@@ -86,6 +94,27 @@ def _mel_frequencies(n: int, low: float = 60.0, high: float = 7600.0) -> torch.T
     return 700 * (10 ** (mel / 2595) - 1)
 
 
+def gabor_atoms(n: int, kernel: int) -> torch.Tensor:
+    """(2n, kernel) cosine then sine Gabor atoms at n mel-spaced centre frequencies.
+
+    Each atom's Gaussian envelope is sized to its band: a Gaussian of time width s has a power
+    response exp(-(2 pi s f)^2), which is -4.3 dB at f = 1 / (2 pi s); setting that to half the
+    distance to the neighbouring centres makes neighbours cross at about -4 dB. Low bands would
+    need envelopes longer than the kernel, so a Hann window caps them (they then overlap more).
+    Every atom has the same energy, so no band starts louder than another."""
+    freqs = _mel_frequencies(n)
+    edges = torch.cat([freqs[:1] - (freqs[1] - freqs[0]), freqs, freqs[-1:] + (freqs[-1] - freqs[-2])])
+    spacing = (edges[2:] - edges[:-2]) / 2  # mean distance to the two neighbours (Hz)
+    width_s = 1 / (math.pi * spacing)  # 1 / (2 pi * spacing / 2)
+    t = (torch.arange(kernel) - (kernel - 1) / 2) / 16000
+    envelope = torch.exp(-0.5 * (t[None, :] / width_s[:, None]) ** 2)
+    envelope = envelope * torch.hann_window(kernel, periodic=False)
+    phase = 2 * math.pi * freqs[:, None] * t[None, :]
+    atoms = torch.cat([torch.cos(phase) * envelope, torch.sin(phase) * envelope])
+    # Energy of the Hann-windowed atoms this front end started with, scaled by 8 as they were.
+    return atoms * (8 * math.sqrt(0.375) / atoms.norm(dim=1, keepdim=True))
+
+
 class Frontend(nn.Module):
     """Raw samples -> one H-vector per stride. Causal: step t sees samples up to (t+1)*stride."""
 
@@ -98,13 +127,9 @@ class Frontend(nn.Module):
             # Pairs of filters start as cosine/sine Gabor atoms at mel-spaced frequencies, so their
             # summed squares are a short-time spectrum that training is free to reshape.
             n, k = cfg.frontend_filters, cfg.frontend_kernel
-            t = torch.arange(k) - (k - 1) / 2
-            window = torch.hann_window(k, periodic=False)
-            phase = 2 * math.pi * _mel_frequencies(n)[:, None] * t[None, :] / 16000
-            atoms = torch.cat([torch.cos(phase), torch.sin(phase)]) * window / math.sqrt(k)
             self.conv = nn.Conv1d(1, 2 * n, k, stride=cfg.stride, bias=False)
             with torch.no_grad():
-                self.conv.weight.copy_(atoms[:, None, :] * 8)
+                self.conv.weight.copy_(gabor_atoms(n, k)[:, None, :])
             self.proj = nn.Linear(n, cfg.width)
 
     @property
@@ -141,11 +166,20 @@ class DelayConv(nn.Module):
         self.positions = nn.Parameter((spread + torch.rand(width, n_taps) - 0.5).clamp(0, window - 1))
         self.register_buffer("sigma", torch.tensor(float(sigma)))
         self.gaussian_at_inference = False  # ablation: keep interpolated taps when not training
+        self.rounded = False  # training's final phase: the integer delays inference reads
         self._kernel, self._kernel_key = None, None
 
     def clamp_positions(self):
         with torch.no_grad():
             self.positions.clamp_(0, self.window - 1)
+
+    def set_rounded(self, on: bool):
+        """From now on train on the integer delays: positions frozen at their rounded values."""
+        if on and not self.rounded:
+            with torch.no_grad():
+                self.positions.round_()
+        self.positions.requires_grad_(not on)
+        self.rounded = on
 
     def delays(self) -> torch.Tensor:
         """Integer delay of every tap, (width, n_taps): what inference reads."""
@@ -154,12 +188,15 @@ class DelayConv(nn.Module):
     def kernel(self) -> torch.Tensor:
         """(width, window) weights, index d multiplies the input from d steps ago."""
         d = torch.arange(self.window, device=self.weight.device, dtype=self.weight.dtype)
-        if self.training or self.gaussian_at_inference:
+        if self._gaussian():
             g = torch.exp(-0.5 * ((d - self.positions[..., None]) / self.sigma) ** 2)
             g = g / (g.sum(-1, keepdim=True) + 1e-8)
         else:
             g = (d == self.delays()[..., None].to(d.dtype)).to(d.dtype)
         return (self.weight[..., None] * g).sum(1)
+
+    def _gaussian(self) -> bool:
+        return (self.training and not self.rounded) or self.gaussian_at_inference
 
     def forward(self, x: torch.Tensor, line: torch.Tensor | None = None):
         """x (B, T, C) -> (y (B, T, C), line). `line` (B, window-1, C) holds the inputs before x,
@@ -336,7 +373,7 @@ class MGRADE(nn.Module):
         """The stream state after `clip_context_s` of silence, kept until the weights change."""
         key = self._weights_key()
         if key != self._primed_key:
-            context = round(self.cfg.clip_context_s * 16000) // self.cfg.stride * self.cfg.stride
+            context = self.cfg.context_samples
             # Normal tensors even when first asked inside inference mode, for later callers.
             with torch.inference_mode(False), torch.no_grad():
                 p = next(self.parameters())
@@ -392,6 +429,12 @@ class MGRADE(nn.Module):
         for layer in self.layers:
             if layer.delay is not None:
                 layer.delay.clamp_positions()
+
+    def set_rounded_delays(self, on: bool):
+        """Training's final phase: every tap at its integer delay, as inference reads it."""
+        for layer in self.layers:
+            if layer.delay is not None:
+                layer.delay.set_rounded(on)
 
     def set_gaussian_at_inference(self, on: bool):
         for layer in self.layers:

@@ -6,7 +6,6 @@ renders of one synthetic voice together. `OUT/manifest.jsonl` records how each c
 renders that cannot fit a 1-s clip go to `OUT/dropped.jsonl` with the reason.
 """
 
-import io
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from tqdm import tqdm
 
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, decode, resample
 from kws.data import WORDS
@@ -266,29 +266,6 @@ def write_jsonl(path: Path, records) -> None:
     os.replace(tmp, path)
 
 
-class Progress:
-    """One self-overwriting stderr line: count/total, clips per second, ETA."""
-
-    def __init__(self, total: int, stream=None, every_s=0.5):
-        self.total, self.stream, self.every_s = total, stream or sys.stderr, every_s
-        self.done, self.start, self.last = 0, time.monotonic(), 0.0
-
-    def step(self):
-        self.done += 1
-        now = time.monotonic()
-        if now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            speed = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / speed
-            print(f"\r{self.done}/{self.total} clips  {speed:.1f} clips/s  "
-                  f"ETA {int(eta // 60)}:{int(eta % 60):02d}", end="", file=self.stream,
-                  flush=True)
-
-    def close(self):
-        if self.total:
-            print(file=self.stream)
-
-
 def _worker_init():
     import torch
     torch.set_num_threads(1)  # parallelism comes from the processes
@@ -307,7 +284,8 @@ def synth_dataset(out, words=WORDS, engines=tuple(ENGINES), jobs=1, limit=None, 
     write_jsonl(manifest_path, made.values())
     write_jsonl(dropped_path, dropped.values())
     todo = [r for r in renders if r.path not in made and r.path not in dropped]
-    bar = Progress(len(todo), stream=None if progress else io.StringIO())
+    bar = tqdm(total=len(todo), unit="clip", desc="rendering", disable=not progress or not todo,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
     new_made = new_dropped = 0
     with open(manifest_path, "a") as manifest, open(dropped_path, "a") as dropped_log:
         def record(rec):
@@ -321,7 +299,7 @@ def synth_dataset(out, words=WORDS, engines=tuple(ENGINES), jobs=1, limit=None, 
             else:
                 new_made += 1
                 made[rec["path"]] = rec
-            bar.step()
+            bar.update()
 
         if jobs <= 1:
             for r in todo:

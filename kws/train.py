@@ -1,14 +1,16 @@
 """Training: `kws train --preset edge --data DIR [--synth DIR] --out PATH`.
 
 AdamW (weight decay on matrices only, a higher learning rate for tap positions), warmup then
-cosine decay, DCLS sigma annealing, gradient clipping, class-balanced augmented batches, a
-checkpoint every epoch, --resume, best-on-validation selection. Runs on a GPU when present and
-under `torchrun` (DistributedDataParallel; gloo on CPUs, nccl on GPUs).
+cosine decay, DCLS sigma annealing then a final phase on the rounded (integer) delays, gradient
+clipping, class-balanced augmented batches, a checkpoint every epoch and every few minutes
+(Ctrl-C or SIGTERM saves one too), --resume, best-on-validation selection. Runs on a GPU when
+present and under `torchrun` (DistributedDataParallel; gloo on CPUs, nccl on GPUs).
 """
 
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from kws.data import (BACKGROUND, LABELS, TrainingBatches, load_clips, read_noise, read_split,
                       read_synth)
@@ -38,10 +41,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     label_smoothing: float = 0.05
     sigma_anneal_fraction: float = 0.8  # sigma reaches its end value here, then holds
-    context_s: float = 0.5  # audio before each target clip, so training sees carried state
+    rounded_fraction: float = 0.1  # the last steps train on integer delays, as inference reads them
     background_weight: float = 2.0  # how often background is drawn, against 1 for each word
     speech_negatives: float = 0.0  # share of background examples holding a word's end or tail
     seed: int = 0
+    checkpoint_minutes: float = 10.0  # also save the run state this often within an epoch
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -68,7 +72,8 @@ def make_optimizer(model: MGRADE, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def target_loss(model, audio, labels, context_steps: int, label_smoothing: float = 0.0):
-    """Cross-entropy of the clip readout over the target's steps only (the context is skipped)."""
+    """Label-smoothed cross-entropy of the clip readout: the mean logits of the target's steps
+    only (the context before it is skipped), as `classify` reads a clip."""
     logits = model(audio)[:, context_steps:].mean(dim=1)
     loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     return loss, (logits.argmax(-1) == labels).float().mean()
@@ -84,31 +89,6 @@ def accuracy(model: MGRADE, audio: np.ndarray, labels: np.ndarray, batch_size: i
     return correct / len(audio)
 
 
-class Progress:
-    """A one-line progress bar on stderr: epoch, step, loss, accuracy, clips per second."""
-
-    def __init__(self, epoch: int, epochs: int, steps: int, enabled: bool):
-        self.epoch, self.epochs, self.steps, self.enabled = epoch, epochs, steps, enabled
-        self.start = time.time()
-        self.loss = self.acc = None
-
-    def update(self, step: int, loss: float, acc: float, clips: int):
-        self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
-        self.acc = acc if self.acc is None else 0.95 * self.acc + 0.05 * acc
-        if not self.enabled or not (sys.stderr.isatty() or (step + 1) % 50 == 0 or step + 1 == self.steps):
-            return
-        done = (step + 1) / self.steps
-        bar = "#" * int(24 * done) + "-" * (24 - int(24 * done))
-        rate = clips / max(time.time() - self.start, 1e-9)
-        print(f"\repoch {self.epoch + 1}/{self.epochs} [{bar}] {step + 1}/{self.steps} "
-              f"loss {self.loss:.3f} acc {self.acc:.3f} {rate:.0f} clips/s",
-              end="" if sys.stderr.isatty() else "\n", file=sys.stderr)
-
-    def close(self):
-        if self.enabled and sys.stderr.isatty():
-            print(file=sys.stderr)
-
-
 def distributed() -> tuple[int, int]:
     """(rank, world size); starts the process group when launched by torchrun."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
@@ -118,12 +98,13 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0) -> TrainingBatches:
+def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
+                  context_s: float = 0.5) -> TrainingBatches:
     """One epoch's batches. Seeding per epoch and rank makes a resumed run draw the same
     batches as an unbroken one."""
     return TrainingBatches(d["real"], d["real_labels"], d["synth"], d["synth_labels"],
                            d["noise"], len(LABELS), LABELS.index(BACKGROUND),
-                           seed=cfg.seed * 100003 + epoch * 101 + rank, context_s=cfg.context_s,
+                           seed=cfg.seed * 100003 + epoch * 101 + rank, context_s=context_s,
                            background_weight=cfg.background_weight,
                            speech_negatives=cfg.speech_negatives)
 
@@ -152,17 +133,45 @@ def model_config(cfg: TrainConfig, overrides: dict | None) -> ModelConfig:
         raise KwsError(f"bad model settings: {e}") from None
 
 
-def check_budget(cfg: TrainConfig, world: int) -> int:
-    """Steps per epoch, or a KwsError when the settings leave nothing to train."""
+def check_config(cfg: TrainConfig, world: int = 1) -> int:
+    """Steps per epoch, or a KwsError naming the first setting that cannot train."""
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise KwsError(f"--epochs and --batch-size must be at least 1, not {cfg.epochs} and {cfg.batch_size}")
-    if not 0.0 <= cfg.speech_negatives <= 1.0:
-        raise KwsError(f"--speech-negatives is a fraction from 0 to 1, not {cfg.speech_negatives}")
+    positive = {"--lr": cfg.lr, "--grad-clip": cfg.grad_clip, "--background-weight": cfg.background_weight,
+                "--checkpoint-minutes": cfg.checkpoint_minutes}
+    for flag, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            raise KwsError(f"{flag} must be a positive number, not {value}")
+    for flag, value in {"--weight-decay": cfg.weight_decay, "--position-lr-scale": cfg.position_lr_scale,
+                        "--warmup-steps": cfg.warmup_steps}.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise KwsError(f"{flag} must be 0 or more, not {value}")
+    fractions = {"--speech-negatives": (cfg.speech_negatives, 0.0, 1.0, True),
+                 "--label-smoothing": (cfg.label_smoothing, 0.0, 1.0, False),
+                 "--rounded-fraction": (cfg.rounded_fraction, 0.0, 1.0, False)}
+    for flag, (value, low, high, high_ok) in fractions.items():
+        if not (low <= value < high or (high_ok and value == high)):
+            raise KwsError(f"{flag} is a fraction from {low:g} to {high:g}{'' if high_ok else ' (not included)'}, "
+                           f"not {value}")
+    if not 0.0 < cfg.sigma_anneal_fraction <= 1.0:
+        raise KwsError(f"--sigma-anneal-fraction is a fraction above 0 and at most 1, not {cfg.sigma_anneal_fraction}")
     steps = cfg.examples_per_epoch // (cfg.batch_size * world)
     if steps < 1:
         raise KwsError(f"--examples-per-epoch {cfg.examples_per_epoch} is less than one batch "
                        f"({cfg.batch_size} x {world} processes)")
     return steps
+
+
+def check_writable(out: Path):
+    """A KwsError now, not after an epoch, when the model cannot be saved at `out`."""
+    if out.is_dir():
+        raise KwsError(f"--out {out} is a folder; give a file name such as {out / 'model.pt'}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or (
+            out.exists() and not os.access(out, os.W_OK)):
+        raise KwsError(f"cannot write --out {out}: {folder} is not a writable folder")
 
 
 # Run states saved before accuracy() returned a plain float hold the best accuracy as a numpy
@@ -185,7 +194,8 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
           init: Path | None = None, log=print) -> dict:
     model_cfg = model_config(cfg, overrides)  # bad settings fail before minutes of loading
     rank, world = distributed()
-    steps_per_epoch = check_budget(cfg, world)
+    steps_per_epoch = check_config(cfg, world)
+    check_writable(out)
     log = log if rank == 0 else (lambda *a, **k: None)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     run_dir = Path(run_dir or out.with_suffix(".run"))
@@ -200,13 +210,18 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
             raise KwsError(f"--init {init} does not fit these settings ({str(e).splitlines()[0]})") from None
     optimizer = make_optimizer(model, cfg)
     total_steps = steps_per_epoch * cfg.epochs
-    context_steps = int(cfg.context_s * 16000) // model_cfg.stride
-    history, start_epoch, best = [], 0, -1.0
+    rounded_from = total_steps - round(cfg.rounded_fraction * total_steps)
+    context_s = model_cfg.context_samples / 16000
+    context_steps = model_cfg.context_samples // model_cfg.stride
+    history, start_epoch, start_step, best, saved = [], 0, 0, -1.0, None
 
     last = run_dir / "last.pt"
     if resume:
         saved = read_run_state(last, device)
         try:
+            # The final phase freezes tap positions: the parameters must be in that state
+            # before the optimizer's state (which then has none for them) is loaded.
+            model.set_rounded_delays(saved.get("rounded", False))
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
@@ -218,53 +233,101 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
         if "cuda_rng" in saved and device.type == "cuda":
             torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
         start_epoch, best = int(saved["epoch"]) + 1, float(saved["best"])
+        start_step = int(saved.get("step", 0))
         history = json.loads(saved["history"])
-        log(f"resuming after epoch {start_epoch} (best validation accuracy {best:.4f})")
+        where = f"epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
+        log(f"resuming after {where} (best validation accuracy {best:.4f})")
+
+    def save_run_state(epoch_done: int, step: int = 0, batches_state: str = "", smoothed=None):
+        """The run state after `epoch_done` (0-based) and `step` steps of the next epoch."""
+        rng = {"torch_rng": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda_rng"] = torch.cuda.get_rng_state(device)
+        mid_epoch = {"step": step, "batches": batches_state, "smoothed": json.dumps(smoothed)} if step else {}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch_done, "best": best, "history": json.dumps(history),
+                    "rounded": bool(model.layers and model.layers[0].delay is not None
+                                    and model.layers[0].delay.rounded), **mid_epoch, **rng},
+                   last.with_suffix(".tmp"))
+        last.with_suffix(".tmp").replace(last)
 
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    started = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
-        batches = epoch_batches(d, cfg, epoch, rank)
-        model.train()
-        progress = Progress(epoch, cfg.epochs, steps_per_epoch, enabled=rank == 0)
-        for step in range(steps_per_epoch):
-            global_step = epoch * steps_per_epoch + step
-            model.set_sigma(global_step / (cfg.sigma_anneal_fraction * total_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(global_step, total_steps, cfg.warmup_steps)
-            audio, labels = batches.batch(cfg.batch_size)
-            loss, acc = target_loss(net, audio.to(device), labels.to(device), context_steps, cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            model.clamp_positions()
-            progress.update(step, loss.item(), acc.item(), (step + 1) * cfg.batch_size * world)
-        progress.close()
+    run_started = last_saved = time.time()
+    # Where the steps stand, for a save when Ctrl-C or SIGTERM comes mid-epoch.
+    at = {"epoch": start_epoch, "completed": 0, "batches": None, "smoothed": None}
 
-        if rank == 0:
-            val = accuracy(model, d["valid"], d["valid_labels"])
-            history.append({"epoch": epoch + 1, "train_loss": progress.loss, "train_accuracy": progress.acc,
-                            "validation_accuracy": val, "sigma": float(model.layers[0].delay.sigma)
-                            if model.layers[0].delay is not None else None,
-                            "seconds": time.time() - started})
-            log(f"epoch {epoch + 1}: validation accuracy {val:.4f}")
-            meta = {"train": asdict(cfg), "history": history, "data_counts": d["counts"],
-                    "device": str(device), "world_size": world}
-            if val > best:
-                best = val
-                save_model(model, out, meta)
-                log(f"  saved best model to {out}")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            rng = {"torch_rng": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda_rng"] = torch.cuda.get_rng_state(device)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": epoch, "best": best, "history": json.dumps(history), **rng},
-                       last.with_suffix(".tmp"))
-            last.with_suffix(".tmp").replace(last)
-        if world > 1:
-            dist.barrier()
+    def run_epoch(epoch: int, batches: TrainingBatches, first_step: int, smoothed: list) -> list:
+        """Train one epoch's steps from `first_step`; returns the running [loss, accuracy]."""
+        nonlocal last_saved
+        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="step", disable=rank != 0, mininterval=0.5 if sys.stderr.isatty() else 60)
+        started = time.time()
+        with bar:
+            for step in range(first_step, steps_per_epoch):
+                global_step = epoch * steps_per_epoch + step
+                model.set_sigma(global_step / (cfg.sigma_anneal_fraction * total_steps))
+                model.set_rounded_delays(global_step >= rounded_from)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(global_step, total_steps, cfg.warmup_steps)
+                at["batches"] = batches.state()  # an interrupted step is redone from here
+                audio, labels = batches.batch(cfg.batch_size)
+                loss, acc = target_loss(net, audio.to(device), labels.to(device), context_steps,
+                                        cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                model.clamp_positions()
+                smoothed = [v if s is None else 0.95 * s + 0.05 * v
+                            for s, v in zip(smoothed, (loss.item(), acc.item()))]
+                at.update(completed=step + 1, batches=batches.state(), smoothed=smoothed)
+                clips_s = (step + 1 - first_step) * cfg.batch_size * world / max(time.time() - started, 1e-9)
+                bar.set_postfix_str(f"loss {smoothed[0]:.3f} acc {smoothed[1]:.3f} {clips_s:.0f} clips/s",
+                                    refresh=False)
+                bar.update()
+                # Mid-epoch states hold one process's batches: under DDP only epochs are saved.
+                if (rank == 0 and world == 1 and step + 1 < steps_per_epoch
+                        and time.time() - last_saved > cfg.checkpoint_minutes * 60):
+                    save_run_state(epoch - 1, step + 1, at["batches"], smoothed)
+                    last_saved = time.time()
+        return smoothed
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            batches = epoch_batches(d, cfg, epoch, rank, context_s)
+            first_step, smoothed = 0, [None, None]
+            if epoch == start_epoch and start_step:
+                batches.set_state(saved["batches"])
+                first_step, smoothed = start_step, json.loads(saved["smoothed"])
+            at.update(epoch=epoch, completed=first_step, in_steps=True)
+            model.train()
+            smoothed = run_epoch(epoch, batches, first_step, smoothed)
+            at["in_steps"] = False
+            if rank == 0:
+                val = accuracy(model, d["valid"], d["valid_labels"])
+                history.append({"epoch": epoch + 1, "train_loss": smoothed[0], "train_accuracy": smoothed[1],
+                                "validation_accuracy": val, "sigma": float(model.layers[0].delay.sigma)
+                                if model.layers[0].delay is not None else None,
+                                "rounded_delays": (epoch + 1) * steps_per_epoch > rounded_from,
+                                "seconds": time.time() - run_started})
+                log(f"epoch {epoch + 1}: validation accuracy {val:.4f}")
+                meta = {"train": asdict(cfg), "history": history, "data_counts": d["counts"],
+                        "device": str(device), "world_size": world}
+                if val > best:
+                    best = val
+                    save_model(model, out, meta)
+                    log(f"  saved best model to {out}")
+                save_run_state(epoch)
+                last_saved = time.time()
+            if world > 1:
+                dist.barrier()
+    except KeyboardInterrupt:
+        # Inside an epoch's steps, save where they stand; between them, the epoch's save stands.
+        if rank == 0 and world == 1 and at.get("in_steps") and at["completed"] > 0:
+            save_run_state(at["epoch"] - 1, at["completed"], at["batches"], at["smoothed"])
+        log(f"interrupted: the run state in {last} continues with --resume")
+        raise
     if world > 1:
         dist.destroy_process_group()
     return {"best_validation_accuracy": best, "history": history}
@@ -276,6 +339,8 @@ def parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
+        if key == "clip_context_s":
+            raise KwsError("the context before each clip is set with --context-s")
         if not sep or key not in types or key == "labels":
             raise KwsError(f"--set takes KEY=VALUE with KEY a model setting, not {item!r}")
         kind = types[key]
@@ -289,13 +354,27 @@ def parse_overrides(items: list[str]) -> dict:
 _BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a shutdown, a scheduler) saves the run state like Ctrl-C
+
+
 def run(args):
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
                          if getattr(args, f.name, None) is not None})
+    overrides = parse_overrides(args.set)
+    if args.context_s is not None:
+        overrides["clip_context_s"] = args.context_s
+    # Every setting is checked here, before minutes of loading data.
+    model_config(cfg, overrides)
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.threads < 0:
+        raise KwsError(f"--threads must be 0 (torch's choice) or more, not {args.threads}")
+    check_writable(Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, _interrupt)
     result = train(cfg, Path(args.data), Path(args.out), Path(args.synth) if args.synth else None,
-                   Path(args.run_dir) if args.run_dir else None, args.resume, parse_overrides(args.set),
+                   Path(args.run_dir) if args.run_dir else None, args.resume, overrides,
                    Path(args.init) if args.init else None)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one answer, not one per process
         print(json.dumps({"best_validation_accuracy": result["best_validation_accuracy"], "out": args.out}))
@@ -312,6 +391,9 @@ def register(sub):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model setting, e.g. --set use_delay=false")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--context-s", type=float, metavar="SECONDS",
+                   help="other audio before each training clip, and the silence `classify` puts "
+                        "before a clip: one setting, kept in the model (default 0.5)")
     for f in fields(TrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
                        help=f"default {f.default}")

@@ -167,5 +167,5 @@ def test_cli_reports_counts_and_progress(tmp_path, capsys):
     assert main(["data", "synth", str(tmp_path), "--words", "no", "--engines", "flite",
                  "--limit", "2"]) == 0
     captured = capsys.readouterr()
-    assert "2 clips" in captured.out and "2/2 clips" in captured.err
+    assert "2 clips" in captured.out and "rendering" in captured.err and "2/2" in captured.err
     assert len(list((tmp_path / "no").glob("*.wav"))) == 2

@@ -1,24 +1,29 @@
-"""Training: the lr schedule, the optimizer's groups, a tiny run's outputs, --resume, the CLI's
-errors, and DistributedDataParallel under torchrun on the CPU (gloo)."""
+"""Training: the loss, the lr schedule, the optimizer's groups, a tiny run that learns, a tiny
+run's outputs, the rounded-delay phase, --resume (from an epoch, a mid-epoch save, Ctrl-C and
+SIGTERM), the CLI's option checks, and DistributedDataParallel under torchrun on the CPU (gloo)."""
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, tiny_model
+from conftest import TINY_MODEL, tiny_model, write_speech_commands
 from kws.cli import main
 from kws.data import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import load_model, read_checkpoint
 import kws.train
-from kws.train import TrainConfig, epoch_batches, load_training_data, lr_factor, make_optimizer, train
+from kws.train import (TrainConfig, epoch_batches, load_training_data, lr_factor, make_optimizer, target_loss,
+                       train)
 
 # Three epochs of two steps: enough for a schedule, a best model and a resume point.
 TINY_TRAIN = TrainConfig(epochs=3, examples_per_epoch=16, batch_size=8, warmup_steps=2, seed=1)
@@ -31,6 +36,75 @@ def quiet(*args, **kwargs):
 
 def run_state(run_dir):
     return torch.load(run_dir / "last.pt", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose per-step logits are given."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, audio):
+        return self.logits
+
+
+def test_the_loss_is_label_smoothed_cross_entropy_of_the_clips_mean_logits():
+    torch.manual_seed(0)
+    logits, labels, context, eps = torch.randn(3, 10, 5), torch.tensor([0, 2, 4]), 4, 0.1
+    loss, acc = target_loss(FixedLogits(logits), None, labels, context, eps)
+    mean = logits[:, context:].mean(dim=1)
+    log_p = mean.log_softmax(-1)
+    expected = (-(1 - eps) * log_p[torch.arange(3), labels] - eps / 5 * log_p.sum(-1)).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert float(acc) == pytest.approx(float((mean.argmax(-1) == labels).float().mean()))
+    assert float(target_loss(FixedLogits(logits), None, labels, context, 0.0)[0]) != pytest.approx(float(loss))
+
+
+def test_the_loss_reads_only_the_steps_after_the_context():
+    torch.manual_seed(1)
+    logits, labels, context = torch.randn(2, 12, 4), torch.tensor([1, 3]), 5
+    loss = target_loss(FixedLogits(logits), None, labels, context, 0.05)[0]
+    context_changed = logits.clone()
+    context_changed[:, :context] = 50 * torch.randn(2, context, 4)
+    assert torch.equal(target_loss(FixedLogits(context_changed), None, labels, context, 0.05)[0], loss)
+    clip_changed = logits.clone()
+    clip_changed[:, -1] += 5 * torch.randn(2, 4)
+    assert not torch.equal(target_loss(FixedLogits(clip_changed), None, labels, context, 0.05)[0], loss)
+
+
+def test_a_tiny_run_on_generated_words_lowers_its_loss_and_beats_chance(tmp_path):
+    # Four "words" (tones of different pitch, see conftest) with 12 training clips each.
+    fx = write_speech_commands(tmp_path / "sc", counts={w: (12, 4, 0) for w in ("yes", "no", "up", "bed")},
+                               seed=3)
+    cfg = TrainConfig(epochs=6, examples_per_epoch=128, batch_size=16, warmup_steps=4, lr=1e-2, seed=0)
+    history = train(cfg, fx.root, tmp_path / "m.pt", overrides=dict(TINY_MODEL, width=16), log=quiet)["history"]
+    losses = [h["train_loss"] for h in history]
+    assert losses[0] > 2.5  # near log(36) at the start: the classes are not yet told apart
+    assert losses[-1] < 0.4 * losses[0], losses
+    # 16 validation clips of 4 words: chance is 0.25.
+    assert max(h["validation_accuracy"] for h in history) >= 0.75, history
+
+
+def test_training_reads_the_loss_after_the_models_context_with_the_label_smoothing(
+        speech_commands, tmp_path, monkeypatch):
+    seen = []
+
+    def recording_loss(model, audio, labels, context_steps, label_smoothing):
+        seen.append((audio.shape[1], context_steps, label_smoothing))
+        return target_loss(model, audio, labels, context_steps, label_smoothing)
+
+    monkeypatch.setattr(kws.train, "target_loss", recording_loss)
+    contexts = batches_option(monkeypatch, "context_s")
+    code = main(["train", "--data", str(speech_commands.root), "--out", str(tmp_path / "m.pt"),
+                 "--epochs", "1", "--examples-per-epoch", "8", "--batch-size", "8", "--warmup-steps", "1",
+                 "--context-s", "0.25", "--label-smoothing", "0.2", *TINY_SET])
+    assert code == 0 and contexts == [0.25]
+    assert seen == [(4000 + 16000, 25, 0.2)]  # 0.25 s of context = 25 steps of 10 ms
+    # Inference primes with the same setting: it is kept in the model.
+    assert load_model(tmp_path / "m.pt").cfg.clip_context_s == 0.25
 
 
 # ----------------------------------------------------------------------------- schedule, optimizer
@@ -191,6 +265,104 @@ def test_resume_continues_from_the_saved_epoch_and_ends_like_an_unbroken_run(spe
     assert strip(result["history"]) == strip(unbroken_run[2]["history"])
 
 
+def test_a_mid_epoch_save_resumes_like_an_unbroken_run(speech_commands, tmp_path, unbroken_run):
+    out = tmp_path / "model.pt"
+    # A save after every step: the crash at the end of epoch 2 leaves epoch 2's first step saved.
+    often = dataclasses.replace(TINY_TRAIN, checkpoint_minutes=1e-9)
+    with pytest.raises(Interrupted):
+        train(often, speech_commands.root, out, overrides=TINY_MODEL, log=interrupt_at("epoch 2:"))
+    state = run_state(out.with_suffix(".run"))
+    assert (state["epoch"], state["step"]) == (0, 1)
+
+    messages = []
+    result = train(often, speech_commands.root, out, overrides=TINY_MODEL, resume=True, log=messages.append)
+    assert any(m.startswith("resuming after epoch 1, step 1") for m in messages)
+    assert_same_run(out.with_suffix(".run"), result, unbroken_run)
+
+
+def assert_same_run(run_dir, result, unbroken_run):
+    unbroken, resumed = run_state(unbroken_run[1])["model"], run_state(run_dir)["model"]
+    for name in unbroken:
+        assert torch.equal(unbroken[name], resumed[name]), name
+    strip = lambda history: [{k: v for k, v in h.items() if k not in ("seconds", "train_loss", "train_accuracy")}
+                             for h in history]
+    assert strip(result["history"]) == strip(unbroken_run[2]["history"])
+
+
+def test_ctrl_c_mid_epoch_saves_a_state_that_resumes_like_an_unbroken_run(speech_commands, tmp_path,
+                                                                         unbroken_run, monkeypatch):
+    out = tmp_path / "model.pt"
+    draws = []
+    real_batch = kws.train.TrainingBatches.batch
+
+    def batch_then_ctrl_c(self, size):
+        draws.append(size)
+        if len(draws) == 4:  # epoch 2, its second step
+            raise KeyboardInterrupt
+        return real_batch(self, size)
+
+    monkeypatch.setattr(kws.train.TrainingBatches, "batch", batch_then_ctrl_c)
+    messages = []
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY_TRAIN, speech_commands.root, out, overrides=TINY_MODEL, log=messages.append)
+    assert any("continues with --resume" in m for m in messages)
+    state = run_state(out.with_suffix(".run"))
+    assert (state["epoch"], state["step"]) == (0, 1)
+    monkeypatch.setattr(kws.train.TrainingBatches, "batch", real_batch)
+    result = train(TINY_TRAIN, speech_commands.root, out, overrides=TINY_MODEL, resume=True, log=quiet)
+    assert_same_run(out.with_suffix(".run"), result, unbroken_run)
+
+
+def test_sigterm_stops_kws_train_with_a_resumable_state(speech_commands, tmp_path):
+    out = tmp_path / "m.pt"
+    command = [sys.executable, "-m", "kws.cli", "train", "--data", str(speech_commands.root), "--out", str(out),
+               "--threads", "1", "--epochs", "1000", "--examples-per-epoch", "8", "--batch-size", "8",
+               "--warmup-steps", "1", *TINY_SET]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        last = out.with_suffix(".run") / "last.pt"
+        deadline = time.time() + 120
+        while not last.exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert last.exists(), process.stderr.read() if process.poll() is not None else "no run state"
+        process.send_signal(signal.SIGTERM)
+        output, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "continues with --resume" in output, err[-2000:]
+    assert "Traceback" not in err
+    assert run_state(out.with_suffix(".run"))["epoch"] >= 0
+
+
+def test_the_final_phase_trains_on_rounded_delays_that_gaussian_taps_then_match(speech_commands, tmp_path):
+    cfg = dataclasses.replace(TINY_TRAIN, rounded_fraction=0.5)
+    out = tmp_path / "m.pt"
+    result = train(cfg, speech_commands.root, out, overrides=TINY_MODEL, log=quiet)
+    assert [h["rounded_delays"] for h in result["history"]] == [False, True, True]  # 3 of 6 steps
+    state = run_state(out.with_suffix(".run"))
+    positions = [v for k, v in state["model"].items() if k.endswith("positions")]
+    assert positions and all(torch.equal(p, p.round()) for p in positions)
+    model = tiny_model()
+    model.load_state_dict(state["model"])
+    audio = torch.randn(4, 16000, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.no_grad():
+        rounded = model.classify(audio)
+        model.set_gaussian_at_inference(True)
+        gaussian = model.classify(audio)
+    # At integer positions a Gaussian of sigma 0.25 puts exp(-8) = 3e-4 of a tap on each neighbour.
+    assert (gaussian - rounded).abs().max() < 1e-2
+
+
+def test_without_the_final_phase_the_taps_end_off_integer(speech_commands, tmp_path, unbroken_run):
+    assert TrainConfig().rounded_fraction == 0.1  # by default the last tenth of the steps
+    state = run_state(unbroken_run[1])  # TINY_TRAIN: its last step of 6 was rounded
+    assert all(torch.equal(v, v.round()) for k, v in state["model"].items() if k.endswith("positions"))
+    cfg = dataclasses.replace(TINY_TRAIN, rounded_fraction=0.0)
+    train(cfg, speech_commands.root, tmp_path / "m.pt", overrides=TINY_MODEL, log=quiet)
+    state = run_state(tmp_path / "m.run")
+    assert any(not torch.equal(v, v.round()) for k, v in state["model"].items() if k.endswith("positions"))
+
+
 def test_resume_reads_run_states_whose_best_accuracy_is_a_numpy_float(speech_commands, tmp_path):
     """Runs saved before accuracy() returned a plain float stored numpy scalars."""
     cfg = TrainConfig(epochs=2, examples_per_epoch=8, batch_size=8, warmup_steps=1)
@@ -238,16 +410,41 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--examples-per-epoch", "4", "--batch-size", "8"],
     ["--speech-negatives", "1.5"],
     ["--speech-negatives", "-0.1"],
+    ["--lr", "0"],
+    ["--lr", "-0.001"],
+    ["--lr", "nan"],
+    ["--threads", "-1"],
+    ["--context-s", "-0.5"],
+    ["--context-s", "30"],
+    ["--set", "clip_context_s=0.3"],  # one setting: --context-s
+    ["--label-smoothing", "1"],
+    ["--label-smoothing", "-0.1"],
+    ["--sigma-anneal-fraction", "0"],
+    ["--sigma-anneal-fraction", "1.5"],
+    ["--rounded-fraction", "1"],
+    ["--grad-clip", "0"],
+    ["--checkpoint-minutes", "0"],
+    ["--warmup-steps", "-1"],
 ])
-def test_kws_train_with_bad_settings_exits_2_with_one_line(speech_commands, tmp_path, capsys, bad):
+def test_kws_train_with_bad_settings_exits_2_with_one_line_before_loading_data(tmp_path, capsys, bad):
     out = tmp_path / "m.pt"
-    # Tiny settings first, so that a setting wrongly accepted costs a second, not a full run.
+    # No dataset at all: the setting must be refused before any data is read.
     tiny = ["--epochs", "1", "--examples-per-epoch", "8", "--batch-size", "8", *TINY_SET]
-    code = main(["train", "--data", str(speech_commands.root), "--out", str(out), *tiny, *bad])
+    code = main(["train", "--data", str(tmp_path / "absent"), "--out", str(out), *tiny, *bad])
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.startswith("kws: error: ") and captured.err.count("\n") == 1, captured.err
+    assert "absent" not in captured.err, captured.err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["folder", "under a file"])
+def test_kws_train_with_an_out_it_cannot_write_exits_2_before_loading_data(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("")
+    out = {"folder": tmp_path, "under a file": tmp_path / "file" / "m.pt"}[where]
+    code = main(["train", "--data", str(tmp_path / "absent"), "--out", str(out), *TINY_SET])
+    err = capsys.readouterr().err
+    assert code == 2 and "--out" in err and err.count("\n") == 1, err
 
 
 def test_kws_train_on_a_missing_folder_exits_2_naming_it(tmp_path, capsys):
