@@ -188,16 +188,17 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
             decoding = partial(decode_upload, data, settings.min_duration_s, settings.max_duration_s)
             try:
                 audio, sample_rate = await loop.run_in_executor(service.executor, decoding)
+                work = [asyncio.wrap_future(service.batcher.submit(clip_for_classifier(audio)))]
+                if len(audio) > DETECT_ABOVE_S * SAMPLE_RATE:
+                    work.append(loop.run_in_executor(
+                        service.executor,
+                        partial(streaming_detections, service.model, audio,
+                                **service.detector_options)))
+                logits, *detections = await asyncio.gather(*work)
+                return prediction(service.model.cfg.labels, logits, audio, sample_rate,
+                                  detections[0] if detections else None, started)
             except AudioError as e:
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
-            work = [asyncio.wrap_future(service.batcher.submit(clip_for_classifier(audio)))]
-            if len(audio) > DETECT_ABOVE_S * SAMPLE_RATE:
-                work.append(loop.run_in_executor(
-                    service.executor,
-                    partial(streaming_detections, service.model, audio, **service.detector_options)))
-            logits, *detections = await asyncio.gather(*work)
-            return prediction(service.model.cfg.labels, logits, audio, sample_rate,
-                              detections[0] if detections else None, started)
 
     @app.get("/detections", response_model=Detections, dependencies=[Depends(require_token)],
              responses=error_responses(401, 422))

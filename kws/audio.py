@@ -1,6 +1,7 @@
 """Audio constants and decoding: every path into kws reads audio through here."""
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +33,33 @@ def resample(audio: np.ndarray, orig_sr: int, new_sr: int = SAMPLE_RATE) -> np.n
     return out.numpy()
 
 
-def decode(source: "str | Path | bytes | io.IOBase") -> tuple[np.ndarray, int]:
-    """Decode WAV/FLAC/OGG/MP3 with soundfile: (mono float32 samples, original rate)."""
+# Bounds checked on the header, before anything is decoded: a few hundred bytes of FLAC can
+# declare hours of 8-channel audio at 640 kHz. 192 kHz is the highest rate of common hardware.
+MIN_RATE, MAX_RATE = 4000, 192_000
+MAX_CHANNELS = 8
+BLOCK_FRAMES = 16384  # decoded and mixed down at a time: the most multichannel audio held
+UNKNOWN_FRAMES = 2**62  # libsndfile reports about 2**63 frames when the header does not say
+
+
+def decode(source: "str | Path | bytes | io.IOBase",
+           max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode WAV/FLAC/OGG/MP3 with soundfile: (mono float32 samples, original rate).
+
+    The header's rate and channels are checked first, then the audio is decoded and mixed down
+    in blocks, so memory holds one mono signal and one block whatever the file. With
+    `max_seconds`, a longer file is refused from its header, or, when the header does not know
+    the length (FLAC or WAV written to a pipe), as soon as the decoded audio passes the limit.
+    Samples beyond full scale (float files may hold any value) are clipped to [-1, 1]."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
-        audio, sr = sf.read(source, dtype="float32", always_2d=False)
+        with sf.SoundFile(source) as f:
+            rate, channels, frames = f.samplerate, f.channels, f.frames
+            check_header(rate, channels)
+            limit = None if max_seconds is None else math.floor(max_seconds * rate)
+            if limit is not None and frames < UNKNOWN_FRAMES and frames > limit:
+                raise AudioError(f"audio is {frames / rate:.1f} s long; the limit is {max_seconds:g} s")
+            audio = _read_mono(f, limit, max_seconds)
     except sf.LibsndfileError as e:
         # str(e) names the source by repr: a path is worth keeping, "<_io.BytesIO object at
         # 0x...>" is not, so in-memory audio gets libsndfile's own message alone.
@@ -45,12 +67,47 @@ def decode(source: "str | Path | bytes | io.IOBase") -> tuple[np.ndarray, int]:
         raise AudioError(f"cannot decode audio: {reason}") from None
     except (RuntimeError, TypeError, ValueError) as e:
         raise AudioError(f"cannot decode audio: {e}") from None
-    audio = to_mono(audio)
     if audio.size == 0:
         raise AudioError("audio has no samples")
-    if not np.isfinite(audio).all():
-        raise AudioError("audio contains NaN or infinite samples")
-    return audio, int(sr)
+    return audio, int(rate)
+
+
+def check_header(rate: int, channels: int):
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"sample rate {rate} Hz is not supported: it must be between "
+                         f"{MIN_RATE} and {MAX_RATE} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"audio has {channels} channels; at most {MAX_CHANNELS} are supported")
+
+
+def _read_mono(f: sf.SoundFile, limit: int | None, max_seconds: float | None) -> np.ndarray:
+    blocks, frames = [], 0
+    block = np.empty((BLOCK_FRAMES, f.channels), np.float32)
+    while True:
+        block.fill(np.nan)
+        try:
+            read = f.buffer_read_into(block, "float32")
+        except sf.LibsndfileError:
+            if f.frames < UNKNOWN_FRAMES:
+                raise
+            # soundfile seeks after every read, and libsndfile cannot seek to the end of a FLAC
+            # of unknown length: the last read failed after filling the block. The frames it
+            # read are those no longer NaN (FLAC holds integers, never NaN).
+            read = int(np.isfinite(block[:, 0]).sum())
+            if read == 0:
+                break
+        if read == 0:
+            break
+        got = block[:read]
+        if not np.isfinite(got).all():
+            raise AudioError("audio contains NaN or infinite samples")
+        blocks.append(to_mono(np.clip(got, -1.0, 1.0)))
+        frames += read
+        if limit is not None and frames > limit:
+            raise AudioError(f"audio is longer than the limit of {max_seconds:g} s")
+        if read < BLOCK_FRAMES:
+            break
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 def load_audio(source: "str | Path | bytes | io.IOBase", sr: int = SAMPLE_RATE) -> np.ndarray:

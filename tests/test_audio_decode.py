@@ -1,0 +1,104 @@
+"""Decoding is bounded whatever the file says: rate and channels checked on the header, audio
+decoded and mixed down in blocks, a duration limit that holds even when the header does not know
+the length, and samples beyond full scale clipped."""
+
+import io
+import tracemalloc
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from kws.audio import MAX_CHANNELS, MAX_RATE, AudioError, decode
+
+
+def encoded(samples: np.ndarray, rate: int, fmt="WAV", subtype=None) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def silence_flac(rate: int, channels: int, seconds: float) -> bytes:
+    """Silence written block by block, so the test never holds the whole signal."""
+    buffer, block = io.BytesIO(), np.zeros((rate // 10, channels), np.float32)
+    with sf.SoundFile(buffer, "w", rate, channels, format="FLAC") as f:
+        for _ in range(round(seconds * 10)):
+            f.write(block)
+    return buffer.getvalue()
+
+
+def unknown_length(flac: bytes) -> bytes:
+    """The FLAC as ffmpeg, sox or arecord write it to a pipe: STREAMINFO's total samples (36 bits
+    from byte 21 on) and MD5 are zero, 'unknown'."""
+    data = bytearray(flac)
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # the first block is STREAMINFO
+    data[21] &= 0xF0
+    data[22:26] = bytes(4)
+    data[26:42] = bytes(16)
+    return bytes(data)
+
+
+def noise(seconds: float, rate=16000, channels=1, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (0.1 * rng.standard_normal((round(seconds * rate), channels))).astype(np.float32)
+
+
+def test_flac_of_unknown_length_decodes_whole():
+    samples = noise(2.3, seed=1)
+    data = unknown_length(encoded(samples, 16000, fmt="FLAC"))
+    assert sf.info(io.BytesIO(data)).frames > 2**62  # libsndfile reports "unknown" so
+    audio, rate = decode(data, max_seconds=60)
+    expected, _ = decode(encoded(samples, 16000, fmt="FLAC"))
+    assert rate == 16000 and len(audio) == len(samples)
+    np.testing.assert_array_equal(audio, expected)
+
+
+def test_flac_of_unknown_length_is_refused_once_it_passes_the_limit():
+    data = unknown_length(encoded(noise(3.0), 16000, fmt="FLAC"))
+    with pytest.raises(AudioError, match="longer than the limit of 2 s"):
+        decode(data, max_seconds=2)
+
+
+def test_declared_length_over_the_limit_is_refused_from_the_header():
+    with pytest.raises(AudioError, match="3.0 s long; the limit is 2 s"):
+        decode(encoded(noise(3.0), 16000), max_seconds=2)
+
+
+@pytest.mark.parametrize("rate,channels,fmt,words", [
+    (640_000, 8, "FLAC", "640000 Hz"),  # the 335-KB FLAC that decoded to 1.35 GB
+    (1, 1, "WAV", "1 Hz"),  # ten samples posing as a 10-s clip
+    (16000, MAX_CHANNELS + 1, "WAV", "9 channels"),  # FLAC stops at 8
+])
+def test_rate_and_channels_out_of_bounds_are_refused_from_the_header(rate, channels, fmt, words):
+    data = encoded(np.zeros((max(10, rate // 5), channels), np.float32), rate, fmt=fmt)
+    with pytest.raises(AudioError, match=words):
+        decode(data, max_seconds=60)
+
+
+def test_multichannel_audio_is_mixed_down_in_blocks_with_bounded_memory():
+    seconds, channels = 20, 8
+    data = silence_flac(MAX_RATE, channels, seconds)
+    tracemalloc.start()
+    try:
+        audio, rate = decode(data, max_seconds=60)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rate == MAX_RATE and len(audio) == seconds * MAX_RATE
+    whole = seconds * MAX_RATE * channels * 4  # 123 MB: what decoding at once would hold
+    assert peak < 2.2 * audio.nbytes + 4_000_000 < whole / 3, peak
+
+
+def test_mixdown_averages_channels():
+    samples = noise(0.5, channels=3, seed=2)
+    audio, _ = decode(encoded(samples, 16000, subtype="FLOAT"))
+    np.testing.assert_allclose(audio, samples.mean(axis=1), atol=1e-7)
+
+
+def test_samples_beyond_full_scale_are_clipped_not_propagated():
+    samples = noise(1.0, channels=2, seed=3)
+    samples[100] = 3e38  # float32's largest values: a mean over channels would overflow
+    samples[200, 0] = -3e38
+    audio, _ = decode(encoded(samples, 16000, subtype="FLOAT"))
+    assert np.isfinite(audio).all() and np.abs(audio).max() <= 1.0
+    assert audio[100] == 1.0 and audio[200] == pytest.approx((samples[200, 1] - 1) / 2)
