@@ -7,6 +7,7 @@ small thread pool, and one batching thread classifies them (app.batcher).
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -36,10 +38,31 @@ from app.predict import (DETECT_ABOVE_S, clip_for_classifier, decode_upload, pre
 from app.schemas import Detections, DetectorSettings, Error, Health, Listener, Prediction, Stats
 from app.settings import Settings, from_env
 from app.stats import CountRequests, RequestCounts, memory_bytes, prometheus_registry
-from app.upload import REQUEST_BODY, read_upload
+from app.upload import REQUEST_BODY, BodyBudget, upload_body
 
+log = logging.getLogger("kws.serve")
+
+CLIENT_CLOSED_REQUEST = 499
 DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps idle connections open through proxies
+
+
+class WorkSlots:
+    """At most `size` uploads decoded and analysed at once; `waiting` counts those queued."""
+
+    def __init__(self, size: int):
+        self.size, self.waiting = size, 0
+        self._free = asyncio.Semaphore(size)
+
+    async def __aenter__(self):
+        self.waiting += 1
+        try:
+            await self._free.acquire()
+        finally:
+            self.waiting -= 1
+
+    async def __aexit__(self, *exc):
+        self._free.release()
 
 
 class Service:
@@ -51,8 +74,10 @@ class Service:
         # Decoding and long clips' detections run in the pool; clips are classified in batches.
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="kws-work")
         self.batcher = ClipBatcher(model, settings.max_batch)
-        # Uploads being read or analysed; more wait unread, so memory stays bounded.
-        self.uploads = asyncio.Semaphore(4 * settings.workers)
+        # Bodies are read outside any slot, within a shared memory budget; decoding and
+        # analysis take one of a few slots, so a burst of uploads queues instead of piling up.
+        self.bodies = BodyBudget(4 * settings.max_upload_bytes)
+        self.slots = WorkSlots(4 * settings.workers)
         self.started = time.monotonic()
         self.listener: LiveListener | None = None
         self.listener_problem: str | None = None
@@ -69,6 +94,15 @@ class Service:
         if self.listener_problem is not None:
             return Listener(state="unavailable", detail=self.listener_problem)
         return Listener(state="off")
+
+    def problem(self) -> str | None:
+        """Why the service cannot take work now, or None when it can."""
+        if self.slots.waiting:
+            return (f"all {self.slots.size} work slots are busy and {self.slots.waiting} "
+                    "uploads wait for one")
+        if self.bodies.waiting:
+            return f"the {self.bodies.limit:,}-byte budget for request bodies is spent"
+        return None
 
     def stats(self) -> Stats:
         rss, peak = memory_bytes()
@@ -110,6 +144,20 @@ async def require_token(
 def error_responses(*codes: int) -> dict:
     """OpenAPI entries for the 4xx answers an endpoint gives, all shaped like `Error`."""
     return {code: {"model": Error} for code in codes}
+
+
+async def client_gone(request: Request, _exc: ClientDisconnect) -> Response:
+    """A client that hung up mid-upload: no traceback, counted apart as 499 (nginx's "client
+    closed request"); nobody receives the answer."""
+    log.info("kws serve: the client of %s %s disconnected before its upload ended",
+             request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def server_error(_request: Request, _exc: Exception) -> JSONResponse:
+    """A bug: JSON like every other error (the traceback still goes to the log)."""
+    return JSONResponse({"detail": "internal server error"},
+                        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
 
 
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -169,7 +217,8 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
         title="kws", version=__version__, lifespan=lifespan,
         description="Keyword spotting with mGRADE: classify uploaded clips, follow live "
                     "detections from the microphone, watch memory use.",
-        exception_handlers={RequestValidationError: validation_error})
+        exception_handlers={RequestValidationError: validation_error, ClientDisconnect: client_gone,
+                            Exception: server_error})
     requests = RequestCounts()
     app.add_middleware(CountRequests, counts=requests)
 
@@ -182,8 +231,9 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
         multipart form field `file` or as the raw body with an audio/* content type."""
         settings = service.settings
         loop = asyncio.get_running_loop()
-        async with service.uploads:
-            data = await read_upload(request, settings.max_upload_bytes)
+        async with (upload_body(request, settings.max_upload_bytes, service.bodies,
+                                settings.read_timeout_s) as data,
+                    service.slots):
             started = time.perf_counter()
             decoding = partial(decode_upload, data, settings.min_duration_s, settings.max_duration_s)
             try:
@@ -232,9 +282,13 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
         return Response(generate_latest(service.metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", response_model=Health)
+    @app.head("/health", response_model=Health, operation_id="health_head")
     async def health(service: ServiceDep):
-        """Liveness: open even when an API token is set."""
-        return Health(model=str(service.settings.model), listener=service.listener_state(),
+        """Liveness and load: open even when an API token is set. `degraded` says why the
+        service cannot take work now."""
+        problem = service.problem()
+        return Health(status="degraded" if problem else "ok", detail=problem,
+                      model=service.settings.model.name, listener=service.listener_state(),
                       detector=service.detector_settings)
 
     dashboard_html = DASHBOARD.read_text()

@@ -57,8 +57,10 @@ class DetectorSettings(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
-    model: str = Field(description="the checkpoint being served")
+    status: Literal["ok", "degraded"] = Field(
+        description="degraded: the service cannot take work now (see detail)")
+    detail: str | None = Field(None, description="why the service is degraded")
+    model: str = Field(description="file name of the checkpoint being served")
     listener: Listener
     detector: DetectorSettings
 

@@ -20,6 +20,7 @@ class Settings:
     api_token: str | None = None  # when set, a bearer token for /predict and the live endpoints
     max_upload_bytes: int = 10_000_000
     max_duration_s: float = 60.0
+    read_timeout_s: float = 5.0  # a client's time to send a request's head, then its body
     min_duration_s: float = 0.1
     workers: int = 2  # threads that decode uploads and run long clips' detections
     max_batch: int = 16  # clips classified together, at most (app.batcher)
@@ -41,6 +42,8 @@ class Settings:
                 raise KwsError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.words is not None:
             object.__setattr__(self, "words", tuple(self.words))
+        if not self.read_timeout_s > 0:
+            raise KwsError(f"read_timeout_s must be positive, got {self.read_timeout_s}")
         if not 0 < self.min_duration_s < self.max_duration_s:
             raise KwsError("durations must satisfy 0 < min_duration_s < max_duration_s")
 
@@ -55,6 +58,7 @@ ENVIRONMENT = {
     "KWS_API_TOKEN": "api_token",
     "KWS_MAX_UPLOAD_BYTES": "max_upload_bytes",
     "KWS_MAX_DURATION_S": "max_duration_s",
+    "KWS_READ_TIMEOUT_S": "read_timeout_s",
     "KWS_WORKERS": "workers",
     "KWS_MAX_BATCH": "max_batch",
     "KWS_TORCH_THREADS": "torch_threads",

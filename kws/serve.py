@@ -1,6 +1,8 @@
 """`kws serve`: the HTTP service in app/ (FastAPI) under uvicorn."""
 
+import json
 import logging
+import signal
 import socket
 
 from kws.errors import KwsError
@@ -23,19 +25,63 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(args):
+def server(app, read_timeout_s: float, log_level: str = "info", access_log: bool = True):
+    """The uvicorn server `kws serve` runs: h11 with a deadline for every request's head (a
+    client that never finishes its headers is disconnected; uvicorn has no such deadline) and
+    JSON for the 400 it answers to malformed HTTP itself; idle keep-alive connections close after
+    the same time. Stopping also ends open /events streams."""
+    import h11
     import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _head_deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._expect_head()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._expect_head()
+
+        def connection_lost(self, exc):
+            self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _expect_head(self):
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            self._head_deadline = self.loop.call_later(read_timeout_s, self._close_if_no_head)
+
+        def _close_if_no_head(self):
+            if self.conn.their_state is h11.IDLE:  # no complete request head since the deadline was set
+                self.transport.close()
+
+        def send_400_response(self, msg: str):
+            body = json.dumps({"detail": f"malformed HTTP request: {msg}"}).encode()
+            for event in (h11.Response(status_code=400, headers=[
+                              (b"content-type", b"application/json"),
+                              (b"content-length", str(len(body)).encode()),
+                              (b"connection", b"close")]),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
     class Server(uvicorn.Server):
-        """uvicorn's server that also ends the open /events streams when told to stop: they
-        never end by themselves, and uvicorn waits for open requests before shutting down."""
-
         def handle_exit(self, sig, frame):
             service = getattr(self.config.app.state, "service", None)  # None before start-up
             if service is not None:
                 service.bus.close()
             super().handle_exit(sig, frame)
 
+    config = uvicorn.Config(app, http=Protocol, log_level=log_level, access_log=access_log,
+                            timeout_keep_alive=read_timeout_s,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    return Server(config)
+
+
+def serve(args):
     from app.main import create_app
     from app.settings import from_env
     from kws.cli import load
@@ -52,10 +98,11 @@ def serve(args):
     logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
     logging.getLogger("kws.serve").info(
         "kws serve: http://%s:%d (dashboard at /, API docs at /docs)", settings.host, settings.port)
-    config = uvicorn.Config(create_app(settings, model), log_level=args.log_level,
-                            access_log=not args.no_access_log,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    Server(config).run(sockets=[sock])
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; caught here, a clean stop
+    # exits 0 rather than 143.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server(create_app(settings, model), settings.read_timeout_s, args.log_level,
+           not args.no_access_log).run(sockets=[sock])
 
 
 def register(sub):

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import uvicorn
 from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,7 +25,7 @@ from kws.audio import AudioError, decode, fit_length, load_audio
 from kws.data import LABELS
 from kws.model import (MGRADE, load_model, parameter_bytes, parameter_count, preset, save_model,
                        state_bytes)
-from kws.serve import bind
+from kws.serve import bind, server as kws_server
 from kws.stream import DEFAULT_THRESHOLD, detect
 
 SMALL = dict(n_layers=2, width=16, frontend_filters=8, delay_window=8, n_taps=3)
@@ -68,10 +67,12 @@ def free_socket() -> socket.socket:
 
 
 @contextmanager
-def serving(app):
-    """Run `app` under uvicorn on a free loopback port in a thread; yields the base URL."""
+def serving(app, read_timeout_s: float = 5.0):
+    """Run `app` on a free loopback port in a thread, in the uvicorn server `kws serve` runs;
+    yields the base URL."""
     sock = free_socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    server = kws_server(app, read_timeout_s, log_level="warning", access_log=False)
+    server.config.timeout_graceful_shutdown = 1
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -414,9 +415,13 @@ def test_metrics_give_the_stats_in_prometheus_format(client):
 
 def test_health_is_ok_and_names_the_model_and_the_detector_settings(client, model_path):
     assert client.get("/health").json() == {
-        "status": "ok", "model": str(model_path), "listener": {"state": "off", "detail": None},
+        "status": "ok", "detail": None, "model": "small.pt",
+        "listener": {"state": "off", "detail": None},
         "detector": {"threshold": DEFAULT_THRESHOLD,
                      "words": [w for w in LABELS if w != "_background_"]}}
+    assert str(model_path.parent) not in client.get("/health").text
+    head = client.head("/health")
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_health_shows_the_threshold_and_words_the_service_was_given(model_path):

@@ -2,14 +2,24 @@
 HTTP, exposure on a network, SIGTERM. Every case is bounded to a few seconds (short timeouts
 set for the test)."""
 
+import json
 import math
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
+import httpx
 import numpy as np
 import pytest
-from test_app import (assert_error, audio_bytes, client, client_for, model_path,  # noqa: F401
-                      upload)
+from fastapi.testclient import TestClient
+from test_app import (assert_error, audio_bytes, client, client_for, free_socket,  # noqa: F401
+                      model_path, read_reply, serving, upload)
 from test_audio_decode import noise, silence_flac, unknown_length
 
+from app.main import create_app
 from app.schemas import Prediction
 from app.settings import Settings
 
@@ -40,3 +50,160 @@ def test_flac_of_unknown_length_is_accepted(client):  # noqa: F811
 def test_crafted_file_is_refused_with_422(model_path, data, words):  # noqa: F811
     with client_for(Settings(model=model_path, max_duration_s=2)) as client:
         assert_error(upload(client, data, content_type="audio/flac"), 422, *words)
+
+
+# ----------------------------------------------------------------------------- slow clients
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+class Trickle:
+    """Clients that open a connection, send `head` and then one byte of `rest` per second."""
+
+    def __init__(self, port: int, clients: int, head: bytes, rest: bytes):
+        self.connections = [socket.create_connection(("127.0.0.1", port), timeout=10)
+                            for _ in range(clients)]
+        self.head, self.rest, self.stop = head, rest, threading.Event()
+        self.thread = threading.Thread(target=self._send, daemon=True)
+        self.thread.start()
+
+    def _send(self):
+        for conn in self.connections:
+            conn.sendall(self.head)
+        for byte in self.rest:
+            for conn in self.connections:
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    pass  # the server hung up: what a slow client should expect
+            if self.stop.wait(1.0):
+                return
+
+    def replies(self, limit_s: float) -> list[bytes]:
+        """What each connection received until the server closed it (b"" when it closed silently),
+        waiting at most `limit_s` in all."""
+        deadline, out = time.monotonic() + limit_s, []
+        for conn in self.connections:
+            data = b""
+            conn.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                while chunk := conn.recv(65536):
+                    data += chunk
+            except TimeoutError:
+                data += b"<still open>"
+            out.append(data)
+        return out
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        for conn in self.connections:
+            conn.close()
+
+
+def test_slow_uploads_hold_no_slot_and_get_408_at_the_deadline(model_path):  # noqa: F811
+    body = audio_bytes(1.0)
+    head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    # one decoding worker: four work slots, fewer than the twelve slow clients
+    app = create_app(Settings(model=model_path, workers=1, read_timeout_s=2.0))
+    with serving(app, read_timeout_s=2.0) as url:
+        slow = Trickle(port_of(url), 12, head, body)
+        try:
+            time.sleep(0.5)  # every slow client is in
+            with httpx.Client(base_url=url, timeout=5) as client:
+                started = time.monotonic()
+                assert upload(client, body).status_code == 200
+                assert time.monotonic() - started < 5
+                assert client.get("/health").json()["status"] == "ok"
+            replies = slow.replies(limit_s=4.0)
+        finally:
+            slow.close()
+    assert all(r.startswith(b"HTTP/1.1 408") for r in replies), replies[0]
+    assert b"not received within 2 s" in replies[0]
+
+
+def test_a_client_that_never_finishes_its_headers_is_disconnected(model_path):  # noqa: F811
+    with serving(create_app(Settings(model=model_path)), read_timeout_s=1.0) as url:
+        slow = Trickle(port_of(url), 3, b"POST /predict HTTP/1.1\r\n", b"X-Slow: " + b"a" * 30)
+        try:
+            started = time.monotonic()
+            replies = slow.replies(limit_s=4.0)
+            assert time.monotonic() - started < 3.0
+        finally:
+            slow.close()
+    assert replies == [b"", b"", b""]
+
+
+def test_malformed_http_gets_a_json_400(client):  # noqa: F811
+    port = port_of(str(client.base_url).rstrip("/"))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: banana\r\n\r\n")
+        reply = read_reply(conn)
+    head, body = reply.split("\r\n\r\n", 1)
+    assert head.startswith("HTTP/1.1 400") and "content-type: application/json" in head.lower()
+    assert "malformed HTTP request" in json.loads(body)["detail"]
+
+
+def test_disconnect_mid_upload_is_counted_apart_without_a_traceback(model_path, caplog):  # noqa: F811
+    body = audio_bytes(1.0)
+    with serving(create_app(Settings(model=model_path))) as url, \
+            httpx.Client(base_url=url, timeout=5) as client:
+        with socket.create_connection(("127.0.0.1", port_of(url)), timeout=5) as conn:
+            conn.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:1000])
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while "499" not in (counts := client.get("/stats").json()["requests"].get("/predict", {})):
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.05)
+        metrics = client.get("/metrics").text
+    assert counts == {"499": 1}
+    assert 'kws_http_requests_total{route="/predict",status="499"} 1.0' in metrics
+    assert "Traceback" not in caplog.text and "Exception" not in caplog.text
+
+
+def test_health_is_degraded_while_uploads_wait_for_a_work_slot(model_path):  # noqa: F811
+    app = create_app(Settings(model=model_path, workers=1))
+    with TestClient(app) as client:
+        slots = app.state.service.slots
+        for _ in range(slots.size):
+            client.portal.call(slots.__aenter__)
+        waiting = client.portal.start_task_soon(slots.__aenter__)
+        while not slots.waiting:
+            time.sleep(0.01)
+        health = client.get("/health").json()
+        for _ in range(slots.size + 1):
+            client.portal.call(slots.__aexit__)
+        waiting.result(5)
+        after = client.get("/health").json()
+    assert health["status"] == "degraded" and "4 work slots are busy" in health["detail"]
+    assert after["status"] == "ok" and after["detail"] is None
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+def test_sigterm_stops_the_server_cleanly_with_status_0(model_path):  # noqa: F811
+    with free_socket() as probe:
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kws.cli", "serve", "--model", str(model_path), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        output = process.stdout.read()
+    finally:
+        process.kill()
+    assert "Traceback" not in output
