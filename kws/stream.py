@@ -149,17 +149,21 @@ class Detector:
         self.last_logits, self.state = self.engine.stream(samples, self.state)
         return self.process_logits(self.last_logits)
 
-    def process_logits(self, logits: np.ndarray) -> list[Detection]:
+    def process_logits(self, logits: np.ndarray, last: bool = False) -> list[Detection]:
         """The detection stage alone, for per-step logits (steps, n_classes) in stream order.
         `process` calls it; eval-stream also replays recorded logits through it at many
-        thresholds without re-running the model."""
-        if len(logits) == 0:
-            return []
-        probs = self._smoothed_probabilities(np.asarray(logits))
-        first_step = self._steps
-        self._steps += len(logits)
-        self._probs = probs[-1]
-        return self._decide(probs, first_step)
+        thresholds without re-running the model. `last`: these end the stream, so a word still
+        waiting for its peak is reported at the last step."""
+        found = []
+        if len(logits):
+            probs = self._smoothed_probabilities(np.asarray(logits))
+            first_step = self._steps
+            self._steps += len(logits)
+            self._probs = probs[-1]
+            found = self._decide(probs, first_step)
+        if last and self._candidate is not None:
+            found.append(self._report(self._steps - 1))
+        return found
 
     def _smoothed_probabilities(self, logits: np.ndarray) -> np.ndarray:
         """softmax(mean of the last window_steps logits) at every new step, (n, n_classes).
@@ -182,13 +186,11 @@ class Detector:
         """End the stream: feed silence until a word at the very end has passed through the
         score window and been reported. Detections made in the silence are dated at the end of
         the audio; `time_s` stays there too. Call `reset()` before feeding another stream."""
-        end = self._samples
-        found = self.process(np.zeros(round((self.window_steps + self.peak_wait_steps + 1)
-                                            * self.stride), np.float32))
-        if self._candidate is not None:  # still rising after the whole wait: report it now
-            found.append(self._report(self._steps - 1))
-        self._samples = end
-        end_s = end / SAMPLE_RATE
+        silence = np.zeros((self.window_steps + self.peak_wait_steps + 1) * self.stride,
+                           np.float32)
+        self.last_logits, self.state = self.engine.stream(silence, self.state)
+        found = self.process_logits(self.last_logits, last=True)
+        end_s = self.time_s
         return [Detection(min(d.time_s, end_s), d.label, d.score) for d in found]
 
     def _decide(self, probs: np.ndarray, first_step: int) -> list[Detection]:

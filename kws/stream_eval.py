@@ -2,27 +2,34 @@
 
 A stream is a run of slots, 3-6 s each. Most slots hold one clip of the split at a random time,
 at a random gain (-10..+5 dB), over background noise at a random SNR (5-20 dB, speech RMS over
-the 1-s clip against noise RMS, as in training); the rest hold only noise, from near silence to
-loud (-70..-25 dBFS). Noise comes from the held-out end of the split's noise recordings (see
-kws.data.read_noise). The stream runs through the same `Detector` that `kws listen` uses, in
-32-ms blocks.
+the 1-s clip against noise RMS, as in training); a fifth hold a sentence without any keyword,
+rendered by the TTS engines (kws.speech), over noise the same way: speech that must not fire;
+the rest hold only noise, from near silence to loud (-70..-25 dBFS). Noise comes from the
+held-out end of the split's noise recordings (see kws.data.read_noise). The stream runs through
+the same `Detector` that `kws listen` uses, in 32-ms blocks, and is flushed at its end.
 
-Scoring. Each clip's word is where its 10-ms frames are within 20 dB of its loudest frame (an
-energy estimate of the word's start and end). A detection is a hit when its label is the clip's
-and it comes between the word's start and one second after its end; each word is hit at most
-once; every other detection is a false accept. Latency is detection time minus word end. Only
-the chosen words (default: the 17 words the shared data covers well) are reported; clips of the
-other words stay in the stream as speech that must not fire.
+Scoring, for every spoken keyword of the chosen words (default: the 17 words the shared data
+covers well). Each clip's word is where its 10-ms frames are within 20 dB of its loudest frame
+(an energy estimate of its start and end); its window runs from the word's start to one second
+after its end. The keyword is a *hit* when its own label is detected in its window, a
+*substitution* when it is not and another label is, and a *miss* otherwise. A detection in no
+window of any of the 35 words is a *false alarm*, counted per hour of such keyword-free audio,
+and separately on speech (a sentence's span and the second after it) and on noise (the rest).
+Clips of the other words stay in the stream as speech that must not fire; detections in their
+windows are counted apart. Latency is detection time minus word end (the detection's time is
+when it is reported, after the peak wait).
 
 The DET curve comes from replaying the recorded per-step logits through fresh Detectors at other
-thresholds (`Detector.process_logits`), so every point uses the same decision path.
+thresholds (`Detector.process_logits`), so every point uses the same decision path. Several
+seeds (`--seed 0,1,2`) give several streams, scored together.
 """
 
 import json
 import math
 import resource
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,27 +38,35 @@ import torch
 from kws.audio import SAMPLE_RATE, load_audio
 from kws.data import WELL_COVERED, read_noise, read_split, word_bounds
 from kws.errors import KwsError
-from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_REFRACTORY_S, DEFAULT_THRESHOLD,
-                        DEFAULT_WINDOW_S, Detection, Detector, parse_threshold, parse_words)
+from kws.speech import SPEECH, default_cache, spoken
+from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_PEAK_WAIT_S, DEFAULT_REFRACTORY_S,
+                        DEFAULT_THRESHOLD, DEFAULT_WINDOW_S, Detection, Detector,
+                        parse_threshold, parse_words)
 
 SLOT_S = (3.0, 6.0)
-KEYWORD_FREE_SLOTS = 0.2
+KEYWORD_FREE_SLOTS = 0.2  # noise only
+SPEECH_SLOTS = 0.2  # a sentence without keywords
 SNR_DB = (5.0, 20.0)
 GAIN_DB = (-10.0, 5.0)
+SENTENCE_DBFS = (-32.0, -18.0)  # RMS of a rendered sentence, like the clips' speech
 QUIET_DBFS = (-70.0, -25.0)
 MAX_LATENCY_S = 1.0
 FADE_S = 0.01
 DET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7,
-                  0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+                  0.75, 0.8, 0.825, 0.85, 0.875, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995,
+                  0.999)
+MAX_FALSE_ALARMS_PER_HOUR = 1.0  # the limits a default threshold must meet (validation streams)
+MAX_SUBSTITUTION_RATE = 0.05
 MEMORY_TOLERANCE_BYTES = 5 * 2**20
-SUMMARY_KEYS = ("recall", "false_accepts_per_hour", "keywords", "latency_ms_median")
+SUMMARY_KEYS = ("recall", "substitution_rate", "false_alarms_per_hour", "keywords",
+                "latency_ms_median")
 
 
 @dataclass(frozen=True)
 class Placement:
-    label: str
-    start_s: float  # word onset (energy estimate), stream time
-    end_s: float  # word end
+    label: str  # one of the 35 words, or kws.speech.SPEECH for a sentence without keywords
+    start_s: float  # onset (energy estimate), stream time
+    end_s: float  # end
 
 
 # ----------------------------------------------------------------------------- building streams
@@ -74,33 +89,43 @@ def _noise(noise: list[np.ndarray], length: int, rng: np.random.Generator) -> np
 
 
 def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int,
-                 start_s: float = 0.0) -> Iterator[tuple[np.ndarray, list[Placement]]]:
+                 start_s: float = 0.0, speech_cache: Path | None = None,
+                 speech_slots: float = SPEECH_SLOTS
+                 ) -> Iterator[tuple[np.ndarray, list[Placement]]]:
     """Seeded slots of a test stream, generated one at a time (constant memory), until
-    `seconds` of audio: (audio, placements in stream time counted from `start_s`)."""
+    `seconds` of audio: (audio, placements in stream time counted from `start_s`). Sentences
+    are rendered into (or read from) `speech_cache` (default: kws.speech.default_cache())."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(clips))
     made, next_clip = 0, 0
     total = int(seconds * SAMPLE_RATE)
+    cache = speech_cache or default_cache()
     while made < total:
         length = min(int(rng.uniform(*SLOT_S) * SAMPLE_RATE), total - made)
         background = _noise(noise, length, rng)
-        placements = []
-        if rng.random() < KEYWORD_FREE_SLOTS or length < 2 * SAMPLE_RATE:
-            audio = background * 10 ** (rng.uniform(*QUIET_DBFS) / 20)
+        kind = rng.random()
+        if kind < KEYWORD_FREE_SLOTS or length < 2 * SAMPLE_RATE:
+            yield np.clip(background * 10 ** (rng.uniform(*QUIET_DBFS) / 20), -1, 1), []
+            made += length
+            continue
+        if kind < KEYWORD_FREE_SLOTS + speech_slots:
+            label = SPEECH
+            speech = spoken(int(rng.integers(2**31)), cache)[: length - SAMPLE_RATE // 2]
+            speech = speech * np.float32(10 ** (rng.uniform(*SENTENCE_DBFS) / 20) / _rms(speech))
         else:
             clip = clips[order[next_clip % len(order)]]
             next_clip += 1
+            label = clip.label
             speech = load_audio(clip.path)[: length - SAMPLE_RATE // 2]
             speech = speech * np.float32(10 ** (rng.uniform(*GAIN_DB) / 20))
-            noise_rms = _rms(speech) * 10 ** (-rng.uniform(*SNR_DB) / 20)
-            audio = background * noise_rms
-            at = int(rng.integers(SAMPLE_RATE // 4, length - len(speech) + 1))
-            audio[at:at + len(speech)] += speech
-            first, last = word_bounds(speech)
-            t0 = start_s + (made + at) / SAMPLE_RATE
-            placements.append(Placement(clip.label, t0 + first / SAMPLE_RATE,
-                                        t0 + last / SAMPLE_RATE))
-        yield np.clip(audio, -1, 1).astype(np.float32), placements
+        noise_rms = _rms(speech) * 10 ** (-rng.uniform(*SNR_DB) / 20)
+        audio = background * noise_rms
+        at = int(rng.integers(SAMPLE_RATE // 4, length - len(speech) + 1))
+        audio[at:at + len(speech)] += speech
+        first, last = word_bounds(speech)
+        t0 = start_s + (made + at) / SAMPLE_RATE
+        yield (np.clip(audio, -1, 1).astype(np.float32),
+               [Placement(label, t0 + first / SAMPLE_RATE, t0 + last / SAMPLE_RATE)])
         made += length
 
 
@@ -116,7 +141,8 @@ class StreamRun:
 
 
 def run_stream(detector: Detector, slots, record_logits: bool = False, on_slot=None) -> StreamRun:
-    """Feed slots to the detector in DEFAULT_CHUNK_SAMPLES blocks, exactly as listen does."""
+    """Feed slots to the detector in DEFAULT_CHUNK_SAMPLES blocks, exactly as listen does, and
+    flush it at the end, as listen does at the end of a file."""
     import time
 
     detections, placements, logits = [], [], []
@@ -140,67 +166,159 @@ def run_stream(detector: Detector, slots, record_logits: bool = False, on_slot=N
         detections += detector.process(carry)
         if record_logits:
             logits.append(detector.last_logits.copy())
+    detections += detector.flush()
+    if record_logits:  # a replay ends with the same flush
+        logits.append(detector.last_logits.copy())
     return StreamRun(detections, placements, detector.time_s,
                      np.concatenate(logits) if record_logits else None, compute)
 
 
+def _covered(intervals, lo: float, hi: float) -> float:
+    """Seconds of [lo, hi) inside the union of `intervals` ((start, end) pairs)."""
+    total, reach = 0.0, lo
+    for a, b in sorted(intervals):
+        a, b = max(a, reach), min(b, hi)
+        if b > a:
+            total += b - a
+            reach = b
+    return total
+
+
+@dataclass
+class Tally:
+    """Counts of one or more streams; `+` pools streams, `summary()` gives the rates."""
+    keywords: int = 0
+    hits: int = 0
+    substitutions: int = 0
+    false_alarms_speech: int = 0
+    false_alarms_noise: int = 0
+    extra_in_word_windows: int = 0  # detections in a chosen word's window beyond its hit or substitution
+    on_other_words: int = 0  # detections in the window of a word that is not among the chosen
+    seconds: float = 0.0
+    keyword_free_seconds: float = 0.0
+    speech_seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    spoken: Counter = field(default_factory=Counter)  # per word
+    heard: Counter = field(default_factory=Counter)  # hits per word
+
+    def __add__(self, other: "Tally") -> "Tally":
+        return Tally(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+
+    def summary(self) -> dict:
+        def per_hour(count, seconds):
+            return count * 3600 / seconds if seconds > 0 else float("nan")
+
+        lat = self.latencies_ms
+        false_alarms = self.false_alarms_speech + self.false_alarms_noise
+        detections = (self.hits + self.substitutions + false_alarms + self.extra_in_word_windows
+                      + self.on_other_words)
+        return {
+            "recall": self.hits / self.keywords if self.keywords else float("nan"),
+            "substitution_rate": self.substitutions / self.keywords if self.keywords else float("nan"),
+            "false_alarms_per_hour": per_hour(false_alarms, self.keyword_free_seconds),
+            "false_alarms_per_hour_speech": per_hour(self.false_alarms_speech, self.speech_seconds),
+            "false_alarms_per_hour_noise": per_hour(
+                self.false_alarms_noise, self.keyword_free_seconds - self.speech_seconds),
+            "keyword_free_hours": self.keyword_free_seconds / 3600,
+            "speech_hours": self.speech_seconds / 3600,
+            "latency_ms_median": float(np.median(lat)) if lat else float("nan"),
+            "latency_ms_p90": float(np.percentile(lat, 90)) if lat else float("nan"),
+            "keywords": self.keywords, "hits": self.hits, "substitutions": self.substitutions,
+            "misses": self.keywords - self.hits - self.substitutions,
+            "false_alarms": false_alarms, "false_alarms_speech": self.false_alarms_speech,
+            "false_alarms_noise": self.false_alarms_noise,
+            "extra_detections_in_word_windows": self.extra_in_word_windows,
+            "detections_on_other_words": self.on_other_words,
+            # Every detection that is not a hit, per hour of stream (the metric before the error
+            # types were told apart).
+            "false_accepts_per_hour": per_hour(detections - self.hits, self.seconds),
+            "hours": self.seconds / 3600,
+            "recall_per_word": {w: round(self.heard[w] / n, 4)
+                                for w, n in sorted(self.spoken.items())},
+        }
+
+
 def score(detections: list[Detection], placements: list[Placement], words, seconds: float,
-          window: tuple[float, float] = (0.0, math.inf)) -> dict:
-    """Recall, false accepts per hour and latency of detections against the placed words,
-    counting only words and detections whose time falls in `window` (stream seconds)."""
-    lo, hi = window
-    hi = min(hi, seconds)
+          window: tuple[float, float] = (0.0, math.inf)) -> Tally:
+    """Hits, substitutions, misses and false alarms of detections against the placed words and
+    sentences, counting only placements that start and detections that fall in `window`."""
+    lo, hi = window[0], min(window[1], seconds)
     words = set(words)
-    targets = [p for p in placements if p.label in words and lo <= p.start_s < hi]
-    unmatched = {i: p for i, p in enumerate(placements)}
-    hits, latencies, false_accepts = set(), [], 0
+    keyword_windows = [(p.start_s, p.end_s + MAX_LATENCY_S, i) for i, p in enumerate(placements)
+                       if p.label != SPEECH]
+    speech_windows = [(p.start_s, p.end_s + MAX_LATENCY_S) for p in placements
+                      if p.label == SPEECH]
+    t = Tally(seconds=hi - lo)
+    hit, other_label = set(), set()
     for d in detections:
-        match = next((i for i, p in unmatched.items() if p.label == d.label
-                      and p.start_s <= d.time_s <= p.end_s + MAX_LATENCY_S), None)
-        if match is None:
-            false_accepts += lo <= d.time_s < hi
+        if not lo <= d.time_s < hi:
             continue
-        p = unmatched.pop(match)
+        inside = [i for a, b, i in keyword_windows if a <= d.time_s <= b]
+        if not inside:
+            if any(a <= d.time_s <= b for a, b in speech_windows):
+                t.false_alarms_speech += 1
+            else:
+                t.false_alarms_noise += 1
+            continue
+        # Of overlapping windows, the one this detection hits, else the earliest.
+        i = next((i for i in inside if placements[i].label == d.label and i not in hit), inside[0])
+        p = placements[i]
+        if p.label not in words or not lo <= p.start_s < hi:
+            t.on_other_words += 1
+        elif p.label == d.label and i not in hit:
+            hit.add(i)
+            t.latencies_ms.append(1000 * (d.time_s - p.end_s))
+        elif p.label != d.label and i not in other_label:
+            other_label.add(i)
+        else:
+            t.extra_in_word_windows += 1
+    for i, p in enumerate(placements):
         if p.label in words and lo <= p.start_s < hi:
-            hits.add(match)
-            latencies.append(1000 * (d.time_s - p.end_s))
-    hours = max(hi - lo, 1e-9) / 3600
-    per_word = {}
-    for w in sorted(words):
-        n = sum(p.label == w for p in targets)
-        if n:
-            per_word[w] = round(sum(placements[i].label == w for i in hits) / n, 4)
-    return {
-        "recall": len(hits) / len(targets) if targets else float("nan"),
-        "false_accepts_per_hour": false_accepts / hours,
-        "latency_ms_median": float(np.median(latencies)) if latencies else float("nan"),
-        "latency_ms_p90": float(np.percentile(latencies, 90)) if latencies else float("nan"),
-        "keywords": len(targets),
-        "hits": len(hits),
-        "false_accepts": false_accepts,
-        "hours": hours,
-        "recall_per_word": per_word,
-    }
+            t.keywords += 1
+            t.spoken[p.label] += 1
+            t.heard[p.label] += i in hit
+    t.hits = len(hit)
+    t.substitutions = len(other_label - hit)
+    t.extra_in_word_windows += len(other_label & hit)  # a wrong label as well as the right one
+    t.keyword_free_seconds = hi - lo - _covered([(a, b) for a, b, _ in keyword_windows], lo, hi)
+    t.speech_seconds = (_covered([(a, b) for a, b, _ in keyword_windows] + speech_windows, lo, hi)
+                        - _covered([(a, b) for a, b, _ in keyword_windows], lo, hi))
+    return t
 
 
-def det_curve(model, run: StreamRun, words, window_s: float, refractory_s: float,
-              thresholds=DET_THRESHOLDS) -> list[dict]:
-    """Recall and false accepts per hour at each threshold, replaying the recorded logits."""
+def replay(model, run: StreamRun, words, threshold, window_s: float, refractory_s: float,
+           peak_wait_s: float) -> list[Detection]:
+    """The detections a Detector with these settings makes on the run's recorded logits."""
+    detector = Detector(model, threshold=threshold, words=words, window_s=window_s,
+                        refractory_s=refractory_s, peak_wait_s=peak_wait_s)
+    return [Detection(min(d.time_s, run.seconds), d.label, d.score)  # dated as flush() dates them
+            for d in detector.process_logits(run.logits, last=True)]
+
+
+DET_KEYS = ("recall", "substitution_rate", "false_alarms_per_hour",
+            "false_alarms_per_hour_speech", "false_alarms_per_hour_noise", "latency_ms_median")
+
+
+def det_curve(model, runs: list[StreamRun], words, window_s: float, refractory_s: float,
+              peak_wait_s: float, thresholds=DET_THRESHOLDS) -> list[dict]:
+    """The pooled error rates of the runs at each threshold, replaying their recorded logits."""
     points = []
     for t in thresholds:
-        detector = Detector(model, threshold=float(t), words=words, window_s=window_s,
-                            refractory_s=refractory_s)
-        found = detector.process_logits(run.logits)
-        s = score(found, run.placements, words, run.seconds)
-        points.append({"threshold": float(t), "recall": s["recall"],
-                       "false_accepts_per_hour": s["false_accepts_per_hour"]})
+        tally = sum((score(replay(model, run, words, float(t), window_s, refractory_s,
+                                  peak_wait_s), run.placements, words, run.seconds)
+                     for run in runs), Tally())
+        summary = tally.summary()
+        points.append({"threshold": float(t), **{k: summary[k] for k in DET_KEYS}})
     return points
 
 
-def best_at(points: list[dict], max_false_accepts_per_hour: float) -> dict | None:
-    """The DET point with the highest recall at no more than the given false accept rate."""
-    ok = [p for p in points if p["false_accepts_per_hour"] <= max_false_accepts_per_hour]
-    return max(ok, key=lambda p: (p["recall"], -p["threshold"])) if ok else None
+def operating_point(points: list[dict], max_false_alarms_per_hour: float = MAX_FALSE_ALARMS_PER_HOUR,
+                    max_substitution_rate: float = MAX_SUBSTITUTION_RATE) -> dict | None:
+    """The DET point with the highest recall within both limits (the higher threshold on a
+    tie), or None when no threshold meets them."""
+    ok = [p for p in points if p["false_alarms_per_hour"] <= max_false_alarms_per_hour
+          and p["substitution_rate"] <= max_substitution_rate]
+    return max(ok, key=lambda p: (p["recall"], p["threshold"])) if ok else None
 
 
 def clip_accuracy(model, clips, seed: int, batch: int = 64) -> dict:
@@ -257,34 +375,35 @@ def _line(image: np.ndarray, p0, p1, color, width: int = 1):
 
 
 def det_image(points: list[dict], operating: dict | None = None) -> np.ndarray:
-    """A log-log DET plot, (H, W, 3) uint8: x false accepts per hour (0.1-1000), y miss rate
-    (0.1%-100%). Grid lines at decades; the curve in blue, the operating point in red."""
+    """A DET plot, (H, W, 3) uint8: x false alarms per hour of keyword-free audio (log,
+    0.1-1000; none at all is drawn at 0.1), y 0-100%: recall in blue and the substitution rate
+    beside it in orange, one point per threshold; the operating point's recall in red."""
     h, w, left, bottom, top, right = 360, 480, 60, 40, 14, 30
     image = np.full((h, w, 3), 255, np.uint8)
-    x_range, y_range = (-1.0, 3.0), (-3.0, 0.0)
+    x_range = (-1.0, 3.0)
 
-    def xy(fa, miss):
+    def xy(fa, rate):
         fx = (np.log10(max(fa, 10 ** x_range[0])) - x_range[0]) / (x_range[1] - x_range[0])
-        fy = (np.log10(max(miss, 10 ** y_range[0])) - y_range[0]) / (y_range[1] - y_range[0])
-        return left + fx * (w - left - right), h - bottom - fy * (h - bottom - top)
+        return left + fx * (w - left - right), h - bottom - rate * (h - bottom - top)
 
     for decade, label in zip(range(-1, 4), ("0.1", "1", "10", "100", "1000")):
         x, _ = xy(10.0 ** decade, 1.0)
         _line(image, (x, top), (x, h - bottom), (220, 220, 220))
         _text(image, int(x) - 4 * len(label), h - bottom + 8, label)
-    for decade, label in zip(range(-3, 1), ("0.1%", "1%", "10%", "100%")):
-        _, y = xy(1.0, 10.0 ** decade)
+    for rate, label in ((0.0, "0%"), (0.25, "25%"), (0.5, "50%"), (0.75, "75%"), (1.0, "100%")):
+        _, y = xy(1.0, rate)
         _line(image, (left, y), (w - right, y), (220, 220, 220))
         _text(image, 4, int(y) - 5, label)
     _line(image, (left, top), (left, h - bottom), (0, 0, 0))
     _line(image, (left, h - bottom), (w - right, h - bottom), (0, 0, 0))
-    curve = sorted((p["false_accepts_per_hour"], 1 - p["recall"]) for p in points)
-    for a, b in zip(curve, curve[1:]):
-        _line(image, xy(*a), xy(*b), (30, 80, 200), width=2)
-    for p in curve:
-        _line(image, xy(*p), xy(*p), (30, 80, 200), width=5)
+    for key, color in (("substitution_rate", (240, 140, 20)), ("recall", (30, 80, 200))):
+        curve = sorted((p["false_alarms_per_hour"], p[key]) for p in points)
+        for a, b in zip(curve, curve[1:]):
+            _line(image, xy(*a), xy(*b), color, width=2)
+        for p in curve:
+            _line(image, xy(*p), xy(*p), color, width=5)
     if operating:
-        point = xy(operating["false_accepts_per_hour"], 1 - operating["recall"])
+        point = xy(operating["false_alarms_per_hour"], operating["recall"])
         _line(image, point, point, (220, 30, 30), width=9)
     return image
 
@@ -324,33 +443,54 @@ def _state_max(detector: Detector) -> float:
     return max(float(np.abs(s).max()) for s in detector.state[1:] if s is not None)
 
 
-def evaluate(model, data: Path, split: str, minutes: float, seed: int, words, threshold,
-             window_s: float, refractory_s: float, det_png: Path | None) -> dict:
+def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], words, threshold,
+             window_s: list[float], refractory_s: float, peak_wait_s: float,
+             det_png: Path | None, speech_cache: Path | None) -> dict:
+    """One stream per seed through a Detector with the first readout window, scored together;
+    the DET curve and operating point of every window in `window_s`, from the same logits."""
     clips = read_split(data, split)
     noise = read_noise(data, split)
-    detector = Detector(model, threshold=threshold, words=words, window_s=window_s,
-                        refractory_s=refractory_s)
-    run = run_stream(detector, stream_slots(clips, noise, minutes * 60, seed), record_logits=True)
-    result = score(run.detections, run.placements, words, run.seconds)
-    points = det_curve(model, run, words, window_s, refractory_s)
+    runs = []
+    for seed in seeds:
+        detector = Detector(model, threshold=threshold, words=words, window_s=window_s[0],
+                            refractory_s=refractory_s, peak_wait_s=peak_wait_s)
+        runs.append(run_stream(detector, stream_slots(clips, noise, minutes * 60, seed,
+                                                      speech_cache=speech_cache),
+                               record_logits=True))
+    tallies = [score(r.detections, r.placements, words, r.seconds) for r in runs]
+    result = sum(tallies, Tally()).summary()
+    readouts = []
+    for w in window_s:
+        points = det_curve(model, runs, words, w, refractory_s, peak_wait_s)
+        readouts.append({"window_s": w, "operating_point": operating_point(points),
+                         "det_curve": points})
     result.update({
-        "split": split, "minutes": run.seconds / 60, "seed": seed,
+        "split": split, "minutes": sum(r.seconds for r in runs) / 60, "seeds": list(seeds),
         "threshold": threshold if threshold is not None else DEFAULT_THRESHOLD,
-        "window_s": window_s, "refractory_s": refractory_s, "words": list(words),
-        "real_time_factor": run.compute_seconds / run.seconds,
-        "det_curve": points,
-        "best_at_2_false_accepts_per_hour": best_at(points, 2.0),
+        "window_s": window_s[0], "refractory_s": refractory_s, "peak_wait_s": peak_wait_s,
+        "words": list(words),
+        "real_time_factor": sum(r.compute_seconds for r in runs) / sum(r.seconds for r in runs),
+        "per_seed": [{"seed": seed, **{k: t.summary()[k] for k in DET_KEYS}}
+                     for seed, t in zip(seeds, tallies)],
+        "limits": {"false_alarms_per_hour": MAX_FALSE_ALARMS_PER_HOUR,
+                   "substitution_rate": MAX_SUBSTITUTION_RATE},
+        "det_curve": readouts[0]["det_curve"],
+        "operating_point": readouts[0]["operating_point"],
     })
-    result.update(clip_accuracy(model, clips, seed))
+    if len(readouts) > 1:
+        result["readouts"] = readouts
+    result.update(clip_accuracy(model, clips, seeds[0]))
     if det_png:
-        write_png(det_png, det_image(points, result),
-                  "DET curve of kws eval-stream: x false accepts per hour (log), y miss rate (log)")
+        write_png(det_png, det_image(result["det_curve"], result),
+                  "DET curve of kws eval-stream: x false alarms per hour of keyword-free audio "
+                  "(log); y recall (blue) and substitution rate (orange); red: the run's threshold")
         result["det_png"] = str(det_png)
     return result
 
 
-def long_run_check(model, data: Path, split: str, minutes: float, seed: int, words, threshold,
-                   window_s: float, refractory_s: float, compare_minutes: float) -> dict:
+def long_run_check(model, data: Path, split: str, minutes: float, seeds: list[int], words,
+                   threshold, window_s: list[float], refractory_s: float, peak_wait_s: float,
+                   speech_cache: Path | None, compare_minutes: float) -> dict:
     """One stream of `minutes`: the same `compare_minutes` of audio at its start and its end,
     other audio between. Passes when memory stays within 5 MB after the first compare window
     and the end scores no worse than the start (same audio, so only the carried state differs)."""
@@ -359,13 +499,16 @@ def long_run_check(model, data: Path, split: str, minutes: float, seed: int, wor
                        f"{compare_minutes:g} minutes")
     clips, noise = read_split(data, split), read_noise(data, split)
     compare_s, total_s = compare_minutes * 60, minutes * 60
+    seed = seeds[0]
     slots = [
-        stream_slots(clips, noise, compare_s, seed),
-        stream_slots(clips, noise, total_s - 2 * compare_s, seed + 1, start_s=compare_s),
-        stream_slots(clips, noise, compare_s, seed, start_s=total_s - compare_s),
+        stream_slots(clips, noise, compare_s, seed, speech_cache=speech_cache),
+        stream_slots(clips, noise, total_s - 2 * compare_s, seed + 1, start_s=compare_s,
+                     speech_cache=speech_cache),
+        stream_slots(clips, noise, compare_s, seed, start_s=total_s - compare_s,
+                     speech_cache=speech_cache),
     ]
-    detector = Detector(model, threshold=threshold, words=words, window_s=window_s,
-                        refractory_s=refractory_s)
+    detector = Detector(model, threshold=threshold, words=words, window_s=window_s[0],
+                        refractory_s=refractory_s, peak_wait_s=peak_wait_s)
     memory, state_max = [], []
 
     def watch(d: Detector):
@@ -375,10 +518,12 @@ def long_run_check(model, data: Path, split: str, minutes: float, seed: int, wor
     run = run_stream(detector, (s for part in slots for s in part), on_slot=watch)
     baseline = next(rss for t, rss in memory if t >= compare_s)
     growth = max(rss for t, rss in memory if t >= compare_s) - baseline
-    first = score(run.detections, run.placements, words, run.seconds, (0, compare_s))
-    last = score(run.detections, run.placements, words, run.seconds, (total_s - compare_s, total_s))
+    first = score(run.detections, run.placements, words, run.seconds, (0, compare_s)).summary()
+    last = score(run.detections, run.placements, words, run.seconds,
+                 (total_s - compare_s, total_s)).summary()
     no_worse = (last["recall"] >= first["recall"]
-                and last["false_accepts_per_hour"] <= first["false_accepts_per_hour"])
+                and last["substitution_rate"] <= first["substitution_rate"]
+                and last["false_alarms_per_hour"] <= first["false_alarms_per_hour"])
     return {
         "minutes": run.seconds / 60, "compare_minutes": compare_minutes,
         "rss_after_warmup_bytes": baseline, "rss_growth_bytes": growth,
@@ -393,15 +538,31 @@ def long_run_check(model, data: Path, split: str, minutes: float, seed: int, wor
     }
 
 
+def _describe(p: dict) -> str:
+    return (f"recall {p['recall']:.1%}, substitutions {p['substitution_rate']:.1%}, "
+            f"false alarms/hour {p['false_alarms_per_hour']:.2f}")
+
+
 def _print_report(r: dict):
-    print(f"stream: {r['minutes']:.1f} min of the {r['split']} split, {r['keywords']} keywords, "
-          f"threshold {r['threshold']}, window {r['window_s']} s, refractory {r['refractory_s']} s")
-    print(f"recall {r['recall']:.1%}  false accepts/hour {r['false_accepts_per_hour']:.2f}  "
-          f"latency median {r['latency_ms_median']:.0f} ms, p90 {r['latency_ms_p90']:.0f} ms")
-    best = r["best_at_2_false_accepts_per_hour"]
-    if best:
-        print(f"best at <= 2 false accepts/hour: recall {best['recall']:.1%} at threshold "
-              f"{best['threshold']} ({best['false_accepts_per_hour']:.2f}/h)")
+    print(f"streams: {r['minutes']:.1f} min of the {r['split']} split (seeds "
+          f"{', '.join(map(str, r['seeds']))}), {r['keywords']} keywords, threshold "
+          f"{r['threshold']}, window {r['window_s']} s, refractory {r['refractory_s']} s, "
+          f"peak wait {r['peak_wait_s']} s")
+    print(f"keywords: {r['hits']} hits ({r['recall']:.1%}), {r['substitutions']} substitutions "
+          f"({r['substitution_rate']:.1%}), {r['misses']} misses")
+    print(f"false alarms: {r['false_alarms']} in {r['keyword_free_hours']:.2f} h of keyword-free "
+          f"audio = {r['false_alarms_per_hour']:.2f}/hour (on speech "
+          f"{r['false_alarms_per_hour_speech']:.2f}/hour, on noise "
+          f"{r['false_alarms_per_hour_noise']:.2f}/hour)")
+    print(f"latency after the word's end: median {r['latency_ms_median']:.0f} ms, "
+          f"p90 {r['latency_ms_p90']:.0f} ms")
+    limits = (f"<= {r['limits']['false_alarms_per_hour']:g} false alarms/hour and "
+              f"<= {r['limits']['substitution_rate']:.0%} substitutions")
+    for readout in r.get("readouts", [{"window_s": r["window_s"],
+                                       "operating_point": r["operating_point"]}]):
+        best = readout["operating_point"]
+        print(f"window {readout['window_s']:g} s, best within {limits}: "
+              + (f"threshold {best['threshold']}: {_describe(best)}" if best else "none"))
     print(f"clip accuracy over {r['clips']} clips: state reset {r['clip_accuracy_reset']:.1%}, "
           f"carried {r['clip_accuracy_carried']:.1%}")
     if "det_png" in r:
@@ -414,8 +575,7 @@ def _print_long_run(r: dict):
           f"largest state value {r['state_max_first']:.3f} first vs {r['state_max_last']:.3f} last")
     for name in ("first", "last"):
         s = r[name]
-        print(f"  {name} {r['compare_minutes']:g} min: recall {s['recall']:.1%} of "
-              f"{s['keywords']}, false accepts/hour {s['false_accepts_per_hour']:.2f}")
+        print(f"  {name} {r['compare_minutes']:g} min, {s['keywords']} keywords: {_describe(s)}")
     print("passed" if r["passed"] else "FAILED")
 
 
@@ -426,8 +586,10 @@ def eval_stream(args) -> int:
     model = load(args.model)
     words = args.words or [w for w in WELL_COVERED if w in model.cfg.labels]
     common = dict(model=model, data=Path(args.data), split=args.split, minutes=args.minutes,
-                  seed=args.seed, words=words, threshold=args.threshold,
-                  window_s=args.window_s, refractory_s=args.refractory_s)
+                  seeds=args.seed, words=words, threshold=args.threshold,
+                  window_s=args.window_s, refractory_s=args.refractory_s,
+                  peak_wait_s=args.peak_wait_s,
+                  speech_cache=Path(args.speech_cache) if args.speech_cache else None)
     if args.long_run_check:
         result = long_run_check(**common, compare_minutes=args.compare_minutes)
         if args.json:
@@ -443,23 +605,44 @@ def eval_stream(args) -> int:
     return 0
 
 
+def _numbers(kind, what: str):
+    """A parser for comma-separated positive numbers of `kind` (what --seed and --window-s take)."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            values = []
+        if not values or any(v < 0 for v in values) or (kind is float and 0 in values):
+            raise KwsError(f"{text!r}: give {what} separated by commas")
+        return values
+    return parse
+
+
 def register(sub):
     from kws.listen import argument, positive
 
-    p = sub.add_parser("eval-stream", help="recall, false accepts/hour and latency on long "
-                       "test streams through the live detection path")
+    p = sub.add_parser("eval-stream", help="hits, substitutions, misses, false alarms per hour "
+                       "and latency on long test streams through the live detection path")
     p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
     p.add_argument("--split", default="testing", choices=("validation", "testing"))
-    p.add_argument("--minutes", type=positive(float), default=10.0, help="stream length (10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=positive(float), default=10.0,
+                   help="length of each stream (10)")
+    p.add_argument("--seed", type=argument(_numbers(int, "seeds (integers >= 0)")), default=[0],
+                   help="one stream per seed, scored together, e.g. 0,1,2 (0)")
     p.add_argument("--words", type=argument(parse_words),
                    help="keywords, comma separated (default: the 17 well-covered words)")
     p.add_argument("--threshold", type=argument(parse_threshold), help=f"detection probability "
                    f"(default {DEFAULT_THRESHOLD}), or per word: yes=0.9,no=0.7")
-    p.add_argument("--window-s", type=positive(float), default=DEFAULT_WINDOW_S,
-                   help=f"seconds of logits averaged into a score ({DEFAULT_WINDOW_S:g})")
+    p.add_argument("--window-s", type=argument(_numbers(float, "seconds (> 0)")),
+                   default=[DEFAULT_WINDOW_S], help=f"seconds of logits averaged into a score "
+                   f"({DEFAULT_WINDOW_S:g}); more than one, e.g. 1,0.5: the first runs, each "
+                   "gets a DET curve and operating point from the same logits")
     p.add_argument("--refractory-s", type=float, default=DEFAULT_REFRACTORY_S)
+    p.add_argument("--peak-wait-s", type=float, default=DEFAULT_PEAK_WAIT_S,
+                   help=f"how long a detection may wait for its score's peak ({DEFAULT_PEAK_WAIT_S:g})")
+    p.add_argument("--speech-cache", help="folder of rendered non-keyword sentences "
+                   "(default ~/.cache/kws/speech)")
     p.add_argument("--det-png", default="det.png", help="where to draw the DET curve "
                    "(default det.png; '' for none)")
     p.add_argument("--long-run-check", action="store_true", help="instead: check that memory "

@@ -11,7 +11,10 @@ import soundfile as sf
 from kws.cli import main
 from kws.data import read_noise, read_split
 from kws.stream import Detection
-from kws.stream_eval import (Placement, det_image, score, stream_slots, word_bounds, write_png)
+from kws.data import WORDS
+from kws.speech import KEYWORD_SOUNDS, SPEECH, VOCABULARY, sentence, spoken
+from kws.stream_eval import (Placement, det_image, operating_point, score, stream_slots,
+                             word_bounds, write_png)
 
 
 @pytest.fixture(scope="module")
@@ -46,42 +49,100 @@ def test_word_bounds_find_the_loud_part_of_a_clip():
     assert abs(start - 4800) <= 160 and abs(end - 11200) <= 160
 
 
-def test_stream_slots_are_seeded_and_place_each_word_where_its_audio_is(dataset):
+def test_stream_slots_are_seeded_and_place_each_word_and_sentence_where_its_audio_is(dataset,
+                                                                                   tmp_path):
     clips, noise = read_split(dataset, "testing"), read_noise(dataset, "testing")
-    a = list(stream_slots(clips, noise, 40.0, seed=3))
-    b = list(stream_slots(clips, noise, 40.0, seed=3))
-    c = list(stream_slots(clips, noise, 40.0, seed=4))
+    a = list(stream_slots(clips, noise, 60.0, seed=3, speech_cache=tmp_path))
+    b = list(stream_slots(clips, noise, 60.0, seed=3, speech_cache=tmp_path))
+    c = list(stream_slots(clips, noise, 60.0, seed=4, speech_cache=tmp_path))
     audio = np.concatenate([s[0] for s in a])
     placements = [p for s in a for p in s[1]]
-    assert len(audio) == 40 * 16000
+    assert len(audio) == 60 * 16000
     assert np.array_equal(audio, np.concatenate([s[0] for s in b]))
     assert not np.array_equal(audio, np.concatenate([s[0] for s in c]))
-    assert len(placements) >= 4 and {p.label for p in placements} <= {"yes", "no", "up", "bed"}
+    labels = [p.label for p in placements]
+    assert labels.count(SPEECH) >= 1 and len(labels) - labels.count(SPEECH) >= 4
+    assert set(labels) <= {"yes", "no", "up", "bed", SPEECH}
     for p in placements:
         word = audio[int(p.start_s * 16000):int(p.end_s * 16000)]
         before = audio[int((p.start_s - 0.2) * 16000):int(p.start_s * 16000)]
-        assert 0.35 < p.end_s - p.start_s < 0.45  # the 0.4-s tone
-        assert np.sqrt(np.mean(word ** 2)) > 1.5 * np.sqrt(np.mean(before ** 2))  # SNR >= 5 dB
+        if p.label != SPEECH:
+            assert 0.35 < p.end_s - p.start_s < 0.45  # the 0.4-s tone
+        assert rms(word) > 1.5 * rms(before)  # SNR >= 5 dB
 
 
-def test_score_counts_hits_false_accepts_and_latency():
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+def test_score_tells_hits_substitutions_misses_and_false_alarms_apart():
     placements = [Placement("yes", 1.0, 1.5), Placement("no", 5.0, 5.4), Placement("up", 9.0, 9.3),
-                  Placement("cat", 12.0, 12.5)]
+                  Placement("cat", 12.0, 12.5), Placement(SPEECH, 15.0, 17.0),
+                  Placement("go", 25.0, 25.5)]
     detections = [
         Detection(1.7, "yes", 0.9),  # hit, 200 ms after the word
-        Detection(1.9, "yes", 0.9),  # a second detection of the same word: false accept
-        Detection(5.3, "up", 0.9),  # wrong word: false accept, and "no" is missed
+        Detection(1.9, "yes", 0.9),  # again in the same window: an extra detection
+        Detection(5.3, "up", 0.9),  # another word in "no"'s window: a substitution
         Detection(9.6, "up", 0.9),  # hit, 300 ms
-        Detection(20.0, "go", 0.9),  # nothing there: false accept
-    ]
-    s = score(detections, placements, words=["yes", "no", "up", "go"], seconds=3600)
-    assert s["keywords"] == 3  # "cat" is speech that is not a keyword
-    assert s["hits"] == 2 and s["recall"] == pytest.approx(2 / 3)
-    assert s["false_accepts"] == 3 and s["false_accepts_per_hour"] == pytest.approx(3.0)
+        Detection(12.2, "yes", 0.9),  # in "cat"'s window, a word not among the chosen
+        Detection(16.0, "go", 0.9),  # during the sentence: a false alarm on speech
+        Detection(17.8, "go", 0.9),  # within a second after it: still caused by speech
+        Detection(20.0, "go", 0.9),  # nothing there: a false alarm on noise
+    ]  # "go" at 25 s is never detected: a miss
+    s = score(detections, placements, words=["yes", "no", "up", "go"], seconds=3600).summary()
+    assert (s["keywords"], s["hits"], s["substitutions"], s["misses"]) == (4, 2, 1, 1)
+    assert s["recall"] == pytest.approx(0.5) and s["substitution_rate"] == pytest.approx(0.25)
+    assert (s["false_alarms_speech"], s["false_alarms_noise"]) == (2, 1)
+    keyword_free = 3600 - (1.5 + 1.4 + 1.3 + 1.5 + 1.5)  # each word's window: start to end + 1 s
+    assert s["keyword_free_hours"] == pytest.approx(keyword_free / 3600)
+    assert s["false_alarms_per_hour"] == pytest.approx(3 * 3600 / keyword_free)
+    assert s["false_alarms_per_hour_speech"] == pytest.approx(2 * 3600 / 3.0)
+    assert s["false_alarms_per_hour_noise"] == pytest.approx(3600 / (keyword_free - 3.0))
+    assert s["extra_detections_in_word_windows"] == 1 and s["detections_on_other_words"] == 1
     assert s["latency_ms_median"] == pytest.approx(250)
-    assert s["recall_per_word"] == {"yes": 1.0, "no": 0.0, "up": 1.0}
-    late = score(detections, placements, ["yes", "no", "up"], 3600, window=(4.0, 3600))
-    assert late["keywords"] == 2 and late["hits"] == 1 and late["false_accepts"] == 2
+    assert s["recall_per_word"] == {"go": 0.0, "no": 0.0, "up": 1.0, "yes": 1.0}
+    late = score(detections, placements, ["yes", "no", "up"], 3600, window=(4.0, 3600)).summary()
+    assert (late["keywords"], late["hits"], late["substitutions"]) == (2, 1, 1)
+
+
+def test_a_word_heard_right_and_wrong_is_a_hit_with_an_extra_detection():
+    placements = [Placement("no", 5.0, 5.4)]
+    detections = [Detection(5.3, "go", 0.9), Detection(5.5, "no", 0.95)]
+    s = score(detections, placements, ["no", "go"], 60).summary()
+    assert (s["hits"], s["substitutions"], s["extra_detections_in_word_windows"]) == (1, 0, 1)
+
+
+def test_streams_scored_together_pool_their_counts():
+    placements = [Placement("yes", 1.0, 1.5), Placement("no", 5.0, 5.4)]
+    one = score([Detection(1.7, "yes", 0.9), Detection(30.0, "no", 0.9)], placements,
+                ["yes", "no"], 60)
+    two = score([Detection(5.6, "no", 0.9)], placements, ["yes", "no"], 60)
+    pooled = (one + two).summary()
+    assert (pooled["keywords"], pooled["hits"], pooled["false_alarms"]) == (4, 2, 1)
+    assert pooled["hours"] == pytest.approx(120 / 3600)
+    assert pooled["latency_ms_median"] == pytest.approx(200)  # of 200 and 200 ms
+
+
+def test_the_operating_point_is_the_best_recall_within_both_limits():
+    points = [{"threshold": t, "recall": r, "substitution_rate": sub, "false_alarms_per_hour": fa}
+              for t, r, sub, fa in ((0.5, 0.95, 0.08, 0.5), (0.7, 0.9, 0.04, 3.0),
+                                    (0.8, 0.85, 0.04, 1.0), (0.9, 0.85, 0.02, 0.0),
+                                    (0.95, 0.7, 0.01, 0.0))]
+    assert operating_point(points)["threshold"] == 0.9  # 0.5: substitutions; 0.7: alarms
+    assert operating_point(points, max_substitution_rate=0.1)["threshold"] == 0.5
+    assert operating_point(points, max_false_alarms_per_hour=0.0,
+                           max_substitution_rate=0.0) is None
+
+
+def test_sentences_hold_no_keyword_and_are_the_same_for_the_same_seed(tmp_path):
+    assert not set(VOCABULARY) & set(WORDS)
+    assert not set(VOCABULARY) & KEYWORD_SOUNDS
+    assert sentence(5) == sentence(5) and sentence(5) != sentence(6)
+    assert all(w in VOCABULARY for w in sentence(5).word.split())
+    audio = spoken(5, tmp_path)
+    assert 0.5 < len(audio) / 16000 < 6 and rms(audio) > 0.01
+    assert np.array_equal(spoken(5, tmp_path), audio)  # read back from the cache
+    assert len(list(tmp_path.iterdir())) == 1
 
 
 def read_png(data: bytes) -> tuple[np.ndarray, dict]:
@@ -115,39 +176,58 @@ def test_png_writer_round_trips_pixels_and_description(tmp_path):
     assert np.array_equal(pixels, image) and text == {"Description": "hello"}
 
 
-def test_det_image_draws_the_curve_and_the_operating_point():
-    points = [{"threshold": t, "recall": r, "false_accepts_per_hour": f}
-              for t, r, f in ((0.5, 0.99, 50.0), (0.8, 0.95, 5.0), (0.95, 0.8, 0.5))]
-    image = det_image(points, {"recall": 0.95, "false_accepts_per_hour": 5.0})
+def test_det_image_draws_recall_substitutions_and_the_operating_point():
+    points = [{"threshold": t, "recall": r, "substitution_rate": sub, "false_alarms_per_hour": f}
+              for t, r, sub, f in ((0.5, 0.99, 0.3, 50.0), (0.8, 0.95, 0.1, 5.0),
+                                   (0.95, 0.8, 0.02, 0.5))]
+    image = det_image(points, {"recall": 0.95, "false_alarms_per_hour": 5.0})
     blue = (image[..., 2] > 150) & (image[..., 0] < 100)
+    orange = (image[..., 0] > 200) & (image[..., 1] > 100) & (image[..., 2] < 60)
     red = (image[..., 0] > 200) & (image[..., 1] < 100)
-    assert blue.sum() > 100 and red.sum() > 20
-    # Fewer false accepts lie further left: the curve's lowest-FA end is left of its highest.
+    assert blue.sum() > 100 and orange.sum() > 100 and red.sum() > 20
+    # Fewer false alarms lie further left: the curve's lowest-FA end is left of its highest.
     cols = np.flatnonzero(blue.any(axis=0))
     assert cols.max() - cols.min() > 150
+    # Recall (near the top) lies above the substitution rate (near the bottom).
+    assert np.flatnonzero(blue.any(axis=1)).mean() < np.flatnonzero(orange.any(axis=1)).mean()
 
 
 def test_eval_stream_json_reports_the_issue_keys_and_writes_the_det_png(dataset, tiny_edge_model_path,
                                                                           tmp_path, capsys):
     png = tmp_path / "det.png"
     code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset),
-                 "--minutes", "0.5", "--words", "yes,no,up", "--threshold", "0.05",
+                 "--minutes", "0.5", "--seed", "0,1", "--words", "yes,no,up", "--threshold",
+                 "0.05", "--window-s", "1,0.5", "--speech-cache", str(tmp_path / "speech"),
                  "--det-png", str(png), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    for key in ("recall", "false_accepts_per_hour", "latency_ms_median", "latency_ms_p90",
-                "clip_accuracy_carried", "clip_accuracy_reset", "det_curve"):
+    for key in ("recall", "substitution_rate", "false_alarms_per_hour", "keyword_free_hours",
+                "latency_ms_median", "latency_ms_p90", "false_alarms_per_hour_speech",
+                "false_alarms_per_hour_noise", "false_accepts_per_hour", "clip_accuracy_carried",
+                "clip_accuracy_reset", "det_curve", "operating_point"):
         assert key in result
-    assert 0.0 <= result["recall"] <= 1.0 and result["false_accepts_per_hour"] >= 0
-    assert result["clips"] == 12 and result["minutes"] == pytest.approx(0.5)
+    assert 0.0 <= result["recall"] <= 1.0 and result["false_alarms_per_hour"] >= 0
+    assert result["hits"] + result["substitutions"] + result["misses"] == result["keywords"]
+    assert 0 < result["keyword_free_hours"] < result["hours"] == pytest.approx(1 / 60)
+    assert result["clips"] == 12 and result["minutes"] == pytest.approx(1.0)
+    assert [s["seed"] for s in result["per_seed"]] == [0, 1]
+    assert [r["window_s"] for r in result["readouts"]] == [1.0, 0.5]
+    assert result["det_curve"] == result["readouts"][0]["det_curve"]
     recalls = [p["recall"] for p in result["det_curve"]]
     assert recalls == sorted(recalls, reverse=True)  # a higher threshold never finds more
+    # The replay at the run's own threshold gives the run's own figures.
+    at_run = next(p for p in result["det_curve"] if p["threshold"] == 0.05)
+    assert at_run["recall"] == result["recall"]
+    assert at_run["false_alarms_per_hour"] == pytest.approx(result["false_alarms_per_hour"])
+    assert any((tmp_path / "speech").iterdir())  # sentences were rendered into the cache
     read_png(png.read_bytes())
 
 
-def test_long_run_check_reports_memory_and_start_versus_end(dataset, tiny_edge_model_path, capsys):
+def test_long_run_check_reports_memory_and_start_versus_end(dataset, tiny_edge_model_path, capsys,
+                                                            tmp_path):
     code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset),
                  "--minutes", "0.6", "--compare-minutes", "0.2", "--long-run-check",
+                 "--speech-cache", str(tmp_path),
                  "--threshold", "0.05", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert code == (0 if result["passed"] else 1)

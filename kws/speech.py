@@ -1,0 +1,92 @@
+"""Speech that must not fire: sentences without any of the 35 keywords, rendered by the offline
+TTS engines (espeak-ng, flite) for `kws eval-stream`'s streams.
+
+A sentence is drawn from VOCABULARY by a seed: its words, its engine, voice and speed. The
+vocabulary is everyday English without the 35 words and without their homophones ("to", "for",
+"know", "write", ...), which no acoustic model could tell from the keywords; near misses
+("bad", "dawn", "lift", "happen") stay in, as they are what a user will say. Renders are cached
+in a folder (WAV, named by a hash of what made them), so a stream is rebuilt without the engines
+after the first time, and the same seed gives the same audio.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from kws.audio import SAMPLE_RATE
+from kws.synth import Render, check_engine, synthesize
+
+VOCABULARY = tuple("""
+a about after again against all almost also always am among an and another any anything are
+around as ask at away back bad bag bank be because been before began behind being below best
+better between big black blue book both boy bring brown but buy by call came can car care carry
+case change child city clean close cold come could country course cup dark day dead dear did
+different doing done door dream drink drive during each early earth easy eat else end enough
+even evening ever every eye face fact fall family far fast father feel few field fill find fine
+fire first fish fly food foot friend from full game garden gave get girl give glad glass good
+got great green ground group grow had half hand hard has have he head hear heart help her here
+high him his hold home hope horse hot hour how idea if important in inside into is it its just
+keep kind king knew land large last late later laugh lay lead leave less let letter life light
+like line listen little live long look lot love low made make man many may me mean men might
+milk mind minute miss money more morning most mother move much music must my name near need
+never new next nice night noise not nothing now number often old only open or order other our
+out over own page paper park part party people picture place plan plant play point poor put
+question quick quite rain ran read ready real red remember rest river road rock room round run
+said same sat saw say school sea second see seem sell send set she ship short should show side
+simple sing sit small so some something song soon sound speak spring stand star start still
+story street strong such summer sun sure table take talk tell than thank that the their them
+then there these they thing think this those though thought through time today together told
+took top town travel try turn under until us use very voice walk wall want warm was watch water
+way we weather week well went were what when where which while white who whole why will wind
+window winter with woman wonder wood word work world would year you young your
+bat bet bid bud dawn dig lift loft map gone ban heaven
+""".split())
+
+# Homophones and near-homophones of the keywords, left out of the vocabulary on purpose.
+KEYWORD_SOUNDS = frozenset({"to", "too", "for", "fore", "know", "won", "write", "rite", "ate",
+                            "wright", "sicks", "nein"})
+
+ENGINE_SETTINGS = {  # engine -> (voices, variants, rates): natural-sounding choices
+    "espeak": (("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029"),
+               ("m1", "m3", "f1", "f2", "f4"), (140, 160, 180)),
+    "flite": (("kal", "kal16", "rms", "slt", "awb"), ("base",), (0.9, 1.0, 1.1)),
+}
+PITCHES = {"espeak": (35, 50, 65), "flite": (0.9, 1.0, 1.1)}
+WORDS_PER_SENTENCE = (3, 8)  # about 1-3 s of speech
+SPEECH = "_speech_"  # the label of a stream placement that holds non-keyword speech
+
+
+def sentence(seed: int) -> Render:
+    """The sentence and the way it is spoken for `seed`."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(WORDS_PER_SENTENCE[0], WORDS_PER_SENTENCE[1] + 1))
+    text = " ".join(VOCABULARY[i] for i in rng.integers(len(VOCABULARY), size=n))
+    engine = sorted(ENGINE_SETTINGS)[int(rng.integers(len(ENGINE_SETTINGS)))]
+    voices, variants, rates = ENGINE_SETTINGS[engine]
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    return Render(engine, text, pick(voices), pick(variants), pick(rates), pick(PITCHES[engine]))
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kws" / "speech"
+
+
+def spoken(seed: int, cache: Path) -> np.ndarray:
+    """Float32 16-kHz audio of `sentence(seed)`, leading and trailing silence trimmed, rendered
+    once and then read from `cache`."""
+    r = sentence(seed)
+    key = hashlib.sha256(repr(r).encode()).hexdigest()[:16]
+    path = Path(cache) / f"{key}.wav"
+    if path.is_file():
+        return sf.read(path, dtype="float32")[0]
+    check_engine(r.engine)
+    audio = synthesize(r).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    sf.write(tmp, audio, SAMPLE_RATE, subtype="FLOAT", format="WAV")
+    os.replace(tmp, path)
+    return audio
+
