@@ -23,10 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kws import __version__
 from kws.audio import SAMPLE_RATE, AudioError
+from kws.errors import KwsError
 from kws.model import load_model, parameter_bytes, parameter_count, state_bytes
 from kws.stream import Detector
 
@@ -125,15 +127,13 @@ async def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
-bearer = HTTPBearer(auto_error=False, description="required when KWS_API_TOKEN is set")
+bearer = HTTPBearer(auto_error=False, description="KWS_API_TOKEN")
 
 
 async def require_token(
         service: ServiceDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]):
     expected = service.settings.api_token
-    if expected is None:
-        return
     given = credentials.credentials if credentials else ""
     if not secrets.compare_digest(given.encode(), expected.encode()):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED,
@@ -144,6 +144,31 @@ async def require_token(
 def error_responses(*codes: int) -> dict:
     """OpenAPI entries for the 4xx answers an endpoint gives, all shaped like `Error`."""
     return {code: {"model": Error} for code in codes}
+
+
+def host_name(header: str) -> str:
+    """A Host header without its port: 'pi.local:8000' -> 'pi.local', '[::1]:8000' -> '::1'."""
+    if header.startswith("["):
+        return header[1:header.find("]")].lower()
+    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).lower()
+
+
+class AllowedHosts:
+    """ASGI middleware: a request whose Host header names another host gets a JSON 400. A web
+    page whose own name was made to point at this machine (DNS rebinding) is refused so."""
+
+    def __init__(self, app, hosts: tuple[str, ...]):
+        self.app, self.hosts = app, None if "*" in hosts else set(hosts)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.hosts is not None:
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in self.hosts:
+                refusal = JSONResponse(
+                    {"detail": f"host {header!r} is not allowed: add its name to KWS_ALLOWED_HOSTS"},
+                    status_code=status.HTTP_400_BAD_REQUEST)
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def client_gone(request: Request, _exc: ClientDisconnect) -> Response:
@@ -165,6 +190,17 @@ async def validation_error(_request: Request, exc: RequestValidationError) -> JS
     problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or e['loc'][0]}: {e['msg']}"
                          for e in exc.errors())
     return JSONResponse({"detail": problems}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+# One Server-Sent Event, as OpenAPI 3.1 describes a stream: the schema of each event.
+SSE_EVENT = {
+    "type": "object", "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["ready", "detection", "scores"]},
+        "data": {"type": "string", "description": "JSON: ready {listener}, detection a "
+                                                  "LiveDetection, scores a list of Score"},
+    },
+}
 
 
 def sse(event: str, data) -> str:
@@ -192,6 +228,10 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
     """The application. `model`: an already loaded model (`kws serve` loads it first, so a bad
     path is a one-line error); otherwise the lifespan loads `settings.model`."""
     settings = settings or from_env()
+    if settings.open_to_network and not settings.allow_anonymous:
+        raise KwsError(f"serving {settings.host} without a token would let anyone on the network "
+                       "follow what the microphone hears: set KWS_API_TOKEN (kws serve makes "
+                       "one for the run) or KWS_ALLOW_ANONYMOUS=1")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -213,18 +253,23 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
             service.batcher.stop()
             torch.set_num_threads(threads)
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline package, not a CDN: a
+    # board may be offline, and no third-party script runs on the dashboard's origin.
+    app = FastAPIOffline(
         title="kws", version=__version__, lifespan=lifespan,
         description="Keyword spotting with mGRADE: classify uploaded clips, follow live "
                     "detections from the microphone, watch memory use.",
         exception_handlers={RequestValidationError: validation_error, ClientDisconnect: client_gone,
                             Exception: server_error})
     requests = RequestCounts()
+    app.add_middleware(AllowedHosts, hosts=settings.hosts_allowed())
     app.add_middleware(CountRequests, counts=requests)
+    # The bearer token, and its 401, only when one is set: the schema says what the service does.
+    guarded = [Depends(require_token)] if settings.api_token else []
+    auth = (401,) if settings.api_token else ()
 
     @app.post("/predict", response_model=Prediction, response_model_exclude_none=True,
-              dependencies=[Depends(require_token)],
-              responses=error_responses(400, 401, 413, 415, 422),
+              dependencies=guarded, responses=error_responses(400, *auth, 408, 413, 415, 422),
               openapi_extra={"requestBody": REQUEST_BODY})
     async def predict_clip(request: Request, service: ServiceDep):
         """Classify an audio file (WAV, FLAC, OGG or MP3; any rate, mono or stereo), sent as the
@@ -250,34 +295,34 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
             except AudioError as e:
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
 
-    @app.get("/detections", response_model=Detections, dependencies=[Depends(require_token)],
-             responses=error_responses(401, 422))
+    @app.get("/detections", response_model=Detections, dependencies=guarded,
+             responses=error_responses(*auth, 422))
     async def recent_detections(
             service: ServiceDep,
             since: Annotated[float, Query(description="Unix time: only detections after it")] = 0.0):
         """Recent live detections from the listener (a bounded buffer), oldest first."""
         return Detections(detections=service.bus.since(since), now=time.time())
 
-    @app.get("/events", response_class=StreamingResponse, dependencies=[Depends(require_token)],
+    @app.get("/events", response_class=StreamingResponse, dependencies=guarded,
              responses={200: {"description": "Server-Sent Events: `ready` once, then `detection` "
                                              "(a LiveDetection) and `scores` (the top five)",
-                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                        **error_responses(401)})
+                              "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+                        **error_responses(*auth)})
     async def events(service: ServiceDep):
         """Live detections as Server-Sent Events, as they happen."""
         return StreamingResponse(event_stream(service), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/stats", response_model=Stats, dependencies=[Depends(require_token)],
-             responses=error_responses(401))
+    @app.get("/stats", response_model=Stats, dependencies=guarded,
+             responses=error_responses(*auth))
     async def stats(service: ServiceDep):
         """Memory use and health of the running process."""
         return service.stats()
 
-    @app.get("/metrics", response_class=Response, dependencies=[Depends(require_token)],
+    @app.get("/metrics", response_class=Response, dependencies=guarded,
              responses={200: {"description": "The /stats numbers in Prometheus text format",
                               "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
-                        **error_responses(401)})
+                        **error_responses(*auth)})
     async def metrics(service: ServiceDep):
         return Response(generate_latest(service.metrics), media_type=CONTENT_TYPE_LATEST)
 

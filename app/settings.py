@@ -1,6 +1,13 @@
-"""Service settings: defaults, then environment variables (KWS_*), then `kws serve` flags."""
+"""Service settings: defaults, then environment variables (KWS_*), then `kws serve` flags.
 
+On a network address the service is not open to anyone by default: without `KWS_API_TOKEN`,
+`kws serve` makes a token for the run and prints it once (`with_network_token`), unless
+`KWS_ALLOW_ANONYMOUS=1`. Host headers are checked against `allowed_hosts` (loopback names and
+the bound address by default), so a web page cannot reach the service through DNS rebinding."""
+
+import ipaddress
 import os
+import secrets
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -18,6 +25,8 @@ class Settings:
     device: str | None = None  # input device for the listener (index or name)
     listen_input: str | None = None  # an audio file the listener plays in real time, for demos
     api_token: str | None = None  # when set, a bearer token for /predict and the live endpoints
+    allow_anonymous: bool = False  # serve a network address without a token
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names; None: see hosts_allowed()
     max_upload_bytes: int = 10_000_000
     max_duration_s: float = 60.0
     read_timeout_s: float = 5.0  # a client's time to send a request's head, then its body
@@ -42,10 +51,48 @@ class Settings:
                 raise KwsError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.words is not None:
             object.__setattr__(self, "words", tuple(self.words))
+        if self.allowed_hosts is not None:
+            object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
         if not self.read_timeout_s > 0:
             raise KwsError(f"read_timeout_s must be positive, got {self.read_timeout_s}")
         if not 0 < self.min_duration_s < self.max_duration_s:
             raise KwsError("durations must satisfy 0 < min_duration_s < max_duration_s")
+
+    @property
+    def on_loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    def hosts_allowed(self) -> tuple[str, ...]:
+        """Host header names accepted (without port): the setting, or loopback names and the
+        bound address when that is one address (not 0.0.0.0 or ::)."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        hosts = ("localhost", "127.0.0.1", "::1")
+        if self.host not in ("0.0.0.0", "::", "") and self.host not in hosts:
+            hosts += (self.host.lower(),)
+        return hosts
+
+    @property
+    def open_to_network(self) -> bool:
+        """Anyone who can reach the address may use the service without a token."""
+        return not self.on_loopback and self.api_token is None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def with_network_token(settings: Settings) -> tuple[Settings, bool]:
+    """(settings, whether a token was made): on a network address without a token, a random
+    token for this run, unless anonymous use is allowed."""
+    if settings.open_to_network and not settings.allow_anonymous:
+        return replace(settings, api_token=secrets.token_urlsafe(18)), True
+    return settings, False
 
 
 # Environment variable -> field. KWS_MODEL is read by kws.default_model_path.
@@ -56,6 +103,8 @@ ENVIRONMENT = {
     "KWS_DEVICE": "device",
     "KWS_LISTEN_INPUT": "listen_input",
     "KWS_API_TOKEN": "api_token",
+    "KWS_ALLOW_ANONYMOUS": "allow_anonymous",
+    "KWS_ALLOWED_HOSTS": "allowed_hosts",
     "KWS_MAX_UPLOAD_BYTES": "max_upload_bytes",
     "KWS_MAX_DURATION_S": "max_duration_s",
     "KWS_READ_TIMEOUT_S": "read_timeout_s",
@@ -65,7 +114,18 @@ ENVIRONMENT = {
     "KWS_THRESHOLD": "threshold",
     "KWS_WORDS": "words",
 }
-PARSERS = {"threshold": parse_threshold, "words": parse_words}  # the same text as the CLI flags
+
+
+def parse_hosts(text: str) -> tuple[str, ...]:
+    """'pi.local, 192.168.1.20' -> ('pi.local', '192.168.1.20'); '*' allows any host."""
+    hosts = tuple(h.strip().lower() for h in text.split(",") if h.strip())
+    if not hosts:
+        raise KwsError("expected host names separated by commas, or *")
+    return hosts
+
+
+# The same text as the CLI flags
+PARSERS = {"threshold": parse_threshold, "words": parse_words, "allowed_hosts": parse_hosts}
 
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 

@@ -83,7 +83,7 @@ def server(app, read_timeout_s: float, log_level: str = "info", access_log: bool
 
 def serve(args):
     from app.main import create_app
-    from app.settings import from_env
+    from app.settings import from_env, with_network_token
     from kws.cli import load
     from kws.stream import Detector
 
@@ -96,8 +96,18 @@ def serve(args):
     Detector(model, threshold=settings.threshold, words=settings.words)  # likewise unknown words
     sock = bind(settings.host, settings.port)
     logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
-    logging.getLogger("kws.serve").info(
-        "kws serve: http://%s:%d (dashboard at /, API docs at /docs)", settings.host, settings.port)
+    log = logging.getLogger("kws.serve")
+    log.info("kws serve: http://%s:%d (dashboard at /, API docs at /docs)",
+             settings.host, settings.port)
+    settings, token_made = with_network_token(settings)
+    if token_made:
+        log.warning("kws serve: %s is reachable from the network and KWS_API_TOKEN is not set; "
+                    "the token for this run is %s: open http://HOST:%d/#token=%s (set "
+                    "KWS_API_TOKEN to keep one, or KWS_ALLOW_ANONYMOUS=1 to serve without)",
+                    settings.host, settings.api_token, settings.port, settings.api_token)
+    elif settings.open_to_network:
+        log.warning("kws serve: KWS_ALLOW_ANONYMOUS=1: anyone who can reach %s:%d can follow "
+                    "what the microphone hears", settings.host, settings.port)
     # uvicorn re-raises the SIGTERM it caught once it has shut down; caught here, a clean stop
     # exits 0 rather than 143.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -4,6 +4,8 @@ set for the test)."""
 
 import json
 import math
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 from fastapi.testclient import TestClient
 from test_app import (assert_error, audio_bytes, client, client_for, free_socket,  # noqa: F401
                       model_path, read_reply, serving, upload)
@@ -21,7 +24,8 @@ from test_audio_decode import noise, silence_flac, unknown_length
 
 from app.main import create_app
 from app.schemas import Prediction
-from app.settings import Settings
+from app.settings import Settings, from_env, with_network_token
+from kws.errors import KwsError
 
 
 # ----------------------------------------------------------------------------- crafted files
@@ -139,7 +143,7 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(model_path):  
 def test_malformed_http_gets_a_json_400(client):  # noqa: F811
     port = port_of(str(client.base_url).rstrip("/"))
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: banana\r\n\r\n")
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: banana\r\n\r\n")
         reply = read_reply(conn)
     head, body = reply.split("\r\n\r\n", 1)
     assert head.startswith("HTTP/1.1 400") and "content-type: application/json" in head.lower()
@@ -166,7 +170,7 @@ def test_disconnect_mid_upload_is_counted_apart_without_a_traceback(model_path, 
 
 def test_health_is_degraded_while_uploads_wait_for_a_work_slot(model_path):  # noqa: F811
     app = create_app(Settings(model=model_path, workers=1))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         slots = app.state.service.slots
         for _ in range(slots.size):
             client.portal.call(slots.__aenter__)
@@ -207,3 +211,145 @@ def test_sigterm_stops_the_server_cleanly_with_status_0(model_path):  # noqa: F8
     finally:
         process.kill()
     assert "Traceback" not in output
+
+
+# ----------------------------------------------------------------------------- the OpenAPI schema
+
+GUARDED = [("post", "/predict"), ("get", "/detections"), ("get", "/events"), ("get", "/stats"),
+           ("get", "/metrics")]
+
+
+def test_schema_has_bearer_auth_only_when_a_token_is_set(model_path):  # noqa: F811
+    open_schema = create_app(Settings(model=model_path)).openapi()
+    token_schema = create_app(Settings(model=model_path, api_token="s3cret")).openapi()
+    assert "securitySchemes" not in open_schema.get("components", {})
+    assert token_schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for method, path in GUARDED:
+        assert "security" not in open_schema["paths"][path][method]
+        assert "401" not in open_schema["paths"][path][method]["responses"]
+        assert token_schema["paths"][path][method]["security"] == [{"HTTPBearer": []}]
+        assert "401" in token_schema["paths"][path][method]["responses"]
+    for schema in (open_schema, token_schema):
+        assert "security" not in schema["paths"]["/health"]["get"]
+        assert set(schema["paths"]["/health"]) == {"get", "head"}
+        events = schema["paths"]["/events"]["get"]["responses"]["200"]["content"]
+        assert set(events) == {"text/event-stream"}
+
+
+def test_schemathesis_finds_no_server_error_and_no_mismatch_with_the_schema(model_path):  # noqa: F811
+    """Every operation, with schema-valid and schema-breaking requests (a short seeded run),
+    against the server with a token set, so that authentication is checked too."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation.modes import GenerationMode
+    token = {"Authorization": "Bearer s3cret"}
+    settings_ = Settings(model=model_path, api_token="s3cret", max_duration_s=5)
+    tried = []
+    with serving(create_app(settings_)) as url:
+        schema = schemathesis.openapi.from_url(url + "/openapi.json", headers=token)
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            timeout = 1 if operation.path == "/events" else 10  # an endless stream: read 1 s
+            for mode in GenerationMode:
+                @given(case=operation.as_strategy(mode, headers=token))  # the token stays whole
+                @settings(max_examples=25, derandomize=True, deadline=None, database=None,
+                          suppress_health_check=list(HealthCheck))
+                def check(case):
+                    case.call_and_validate(
+                        base_url=url, timeout=timeout,
+                        # an audio body cannot be described by a schema: schema-valid bytes
+                        # are rarely audio, and rightly refused
+                        excluded_checks=[schemathesis.checks.positive_data_acceptance])
+                try:
+                    check()
+                except Unsatisfiable:
+                    assert mode is GenerationMode.NEGATIVE  # no inputs to break: nothing to send
+            tried.append(f"{operation.method.upper()} {operation.path}")
+    assert sorted(tried) == sorted(["POST /predict", "GET /detections", "GET /events",
+                                    "GET /stats", "GET /metrics", "GET /health", "HEAD /health",
+                                    "GET /"])
+
+
+# ----------------------------------------------------------------------------- no CDN
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_their_assets_from_the_service_not_a_cdn(client, page):  # noqa: F811
+    html = client.get(page).text
+    assert "http://" not in html and "https://" not in html, html
+    assets = re.findall(r'(?:src|href)="(/[^"]+\.(?:js|css|png))"', html)
+    assert any(a.endswith(".js") for a in assets), html
+    for asset in assets:
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.content) > 1000, asset
+
+
+# ----------------------------------------------------------------------------- exposure
+
+def test_a_network_address_without_a_token_gets_one_made_for_the_run():
+    made, generated = with_network_token(Settings(host="0.0.0.0"))
+    assert generated and len(made.api_token) >= 20
+    assert with_network_token(Settings(host="0.0.0.0"))[0].api_token != made.api_token
+    for kept in (Settings(host="127.0.0.1"), Settings(host="::1"),
+                 Settings(host="0.0.0.0", api_token="mine"),
+                 Settings(host="192.168.1.20", allow_anonymous=True)):
+        assert with_network_token(kept) == (kept, False)
+
+
+def test_the_app_refuses_to_serve_a_network_address_anonymously_unless_allowed(model_path):  # noqa: F811
+    with pytest.raises(KwsError, match="KWS_API_TOKEN.*KWS_ALLOW_ANONYMOUS=1"):
+        create_app(Settings(model=model_path, host="0.0.0.0"))
+    create_app(Settings(model=model_path, host="0.0.0.0", allow_anonymous=True))
+
+
+def test_allowed_hosts_from_the_environment():
+    settings = from_env({"KWS_ALLOWED_HOSTS": "Pi.local, 192.168.1.20", "KWS_ALLOW_ANONYMOUS": "1"})
+    assert settings.hosts_allowed() == ("pi.local", "192.168.1.20") and settings.allow_anonymous
+    assert Settings().hosts_allowed() == ("localhost", "127.0.0.1", "::1")
+    assert Settings(host="192.168.1.20").hosts_allowed()[-1] == "192.168.1.20"
+    assert Settings(host="0.0.0.0").hosts_allowed() == ("localhost", "127.0.0.1", "::1")
+
+
+@pytest.mark.parametrize("host,allowed,status", [
+    ("localhost:8000", None, 200), ("127.0.0.1", None, 200), ("[::1]:8000", None, 200),
+    ("evil.example", None, 400), ("evil.example:8000", None, 400), ("", None, 400),
+    ("pi.local:8000", ("pi.local",), 200), ("localhost", ("pi.local",), 400),
+    ("anything.example", ("*",), 200),
+])
+def test_host_header_is_checked_against_the_allowed_hosts(model_path, host, allowed, status):  # noqa: F811
+    app = create_app(Settings(model=model_path, allowed_hosts=allowed))
+    with TestClient(app) as client:
+        response = client.get("/stats", headers={"Host": host})
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert "KWS_ALLOWED_HOSTS" in response.json()["detail"]
+
+
+def test_kws_serve_on_a_network_address_prints_a_token_and_requires_it(model_path):  # noqa: F811
+    with free_socket() as probe:
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KWS_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kws.cli", "serve", "--model", str(model_path), "--host", "0.0.0.0",
+         "--port", str(port), "--no-access-log"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while not any("#token=" in line for line in lines):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+            lines.append(process.stdout.readline())
+        token = re.search(r"#token=(\S+)", "".join(lines)).group(1)
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert httpx.get(url + "/stats").status_code == 401
+        assert httpx.get(url + "/stats", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)
+    assert "".join(lines).count(token) == 2  # once in the line, once in the URL: printed once
