@@ -121,7 +121,7 @@ def test_slow_uploads_hold_no_slot_and_get_408_at_the_deadline(model_path):  # n
                 assert upload(client, body).status_code == 200
                 assert time.monotonic() - started < 5
                 assert client.get("/health").json()["status"] == "ok"
-            replies = slow.replies(limit_s=4.0)
+            replies = slow.replies(limit_s=8.0)  # the 2-s deadline, with room for a busy machine
         finally:
             slow.close()
     assert all(r.startswith(b"HTTP/1.1 408") for r in replies), replies[0]
