@@ -11,7 +11,7 @@ from kws import __version__
 from kws.errors import KwsError
 
 # Modules that add subcommands, in the order `kws --help` lists them.
-COMMAND_MODULES = ["kws.cli", "kws.train", "kws.evaluate", "kws.data", "kws.listen", "kws.stream_eval", "kws.bench", "kws.serve"]
+COMMAND_MODULES = ["kws.cli", "kws.train", "kws.teacher", "kws.evaluate", "kws.data", "kws.listen", "kws.stream_eval", "kws.bench", "kws.serve"]
 
 
 def load(path):

@@ -43,18 +43,16 @@ def to_12(label: str) -> str:
     return SILENCE if label == BACKGROUND else UNKNOWN
 
 
-def evaluate(model: MGRADE, data, split: str = "testing", seed: int = 0, rounding: bool = True) -> dict:
-    labels = model.cfg.labels
-    missing = [w for w in WORDS + (BACKGROUND,) if w not in labels]
-    if missing:
-        raise KwsError(f"the model does not know these labels: {', '.join(missing)}")
+def split_audio(data, split: str, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """A split's clips, then held-out noise cuts (about one in 12, the benchmark's silence),
+    and the true label of each."""
     clips = read_split(data, split)
     audio = np.concatenate([load_clips(clips), silence_clips(data, max(1, round(len(clips) / 11)), seed)])
-    truth = [c.label for c in clips] + [BACKGROUND] * (len(audio) - len(clips))
-    model.eval()
-    logits = clip_logits(model, audio)
-    predicted = [labels[i] for i in logits.argmax(-1).tolist()]
+    return audio, [c.label for c in clips] + [BACKGROUND] * (len(audio) - len(clips))
 
+
+def accuracy_report(truth: list[str], predicted: list[str], labels) -> dict:
+    """35-word, per-word, well-covered, scarce, 12-class and silence accuracy, and the confusion."""
     words = [(t, p) for t, p in zip(truth, predicted) if t != BACKGROUND]
     per_word = {}
     for w in WORDS:
@@ -66,24 +64,35 @@ def evaluate(model: MGRADE, data, split: str = "testing", seed: int = 0, roundin
     confusion = np.zeros((len(labels), len(labels)), dtype=int)
     for t, p in zip(truth, predicted):
         confusion[labels.index(t), labels.index(p)] += 1
-
-    result = {
-        "split": split,
+    return {
         "clips": len(words),
         "accuracy": float(np.mean([t == p for t, p in words])),
         "accuracy_well_covered": float(np.mean(well)) if well else None,
         "accuracy_scarce": float(np.mean(scarce)) if scarce else None,
         "accuracy_12": float(np.mean([to_12(t) == to_12(p) for t, p in zip(truth, predicted)])),
-        "silence_clips": len(audio) - len(clips),
+        "silence_clips": len(truth) - len(words),
         "silence_accuracy": float(np.mean([p == BACKGROUND for t, p in zip(truth, predicted) if t == BACKGROUND])),
         "per_word": per_word,
-        "parameters": parameter_count(model),
-        "footprint_bytes": footprint_bytes(model),
-        "labels": list(labels),
         "confusion": confusion.tolist(),
     }
+
+
+def evaluate(model: MGRADE, data, split: str = "testing", seed: int = 0, rounding: bool = True) -> dict:
+    labels = model.cfg.labels
+    missing = [w for w in WORDS + (BACKGROUND,) if w not in labels]
+    if missing:
+        raise KwsError(f"the model does not know these labels: {', '.join(missing)}")
+    audio, truth = split_audio(data, split, seed)
+    model.eval()
+    logits = clip_logits(model, audio)
+    predicted = [labels[i] for i in logits.argmax(-1).tolist()]
+    report = accuracy_report(truth, predicted, labels)
+    confusion = report.pop("confusion")
+    result = {"split": split, **report, "parameters": parameter_count(model),
+              "footprint_bytes": footprint_bytes(model), "labels": list(labels), "confusion": confusion}
     if rounding:
-        result["rounding"] = rounding_effect(model, audio[:len(clips)], logits[:len(clips)], truth[:len(clips)])
+        n = report["clips"]
+        result["rounding"] = rounding_effect(model, audio[:n], logits[:n], truth[:n])
     return result
 
 

@@ -352,10 +352,15 @@ class MGRADE(nn.Module):
     # -- whole sequences (training, evaluation)
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """audio (B, T) -> per-step logits (B, T // stride, n_classes), all steps at once."""
+        return self.decoder(self.features(audio))
+
+    def features(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio (B, T) -> the last layer's outputs (B, T // stride, width): what the decoder
+        reads, and what representation distillation projects onto a teacher's embedding."""
         x = self.frontend.encode(F.pad(audio, (self.frontend.history, 0)))
         for layer in self.layers:
             x, _ = layer(x)
-        return self.decoder(x)
+        return x
 
     def classify(self, audio: torch.Tensor) -> torch.Tensor:
         """Whole-clip logits (B, n_classes): the mean of the clip's per-step logits, the clip

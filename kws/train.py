@@ -19,13 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kws.audio import CLIP_SAMPLES
 from kws.data import (BACKGROUND, LABELS, TrainingBatches, load_clips, read_noise, read_split,
                       read_synth)
 from kws.errors import KwsError
 from kws.model import MGRADE, ModelConfig, preset, read_checkpoint, save_model
+from kws.teacher import EMBEDDING_DIM, aligned_steps, embedding_count, load_teacher
 
 
 @dataclass
@@ -46,6 +49,11 @@ class TrainConfig:
     speech_negatives: float = 0.0  # share of background examples holding a word's end or tail
     seed: int = 0
     checkpoint_minutes: float = 10.0  # also save the run state this often within an epoch
+    # Distillation from a teacher (kws teacher train; --teacher FILE): loss weights, 0 = off.
+    distill_repr: float = 0.0  # the last layer, projected, regresses the teacher's embeddings
+    distill_logits: float = 0.0  # the clip readout matches the teacher's softened outputs
+    distill_temperature: float = 2.0
+    distill_share: float = 0.25  # share of each batch the teacher hears (it costs ~20 ms a clip)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -71,12 +79,44 @@ def make_optimizer(model: MGRADE, cfg: TrainConfig) -> torch.optim.AdamW:
     ], lr=cfg.lr, betas=(0.9, 0.98))
 
 
-def target_loss(model, audio, labels, context_steps: int, label_smoothing: float = 0.0):
-    """Label-smoothed cross-entropy of the clip readout: the mean logits of the target's steps
-    only (the context before it is skipped), as `classify` reads a clip."""
-    logits = model(audio)[:, context_steps:].mean(dim=1)
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    return loss, (logits.argmax(-1) == labels).float().mean()
+def target_loss(logits: torch.Tensor, labels: torch.Tensor, context_steps: int, label_smoothing: float = 0.0):
+    """(loss, accuracy, clip logits): label-smoothed cross-entropy of the clip readout, the mean
+    of the target's per-step logits only (the context before it is skipped), as `classify`
+    reads a clip. logits (B, steps, classes)."""
+    clip = logits[:, context_steps:].mean(dim=1)
+    loss = F.cross_entropy(clip, labels, label_smoothing=label_smoothing)
+    return loss, (clip.argmax(-1) == labels).float().mean(), clip
+
+
+def distillation_losses(clip_logits: torch.Tensor, projected: torch.Tensor | None, teacher_embeddings,
+                        teacher_logits, steps: list[int], temperature: float) -> tuple:
+    """(representation loss, logit loss) on the first n examples, those the teacher heard.
+
+    Representation: mean squared error between the student's projected features at `steps`
+    (the first step that has heard all of each embedding's audio) and the teacher's standardised
+    embeddings (n, K, 96). Logits: KL divergence from the teacher's softened distribution to the
+    student's clip readout at `temperature`, times temperature^2 (Hinton et al.: gradients keep
+    their scale whatever the temperature)."""
+    n = len(teacher_logits)
+    representation = (F.mse_loss(projected[:n, steps], teacher_embeddings)
+                      if projected is not None else clip_logits.new_zeros(()))
+    logit = F.kl_div(F.log_softmax(clip_logits[:n] / temperature, -1), F.softmax(teacher_logits / temperature, -1),
+                     reduction="batchmean") * temperature ** 2
+    return representation, logit
+
+
+class Student(nn.Module):
+    """The model, and for representation distillation a projection of its last layer onto the
+    teacher's embedding. The projection is training's alone: the saved model never holds it."""
+
+    def __init__(self, model: MGRADE, project: bool):
+        super().__init__()
+        self.model = model
+        self.project = nn.Linear(model.cfg.width, EMBEDDING_DIM) if project else None
+
+    def forward(self, audio):
+        features = self.model.features(audio)
+        return self.model.decoder(features), (self.project(features) if self.project is not None else None)
 
 
 @torch.no_grad()
@@ -153,6 +193,13 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
         if not (low <= value < high or (high_ok and value == high)):
             raise KwsError(f"{flag} is a fraction from {low:g} to {high:g}{'' if high_ok else ' (not included)'}, "
                            f"not {value}")
+    for flag, value in {"--distill-repr": cfg.distill_repr, "--distill-logits": cfg.distill_logits}.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise KwsError(f"{flag} is a loss weight, 0 (off) or more, not {value}")
+    if not (math.isfinite(cfg.distill_temperature) and cfg.distill_temperature > 0):
+        raise KwsError(f"--distill-temperature must be a positive number, not {cfg.distill_temperature}")
+    if not 0.0 < cfg.distill_share <= 1.0:
+        raise KwsError(f"--distill-share is a fraction above 0 and at most 1, not {cfg.distill_share}")
     if not 0.0 < cfg.sigma_anneal_fraction <= 1.0:
         raise KwsError(f"--sigma-anneal-fraction is a fraction above 0 and at most 1, not {cfg.sigma_anneal_fraction}")
     steps = cfg.examples_per_epoch // (cfg.batch_size * world)
@@ -191,11 +238,21 @@ def read_run_state(path: Path, device) -> dict:
 
 def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
           run_dir: Path | None = None, resume: bool = False, overrides: dict | None = None,
-          init: Path | None = None, log=print) -> dict:
+          init: Path | None = None, teacher: Path | None = None, log=print) -> dict:
     model_cfg = model_config(cfg, overrides)  # bad settings fail before minutes of loading
     rank, world = distributed()
     steps_per_epoch = check_config(cfg, world)
     check_writable(out)
+    distilling = cfg.distill_repr > 0 or cfg.distill_logits > 0
+    if distilling != (teacher is not None):
+        raise KwsError("distillation needs both --teacher FILE and a weight (--distill-repr, --distill-logits)")
+    if distilling:
+        teacher = load_teacher(teacher, threads=torch.get_num_threads())
+        example = model_cfg.context_samples + CLIP_SAMPLES
+        if embedding_count(example) != teacher.head.n_embeddings:
+            raise KwsError(f"the teacher reads {teacher.head.n_embeddings} embeddings, a {example / 16000:g}-s "
+                           f"example gives {embedding_count(example)}: train with --context-s 0.5")
+        teacher_steps = aligned_steps(teacher.head.n_embeddings, model_cfg.stride)
     log = log if rank == 0 else (lambda *a, **k: None)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     run_dir = Path(run_dir or out.with_suffix(".run"))
@@ -208,7 +265,8 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
             model.load_state_dict(read_checkpoint(init)[1])
         except RuntimeError as e:
             raise KwsError(f"--init {init} does not fit these settings ({str(e).splitlines()[0]})") from None
-    optimizer = make_optimizer(model, cfg)
+    student = Student(model, project=cfg.distill_repr > 0).to(device)
+    optimizer = make_optimizer(student, cfg)
     total_steps = steps_per_epoch * cfg.epochs
     rounded_from = total_steps - round(cfg.rounded_fraction * total_steps)
     context_s = model_cfg.context_samples / 16000
@@ -223,6 +281,8 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
             # before the optimizer's state (which then has none for them) is loaded.
             model.set_rounded_delays(saved.get("rounded", False))
             model.load_state_dict(saved["model"])
+            if student.project is not None:
+                student.project.load_state_dict(saved["projection"])
             optimizer.load_state_dict(saved["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise KwsError(f"{last} does not match these settings ({str(e).splitlines()[0]}); "
@@ -245,14 +305,15 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
             rng["cuda_rng"] = torch.cuda.get_rng_state(device)
         mid_epoch = {"step": step, "batches": batches_state, "smoothed": json.dumps(smoothed)} if step else {}
         run_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        projection = {"projection": student.project.state_dict()} if student.project is not None else {}
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **projection,
                     "epoch": epoch_done, "best": best, "history": json.dumps(history),
                     "rounded": bool(model.layers and model.layers[0].delay is not None
                                     and model.layers[0].delay.rounded), **mid_epoch, **rng},
                    last.with_suffix(".tmp"))
         last.with_suffix(".tmp").replace(last)
 
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     run_started = last_saved = time.time()
     # Where the steps stand, for a save when Ctrl-C or SIGTERM comes mid-epoch.
     at = {"epoch": start_epoch, "completed": 0, "batches": None, "smoothed": None}
@@ -272,11 +333,18 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                     group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(global_step, total_steps, cfg.warmup_steps)
                 at["batches"] = batches.state()  # an interrupted step is redone from here
                 audio, labels = batches.batch(cfg.batch_size)
-                loss, acc = target_loss(net, audio.to(device), labels.to(device), context_steps,
-                                        cfg.label_smoothing)
+                logits, projected = net(audio.to(device))
+                loss, acc, clip = target_loss(logits, labels.to(device), context_steps, cfg.label_smoothing)
+                if distilling:  # the teacher hears the student's own augmented examples
+                    heard = max(1, round(cfg.distill_share * len(audio)))
+                    embeddings, teacher_logits = teacher.targets(audio[:heard].numpy())
+                    representation, logit = distillation_losses(
+                        clip, projected, embeddings.to(device), teacher_logits.to(device), teacher_steps,
+                        cfg.distill_temperature)
+                    loss = loss + cfg.distill_repr * representation + cfg.distill_logits * logit
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
                 optimizer.step()
                 model.clamp_positions()
                 smoothed = [v if s is None else 0.95 * s + 0.05 * v
@@ -375,7 +443,7 @@ def run(args):
     signal.signal(signal.SIGTERM, _interrupt)
     result = train(cfg, Path(args.data), Path(args.out), Path(args.synth) if args.synth else None,
                    Path(args.run_dir) if args.run_dir else None, args.resume, overrides,
-                   Path(args.init) if args.init else None)
+                   Path(args.init) if args.init else None, Path(args.teacher) if args.teacher else None)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one answer, not one per process
         print(json.dumps({"best_validation_accuracy": result["best_validation_accuracy"], "out": args.out}))
 
@@ -391,6 +459,8 @@ def register(sub):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model setting, e.g. --set use_delay=false")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--teacher", metavar="FILE", help="distil from this teacher (kws teacher train; "
+                                                     "with --distill-repr and/or --distill-logits)")
     p.add_argument("--context-s", type=float, metavar="SECONDS",
                    help="other audio before each training clip, and the silence `classify` puts "
                         "before a clip: one setting, kept in the model (default 0.5)")

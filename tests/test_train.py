@@ -40,39 +40,29 @@ def run_state(run_dir):
 
 # ----------------------------------------------------------------------------- the loss
 
-class FixedLogits(torch.nn.Module):
-    """A stand-in model whose per-step logits are given."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, audio):
-        return self.logits
-
-
 def test_the_loss_is_label_smoothed_cross_entropy_of_the_clips_mean_logits():
     torch.manual_seed(0)
     logits, labels, context, eps = torch.randn(3, 10, 5), torch.tensor([0, 2, 4]), 4, 0.1
-    loss, acc = target_loss(FixedLogits(logits), None, labels, context, eps)
+    loss, acc, clip = target_loss(logits, labels, context, eps)
     mean = logits[:, context:].mean(dim=1)
     log_p = mean.log_softmax(-1)
     expected = (-(1 - eps) * log_p[torch.arange(3), labels] - eps / 5 * log_p.sum(-1)).mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     assert float(acc) == pytest.approx(float((mean.argmax(-1) == labels).float().mean()))
-    assert float(target_loss(FixedLogits(logits), None, labels, context, 0.0)[0]) != pytest.approx(float(loss))
+    torch.testing.assert_close(clip, mean)
+    assert float(target_loss(logits, labels, context, 0.0)[0]) != pytest.approx(float(loss))
 
 
 def test_the_loss_reads_only_the_steps_after_the_context():
     torch.manual_seed(1)
     logits, labels, context = torch.randn(2, 12, 4), torch.tensor([1, 3]), 5
-    loss = target_loss(FixedLogits(logits), None, labels, context, 0.05)[0]
+    loss = target_loss(logits, labels, context, 0.05)[0]
     context_changed = logits.clone()
     context_changed[:, :context] = 50 * torch.randn(2, context, 4)
-    assert torch.equal(target_loss(FixedLogits(context_changed), None, labels, context, 0.05)[0], loss)
+    assert torch.equal(target_loss(context_changed, labels, context, 0.05)[0], loss)
     clip_changed = logits.clone()
     clip_changed[:, -1] += 5 * torch.randn(2, 4)
-    assert not torch.equal(target_loss(FixedLogits(clip_changed), None, labels, context, 0.05)[0], loss)
+    assert not torch.equal(target_loss(clip_changed, labels, context, 0.05)[0], loss)
 
 
 def test_a_tiny_run_on_generated_words_lowers_its_loss_and_beats_chance(tmp_path):
@@ -92,9 +82,9 @@ def test_training_reads_the_loss_after_the_models_context_with_the_label_smoothi
         speech_commands, tmp_path, monkeypatch):
     seen = []
 
-    def recording_loss(model, audio, labels, context_steps, label_smoothing):
-        seen.append((audio.shape[1], context_steps, label_smoothing))
-        return target_loss(model, audio, labels, context_steps, label_smoothing)
+    def recording_loss(logits, labels, context_steps, label_smoothing):
+        seen.append((logits.shape[1], context_steps, label_smoothing))
+        return target_loss(logits, labels, context_steps, label_smoothing)
 
     monkeypatch.setattr(kws.train, "target_loss", recording_loss)
     contexts = batches_option(monkeypatch, "context_s")
@@ -102,7 +92,7 @@ def test_training_reads_the_loss_after_the_models_context_with_the_label_smoothi
                  "--epochs", "1", "--examples-per-epoch", "8", "--batch-size", "8", "--warmup-steps", "1",
                  "--context-s", "0.25", "--label-smoothing", "0.2", *TINY_SET])
     assert code == 0 and contexts == [0.25]
-    assert seen == [(4000 + 16000, 25, 0.2)]  # 0.25 s of context = 25 steps of 10 ms
+    assert seen == [(125, 25, 0.2)]  # 0.25 s of context + 1 s = 125 steps of 10 ms
     # Inference primes with the same setting: it is kept in the model.
     assert load_model(tmp_path / "m.pt").cfg.clip_context_s == 0.25
 
