@@ -162,15 +162,24 @@ class TrainingBatches:
     fire: about half of them the end of a clip in the context then a target of noise alone (a
     word just ended), the others a target second that starts with only the tail of a word
     (`word_tail`). No background example's target ever holds a whole word.
+
+    Augmentations for new voices and rooms, each the share of examples it touches (0: off, and
+    then it draws nothing, so seeded batches stay as they were): `vtlp` warps a word's frequency
+    axis by 0.9-1.1 (vocal-tract length perturbation, Jaitly & Hinton 2013), `reverb` puts the
+    example in a synthetic room (RT60 0.1-0.8 s), `masks` silences one span of up to 50 ms of
+    the target and one band of up to 500 Hz (SpecAugment's masks, on the waveform).
     """
 
     def __init__(self, real: np.ndarray, real_labels: list[int], synth: np.ndarray,
                  synth_labels: list[int], noise: list[np.ndarray], n_classes: int,
                  background: int, seed: int = 0, context_s: float = 0.5,
                  real_weight: float = 4.0, background_weight: float = 2.0,
-                 speech_negatives: float = 0.0):
-        if not 0.0 <= speech_negatives <= 1.0:
-            raise DataError(f"speech_negatives is a fraction from 0 to 1, not {speech_negatives}")
+                 speech_negatives: float = 0.0, vtlp: float = 0.0, reverb: float = 0.0, masks: float = 0.0):
+        for name, value in {"speech_negatives": speech_negatives, "vtlp": vtlp, "reverb": reverb,
+                            "masks": masks}.items():
+            if not 0.0 <= value <= 1.0:
+                raise DataError(f"{name} is a fraction from 0 to 1, not {value}")
+        self.vtlp, self.reverb, self.masks = vtlp, reverb, masks
         self.clips = np.concatenate([real, synth]) if len(synth) else real
         self.is_synth = np.r_[np.zeros(len(real), bool), np.ones(len(synth), bool)]
         labels = np.r_[np.asarray(real_labels, int), np.asarray(synth_labels, int)]
@@ -230,7 +239,11 @@ class TrainingBatches:
                 x = self._speech_negative()
         else:
             target = self._speech(label) * 10 ** (self.rng.uniform(-12, 8) / 20)
+            if self.vtlp > 0 and self.rng.random() < self.vtlp:
+                target = spectral_edit(target, warp=self.rng.uniform(0.9, 1.1))
             x = np.concatenate([self._context(), target]).astype(np.float32)
+        if self.reverb > 0 and self.rng.random() < self.reverb:
+            x = reverberate(x, synthetic_rir(self.rng.uniform(0.1, 0.8), self.np_rng))
         if label == self.background or self.rng.random() < 0.85:
             noise = noise_segment(self.noise, total, self.rng)
             speech_rms = float(np.sqrt(np.mean(x[self.context:] ** 2)) + 1e-8)
@@ -239,7 +252,17 @@ class TrainingBatches:
             else:
                 level = speech_rms * 10 ** (-self.rng.uniform(0, 25) / 20)
             x = x + noise * (level / (np.sqrt(np.mean(noise ** 2)) + 1e-8))
+        if self.masks > 0 and self.rng.random() < self.masks:
+            x = self._mask(x)
         return np.clip(x, -1, 1), label
+
+    def _mask(self, x: np.ndarray) -> np.ndarray:
+        low = self.rng.uniform(0, SAMPLE_RATE / 2 - 500)
+        x = spectral_edit(x, band=(low, low + self.rng.uniform(100, 500)))
+        span = self.rng.randint(160, 800)  # 10-50 ms
+        start = self.context + self.rng.randrange(CLIP_SAMPLES - span)
+        x[start:start + span] = 0.0
+        return x
 
     def state(self) -> str:
         """Where the batches stand, as JSON text: `set_state` continues from here."""
@@ -254,6 +277,62 @@ class TrainingBatches:
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*(self.example() for _ in range(size)))
         return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+
+
+STFT_SIZE, STFT_HOP = 512, 128  # 32-ms frames, a Hann window's sum of squares is flat at this hop
+
+
+def spectral_edit(x: np.ndarray, warp: float = 1.0, band: tuple[float, float] | None = None) -> np.ndarray:
+    """x with its frequency axis stretched by `warp` (content at f moves to warp * f; above
+    Nyquist it is dropped) and the band (low, high) Hz silenced, by short-time Fourier
+    transform and overlap-add. Same length; warp 1 and no band give x back."""
+    n = len(x)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(STFT_SIZE) / STFT_SIZE)  # periodic Hann
+    padded = np.pad(x.astype(np.float64), (STFT_SIZE, STFT_SIZE + (-n) % STFT_HOP))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, STFT_SIZE)[::STFT_HOP] * window
+    spectrum = np.fft.rfft(frames, axis=1)
+    bins = np.arange(spectrum.shape[1])
+    if warp != 1.0:
+        # A phase vocoder: output bin k takes the magnitude at input bin k / warp and that bin's
+        # running phase times warp, so a component's phase advances at its new frequency.
+        expected = 2 * np.pi * bins * STFT_HOP / STFT_SIZE  # phase advance per hop of each bin
+        advance = np.diff(np.angle(spectrum), axis=0) - expected
+        advance = expected + (advance + np.pi) % (2 * np.pi) - np.pi
+        phase = np.angle(spectrum[:1]) + np.r_[np.zeros((1, len(bins))), np.cumsum(advance, axis=0)]
+        source = bins / warp
+        below, frac = np.floor(source).astype(int), source - np.floor(source)
+        inside = below + 1 < len(bins)
+        below = np.minimum(below, len(bins) - 2)
+        magnitude = np.abs(spectrum)
+        magnitude = magnitude[:, below] * (1 - frac) + magnitude[:, below + 1] * frac
+        nearest = np.minimum(np.round(source).astype(int), len(bins) - 1)
+        spectrum = np.where(inside, magnitude * np.exp(1j * warp * phase[:, nearest]), 0)
+    if band is not None:
+        hz = bins * SAMPLE_RATE / STFT_SIZE
+        spectrum[:, (hz >= band[0]) & (hz <= band[1])] = 0
+    out = np.zeros(len(padded))
+    for i, frame in enumerate(np.fft.irfft(spectrum, STFT_SIZE, axis=1) * window):
+        out[i * STFT_HOP:i * STFT_HOP + STFT_SIZE] += frame
+    return (out[STFT_SIZE:STFT_SIZE + n] / 1.5).astype(np.float32)  # 1.5: sum of Hann^2 at hop N/4
+
+
+def synthetic_rir(rt60: float, rng: np.random.Generator) -> np.ndarray:
+    """A room impulse response: the direct sound, then exponentially decaying noise that falls
+    60 dB in `rt60` seconds (a diffuse tail, as in Habets' and Lehmann's fast approximations)."""
+    n = max(2, int(rt60 * SAMPLE_RATE))
+    tail = rng.standard_normal(n) * 10 ** (-3 * np.arange(n) / n)
+    onset = int(0.002 * SAMPLE_RATE)  # the first reflections arrive a few ms after the direct sound
+    tail[:onset] = 0
+    rir = tail * (10 ** (rng.uniform(-6, 6) / 20) / (np.sqrt(np.sum(tail ** 2)) + 1e-12))  # reverberant/direct
+    rir[0] = 1.0
+    return rir
+
+
+def reverberate(x: np.ndarray, rir: np.ndarray) -> np.ndarray:
+    """x heard in the room: convolved with `rir`, cut to its length, at its original level."""
+    size = len(x) + len(rir) - 1
+    wet = np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(rir, size), size)[:len(x)]
+    return (wet * (np.sqrt(np.mean(x ** 2)) / (np.sqrt(np.mean(wet ** 2)) + 1e-12))).astype(np.float32)
 
 
 def word_tail(clip: np.ndarray, fraction: float) -> np.ndarray:

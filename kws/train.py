@@ -47,6 +47,9 @@ class TrainConfig:
     rounded_fraction: float = 0.1  # the last steps train on integer delays, as inference reads them
     background_weight: float = 2.0  # how often background is drawn, against 1 for each word
     speech_negatives: float = 0.0  # share of background examples holding a word's end or tail
+    vtlp: float = 0.0  # share of word examples with a warped frequency axis (new vocal tracts)
+    reverb: float = 0.0  # share of examples in a synthetic room (RT60 0.1-0.8 s)
+    masks: float = 0.0  # share of examples with a silenced time span and frequency band
     seed: int = 0
     checkpoint_minutes: float = 10.0  # also save the run state this often within an epoch
     # Distillation from a teacher (kws teacher train; --teacher FILE): loss weights, 0 = off.
@@ -146,7 +149,8 @@ def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
                            d["noise"], len(LABELS), LABELS.index(BACKGROUND),
                            seed=cfg.seed * 100003 + epoch * 101 + rank, context_s=context_s,
                            background_weight=cfg.background_weight,
-                           speech_negatives=cfg.speech_negatives)
+                           speech_negatives=cfg.speech_negatives, vtlp=cfg.vtlp, reverb=cfg.reverb,
+                           masks=cfg.masks)
 
 
 def load_training_data(data: Path, synth: Path | None, log) -> dict:
@@ -187,6 +191,8 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
         if not (math.isfinite(value) and value >= 0):
             raise KwsError(f"{flag} must be 0 or more, not {value}")
     fractions = {"--speech-negatives": (cfg.speech_negatives, 0.0, 1.0, True),
+                 "--vtlp": (cfg.vtlp, 0.0, 1.0, True), "--reverb": (cfg.reverb, 0.0, 1.0, True),
+                 "--masks": (cfg.masks, 0.0, 1.0, True),
                  "--label-smoothing": (cfg.label_smoothing, 0.0, 1.0, False),
                  "--rounded-fraction": (cfg.rounded_fraction, 0.0, 1.0, False)}
     for flag, (value, low, high, high_ok) in fractions.items():

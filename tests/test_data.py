@@ -6,9 +6,11 @@ import collections
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from kws.audio import CLIP_SAMPLES, fit_length, load_audio
-from kws.data import (BACKGROUND, LABELS, NOISE_TRAIN_FRACTION, DataError, TrainingBatches,
+from kws.data import (BACKGROUND, LABELS, NOISE_TRAIN_FRACTION, DataError, TrainingBatches, reverberate,
+                      spectral_edit, synthetic_rir,
                       load_clips, read_noise, read_split, word_bounds, word_tail)
 
 BG = LABELS.index(BACKGROUND)
@@ -327,3 +329,84 @@ def test_without_context_every_speech_negative_is_a_word_tail():
 def test_a_speech_negative_share_outside_0_to_1_is_a_data_error(training_arrays, bad):
     with pytest.raises(DataError, match="speech_negatives"):
         batches(training_arrays, speech_negatives=bad)
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+def tone(freq: float, n: int = 16000) -> np.ndarray:
+    return (0.3 * np.sin(2 * np.pi * freq * np.arange(n) / 16000)).astype(np.float32)
+
+
+def peak_hz(x: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(x[2000:-2000] * np.hanning(len(x) - 4000)))
+    return float(np.argmax(spectrum) * 16000 / (len(x) - 4000))
+
+
+def test_spectral_edit_without_changes_gives_the_signal_back():
+    x = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    np.testing.assert_allclose(spectral_edit(x), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("warp", [0.9, 1.1])
+def test_vtlp_moves_a_tone_by_the_warp_factor_and_keeps_the_length(warp):
+    x = tone(1000.0)
+    y = spectral_edit(x, warp=warp)
+    assert len(y) == len(x)
+    assert peak_hz(y) == pytest.approx(1000 * warp, abs=20)
+
+
+def test_a_frequency_mask_silences_its_band_only():
+    x = np.random.default_rng(1).standard_normal(16000).astype(np.float32) * 0.1
+    y = spectral_edit(x, band=(2000, 2500))
+    spectrum = lambda s: np.abs(np.fft.rfft(s[2000:-2000])) ** 2
+    hz = np.fft.rfftfreq(12000, 1 / 16000)
+    inside, outside = (hz > 2100) & (hz < 2400), (hz > 3000) & (hz < 6000)
+    assert spectrum(y)[inside].mean() < 0.01 * spectrum(x)[inside].mean()  # 20 dB down
+    assert spectrum(y)[outside].mean() == pytest.approx(spectrum(x)[outside].mean(), rel=0.1)
+
+
+@pytest.mark.parametrize("rt60", [0.1, 0.4, 0.8])
+def test_a_synthetic_room_decays_60_db_in_its_rt60(rt60):
+    rir = synthetic_rir(rt60, np.random.default_rng(2))
+    tail = rir[1:] ** 2
+    energy_left = np.cumsum(tail[::-1])[::-1]  # Schroeder's backward integral
+    db = 10 * np.log10(energy_left / energy_left[0] + 1e-30)
+    # The -5 to -25 dB part of the decay, extrapolated to -60 dB (T20, as ISO 3382 measures).
+    t = np.arange(len(db)) / 16000
+    fit = (db < -5) & (db > -25)
+    slope = np.polyfit(t[fit], db[fit], 1)[0]
+    assert -60 / slope == pytest.approx(rt60, rel=0.15)
+
+
+def test_reverberation_keeps_the_level_and_smears_a_click_over_the_room():
+    x = np.zeros(16000, np.float32)
+    x[1000] = 1.0
+    y = reverberate(x, synthetic_rir(0.5, np.random.default_rng(3)))
+    assert len(y) == len(x) and np.sqrt(np.mean(y ** 2)) == pytest.approx(np.sqrt(np.mean(x ** 2)), rel=1e-4)
+    assert np.abs(y[:1000]).max() < 1e-6  # causal: nothing before the click (FFT rounding aside)
+    assert np.abs(y[1000 + 4000:1000 + 6000]).max() > 1e-4  # still ringing 250 ms later
+
+
+@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks"])
+def test_each_augmentation_is_off_by_default_and_changes_the_examples_when_on(training_arrays, option):
+    plain_a, plain_b = batches(training_arrays, seed=4), batches(training_arrays, seed=4, **{option: 0.0})
+    xa, ya = plain_a.batch(16)
+    xb, yb = plain_b.batch(16)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)  # off: not even a draw
+    xc, yc = batches(training_arrays, seed=4, **{option: 1.0}).batch(16)
+    assert xc.shape == xa.shape and not torch.equal(xc, xa)
+    assert xc.abs().max() <= 1.0
+
+
+def test_a_masked_example_has_a_silent_span_in_its_target(training_arrays):
+    x, _ = batches(training_arrays, seed=5, masks=1.0, context_s=0.5).batch(8)
+    for example in x.numpy():
+        target = example[8000:]
+        zero_runs = np.diff(np.flatnonzero(np.r_[True, target != 0, True]))
+        assert zero_runs.max() - 1 >= 160  # at least 10 ms of exact silence
+
+
+@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks"])
+def test_augmentation_shares_outside_0_to_1_are_refused(training_arrays, option):
+    with pytest.raises(DataError, match=option):
+        batches(training_arrays, **{option: 1.5})

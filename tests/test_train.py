@@ -185,6 +185,15 @@ def test_speech_negatives_are_off_unless_asked_for_and_kws_train_passes_them(spe
     assert read_checkpoint(tmp_path / "b.pt")[2]["train"]["speech_negatives"] == 0.6
 
 
+def test_augmentations_are_off_by_default_and_kws_train_passes_them(speech_commands, tmp_path, monkeypatch):
+    assert (TrainConfig().vtlp, TrainConfig().reverb, TrainConfig().masks) == (0.0, 0.0, 0.0)
+    seen = {name: batches_option(monkeypatch, name) for name in ("vtlp", "reverb", "masks")}
+    code = main(["train", "--data", str(speech_commands.root), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
+                 "--examples-per-epoch", "8", "--batch-size", "8", "--warmup-steps", "1",
+                 "--vtlp", "0.3", "--reverb", "0.4", "--masks", "0.5", *TINY_SET])
+    assert code == 0 and seen == {"vtlp": [0.3], "reverb": [0.4], "masks": [0.5]}
+
+
 # ----------------------------------------------------------------------------- a tiny run
 
 @pytest.fixture(scope="module")
@@ -415,6 +424,13 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--grad-clip", "0"],
     ["--checkpoint-minutes", "0"],
     ["--warmup-steps", "-1"],
+    ["--vtlp", "1.5"],
+    ["--reverb", "-0.1"],
+    ["--masks", "2"],
+    ["--distill-share", "0"],
+    ["--distill-temperature", "0"],
+    ["--distill-repr", "-1"],
+    ["--distill-repr", "1"],  # a weight without a --teacher
 ])
 def test_kws_train_with_bad_settings_exits_2_with_one_line_before_loading_data(tmp_path, capsys, bad):
     out = tmp_path / "m.pt"
