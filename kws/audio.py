@@ -81,14 +81,16 @@ def check_header(rate: int, channels: int):
 
 
 def _read_mono(f: sf.SoundFile, limit: int | None, max_seconds: float | None) -> np.ndarray:
-    blocks, frames = [], 0
+    known = f.frames < UNKNOWN_FRAMES
+    # A known length is filled in place; an unknown one is gathered block by block.
+    out, blocks, frames = (np.empty(f.frames, np.float32) if known else None), [], 0
     block = np.empty((BLOCK_FRAMES, f.channels), np.float32)
     while True:
         block.fill(np.nan)
         try:
             read = f.buffer_read_into(block, "float32")
         except sf.LibsndfileError:
-            if f.frames < UNKNOWN_FRAMES:
+            if known:
                 raise
             # soundfile seeks after every read, and libsndfile cannot seek to the end of a FLAC
             # of unknown length: the last read failed after filling the block. The frames it
@@ -101,12 +103,20 @@ def _read_mono(f: sf.SoundFile, limit: int | None, max_seconds: float | None) ->
         got = block[:read]
         if not np.isfinite(got).all():
             raise AudioError("audio contains NaN or infinite samples")
-        blocks.append(to_mono(np.clip(got, -1.0, 1.0)))
+        mono = to_mono(np.clip(got, -1.0, 1.0))
+        if out is not None and frames + read > len(out):  # more than declared (MP3 estimates)
+            out, blocks = None, [out[:frames]]
+        if out is not None:
+            out[frames:frames + read] = mono
+        else:
+            blocks.append(mono)
         frames += read
         if limit is not None and frames > limit:
             raise AudioError(f"audio is longer than the limit of {max_seconds:g} s")
         if read < BLOCK_FRAMES:
             break
+    if out is not None:
+        return out[:frames]
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 

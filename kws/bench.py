@@ -33,7 +33,7 @@ from kws.errors import KwsError
 from kws.model import MGRADE, PRESETS, parameter_count, preset, state_bytes
 from kws.stream import Detector
 
-BENCH_MODULES: tuple[str, ...] = ("app.bench",)
+BENCH_MODULES: tuple[str, ...] = ("app.bench", "app.hardening")
 STREAM_CHUNKS_MS = (10, 32, 100)
 SLIDING_WINDOW_S = 1.0
 SLIDING_HOP_S = 0.1

@@ -6,6 +6,7 @@ import json
 
 from test_app import model_path  # noqa: F401 (a fixture)
 
+from app import hardening
 from app.bench import register
 
 
@@ -26,3 +27,19 @@ def test_bench_http_reports_rate_latency_and_memory_as_json(model_path, capsys):
     assert result["rss_after_bytes"] - result["rss_before_bytes"] == result["rss_growth_bytes"]
     assert result["server_cpu_ms_per_request"] > 0
     assert 1 <= result["mean_batch"] <= 4  # at most one clip per client in any batch
+
+
+def test_bench_hardening_reports_slow_clients_crafted_files_and_the_fuzz(model_path, capsys):  # noqa: F811
+    parser = argparse.ArgumentParser()
+    hardening.register(parser.add_subparsers())
+    args = parser.parse_args(["hardening", "--model", str(model_path), "--slow-clients", "3",
+                              "--seconds", "2", "--crafted-seconds", "1", "--fuzz", "40", "--json"])
+    code, result = args.func(args), json.loads(capsys.readouterr().out)
+    assert code == 0
+    crafted = list(result["crafted"].values())
+    assert crafted[0]["statuses"] == {"422": 4}  # 640 kHz: refused from the header
+    assert crafted[1]["statuses"] == {"200": 4}  # 192 kHz, 8 channels: decoded in blocks
+    slow = result["slow"]
+    assert slow["normal_statuses"] == {"200": slow["normal_requests"]} and slow["normal_max_s"] < 5
+    assert sum(result["fuzz"]["statuses"].values()) == 40
+    assert all(int(status) < 500 for status in result["fuzz"]["statuses"])

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import httpx
 import numpy as np
@@ -22,8 +23,9 @@ from test_app import (assert_error, audio_bytes, client, client_for, free_socket
                       model_path, read_reply, serving, upload)
 from test_audio_decode import noise, silence_flac, unknown_length
 
+from app.hardening import mutated_uploads
 from app.main import create_app
-from app.schemas import Prediction
+from app.schemas import Error, Prediction
 from app.settings import Settings, from_env, with_network_token
 from kws.errors import KwsError
 
@@ -353,3 +355,20 @@ def test_kws_serve_on_a_network_address_prints_a_token_and_requires_it(model_pat
         process.send_signal(signal.SIGTERM)
         process.wait(15)
     assert "".join(lines).count(token) == 2  # once in the line, once in the URL: printed once
+
+
+# ----------------------------------------------------------------------------- mutation fuzz
+
+def test_mutated_uploads_get_200_or_a_4xx_json_error(client):  # noqa: F811
+    """A seeded mutation fuzz of 2,000 uploads (`kws bench hardening` runs the same on a real server)."""
+    statuses = Counter()
+    for body, content_type in mutated_uploads(2000, seed=1):
+        if content_type == "multipart/form-data":
+            response = upload(client, body, content_type="application/octet-stream")
+        else:
+            response = client.post("/predict", content=body, headers={"Content-Type": content_type})
+        statuses[response.status_code] += 1
+        assert response.status_code in (200, 400, 413, 415, 422), response.text
+        if response.status_code != 200:
+            assert Error.model_validate(response.json()).detail
+    assert statuses[200] > 100 and statuses[422] > 1000  # both decodable and broken files were sent
