@@ -1,20 +1,5 @@
-"""Speech Commands v0.02: the label set, the dataset reader, augmentation and batches."""
-
-# The 35 words in the order of the dataset's README.
-WORDS = (
-    "yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go",
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-    "bed", "bird", "cat", "dog", "happy", "house", "marvin", "sheila", "tree", "wow",
-    "backward", "forward", "follow", "learn", "visual",
-)
-BACKGROUND = "_background_"  # silence and noise: the right answer when nobody speaks
-LABELS = WORDS + (BACKGROUND,)
-
-# The words the shared copy covers well (hundreds of real clips each).
-WELL_COVERED = ("bed", "cat", "happy", "down", "go", "left", "right", "up", "eight", "five",
-                "one", "zero", "yes", "no", "on", "off", "stop")
-# The v2 benchmark's 12-class protocol: ten words, the other 25 as unknown, and silence.
-CORE_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+"""Speech Commands v0.02: the dataset reader, augmentation and batches (the label set is in
+kws.labels, which needs no torch)."""
 
 import json
 import random
@@ -26,6 +11,11 @@ import torch
 
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioError, fit_length, load_audio
 from kws.errors import KwsError
+from kws import labels
+
+# The label set lives in kws.labels (no torch there); its names stay importable from here.
+WORDS, BACKGROUND, LABELS = labels.WORDS, labels.BACKGROUND, labels.LABELS
+WELL_COVERED, CORE_WORDS = labels.WELL_COVERED, labels.CORE_WORDS
 
 SPLITS = ("training", "validation", "testing")
 AUDIO_SUFFIXES = (".wav", ".flac")
