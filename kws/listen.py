@@ -18,71 +18,40 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
+import soxr
+from threadpoolctl import threadpool_limits
 
-from kws.audio import SAMPLE_RATE, to_mono
+from kws.audio import RESAMPLE_QUALITY, SAMPLE_RATE, to_mono
 from kws.errors import KwsError
 from kws.stream import DEFAULT_THRESHOLD, Detection, Detector, parse_threshold, parse_words
 
 QUEUE_SECONDS = 10.0  # audio the worker may fall behind before blocks are dropped
-LOWPASS_WIDTH = 6  # torchaudio's default sinc filter width, in zero crossings
 
 
 class Resampler:
-    """Streaming resampler: blocks in any sizes give the same samples as torchaudio's
-    `resample` on the whole signal, at a latency of a few milliseconds.
-
-    torchaudio's resampler maps every `a` input samples to `b` output samples (a/b the reduced
-    rate ratio), each output block reading `width` input samples either side. So each call
-    resamples the whole blocks that have enough context on both sides and keeps the rest.
-    """
+    """Streaming resampler (libsoxr, as `kws.audio.resample`): blocks in any sizes give the
+    samples of resampling the whole signal at once (within 1e-6), a few milliseconds late."""
 
     def __init__(self, orig_sr: int, new_sr: int = SAMPLE_RATE):
-        ratio = Fraction(orig_sr, new_sr)
-        self.a, self.b = ratio.numerator, ratio.denominator
         self.identity = orig_sr == new_sr
-        width = math.ceil(LOWPASS_WIDTH * self.a / (min(self.a, self.b) * 0.99))
-        self.context = self.a * math.ceil(width / self.a)  # whole blocks of left context
-        self.lookahead = width
-        self.transform = torchaudio.transforms.Resample(orig_sr, new_sr)
-        self._buffer = np.zeros(self.context, dtype=np.float32)  # zeros before the stream
-        self._received = 0
-        self._returned = 0
+        self._stream = None if self.identity else soxr.ResampleStream(
+            orig_sr, new_sr, 1, dtype="float32", quality=RESAMPLE_QUALITY)
 
     def process(self, audio: np.ndarray) -> np.ndarray:
         audio = np.asarray(audio, dtype=np.float32)
         if self.identity:
             return audio
-        self._received += len(audio)
-        self._buffer = np.concatenate([self._buffer, audio])
-        return self._whole_blocks()
+        return self._stream.resample_chunk(audio)
 
     def flush(self) -> np.ndarray:
         """The rest of the signal, as if it ended here (what whole-signal resampling outputs)."""
         if self.identity:
             return np.zeros(0, dtype=np.float32)
-        owed = math.ceil(self._received * self.b / self.a) - self._returned
-        self._buffer = np.concatenate([self._buffer, np.zeros(self.a + self.lookahead, np.float32)])
-        return self._whole_blocks()[:owed]
-
-    def _whole_blocks(self) -> np.ndarray:
-        blocks = (len(self._buffer) - self.context - self.lookahead) // self.a
-        if blocks <= 0:
-            return np.zeros(0, dtype=np.float32)
-        segment = torch.from_numpy(self._buffer[: self.context + blocks * self.a + self.lookahead])
-        with torch.inference_mode():
-            out = self.transform(segment).numpy()
-        first = self.context // self.a * self.b
-        out = out[first: first + blocks * self.b]
-        self._buffer = self._buffer[blocks * self.a:]
-        self._returned += len(out)
-        return out
+        return self._stream.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -228,7 +197,7 @@ class Worker:
         self.error: BaseException | None = None
         # Waited on instead of a join: a join interrupted by Ctrl-C can mark a running thread
         # as finished (CPython's bpo-45274 handling), and the interpreter would then exit under
-        # a thread still inside torch.
+        # a thread still inside the model.
         self.finished = threading.Event()
 
     def run(self):
@@ -284,7 +253,7 @@ def listen(args) -> int:
         return 0
     if args.input and args.device is not None:
         raise KwsError("--input and --device exclude each other: pick a file or a device")
-    from kws.cli import load
+    from kws.cli import load_engine
 
     if args.input:
         rate = file_rate(args.input)
@@ -292,8 +261,7 @@ def listen(args) -> int:
     else:  # device problems are reported before the model is loaded
         device, rate, name = input_settings(parse_device(args.device), args.rate)
         what = f"input device {name!r} ({rate} Hz)"
-    torch.set_num_threads(args.threads)
-    detector = Detector(load(args.model), threshold=args.threshold, words=args.words)
+    detector = Detector(load_engine(args.model), threshold=args.threshold, words=args.words)
     block_seconds = args.chunk_ms / 1000
     blocks = queue.Queue(maxsize=max(2, math.ceil(QUEUE_SECONDS / block_seconds)))
     counters, stop = Counters(), threading.Event()
@@ -309,7 +277,8 @@ def listen(args) -> int:
 
     worker = Worker(detector, rate, blocks, print_detections)
     thread = threading.Thread(target=worker.run, daemon=True, name="kws-detector")
-    with _signals_stop():
+    # The engine's matmuls are small: BLAS threads would only contend with the audio threads.
+    with _signals_stop(), threadpool_limits(args.threads, user_api="blas"):
         thread.start()
         if source:
             source.start()
@@ -383,8 +352,11 @@ def positive(kind):
 
 
 def register(sub):
-    p = sub.add_parser("listen", help="spot keywords live in the microphone stream (or a file)")
-    p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
+    from kws.cli import COMMANDS
+
+    p = sub.add_parser("listen", help=COMMANDS["listen"][1])
+    p.add_argument("--model", help="model file from kws export, or a checkpoint (default: the "
+                   "shipped model or $KWS_MODEL)")
     p.add_argument("--device", help="input device name (or part of it) or index")
     p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--rate", type=positive(int), help="device sample rate in Hz "
@@ -400,6 +372,6 @@ def register(sub):
     p.add_argument("--chunk-ms", type=positive(float), default=32.0,
                    help="audio block length (32 ms)")
     p.add_argument("--threads", type=positive(int), default=1,
-                   help="torch threads for the model (1)")
+                   help="BLAS threads for the model (1)")
     p.add_argument("--json", action="store_true", help="one JSON object per detection")
     p.set_defaults(func=listen)
