@@ -1,9 +1,8 @@
 """Dynamic batching for /predict: one inference thread classifies the clips of concurrent
 requests together.
 
-Why: the model is small, so a clip's classification is mostly torch's fixed cost per operation,
-paid once per batch however many clips it holds (8 one-second clips take about 3.7 ms each in
-one batch against 6 ms alone, on one core). And one thread running the model never waits on
+Why: the model is small, so a clip's classification is mostly the fixed cost of each NumPy
+call, paid once per batch however many clips it holds. And one thread running the model never waits on
 another for Python's GIL, as two inference threads did. Clips of equal length share a batch;
 clips of other lengths go in their own, so nothing is padded and every answer is exactly what
 the clip alone would get.
@@ -14,16 +13,16 @@ import threading
 from concurrent.futures import Future
 
 import numpy as np
-import torch
 
 _STOP = object()
 
 
 class ClipBatcher:
-    """submit(clip) -> Future of the clip's logits (n_classes,), from `model.classify`."""
+    """submit(clip) -> Future of the clip's logits (n_classes,), from the engine's `classify`
+    (kws.runtime.StreamEngine)."""
 
-    def __init__(self, model, max_batch: int = 16):
-        self.model = model
+    def __init__(self, engine, max_batch: int = 16):
+        self.engine = engine
         self.max_batch = max_batch
         self.batches = 0  # batches run, and the clips in them, for /stats
         self.clips = 0
@@ -68,8 +67,7 @@ class ClipBatcher:
         clips = np.stack([clip for clip, _ in items])
         futures = [f for _, f in items]
         try:
-            with torch.inference_mode():
-                logits = self.model.classify(torch.from_numpy(clips)).numpy()
+            logits = self.engine.classify(clips)
         except Exception as e:  # a failure answers its requests; the thread goes on serving
             for f in futures:
                 f.set_exception(e)

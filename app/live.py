@@ -25,10 +25,10 @@ SCORES_EVERY_S = 0.25  # how often the dashboard's top scores update
 class LiveListener:
     """Start with `start()` (raises KwsError when there is no usable source), end with `stop()`."""
 
-    def __init__(self, model, bus: DetectionBus, device: str | None = None,
+    def __init__(self, engine, bus: DetectionBus, device: str | None = None,
                  input_file: str | None = None, threshold=None, words=None):
-        # Its own stream state; the model is shared read-only.
-        self.detector = Detector(model, threshold=threshold, words=words)
+        # Its own stream state; the engine is shared read-only.
+        self.detector = Detector(engine, threshold=threshold, words=words)
         self.bus = bus
         self.device, self.input_file = device, input_file
         self.counters = Counters()
@@ -92,11 +92,11 @@ class LiveListener:
             self.bus.publish_scores([Score(label=k, score=v) for k, v in best[:TOP_K]])
 
 
-def start_listener(model, bus: DetectionBus, device, input_file, threshold=None,
+def start_listener(engine, bus: DetectionBus, device, input_file, threshold=None,
                    words=None) -> tuple[LiveListener | None, str | None]:
     """(a running listener, None), or (None, why not): without a usable input the service logs
     one line and goes on serving /predict."""
-    listener = LiveListener(model, bus, device, input_file, threshold, words)
+    listener = LiveListener(engine, bus, device, input_file, threshold, words)
     try:
         source = listener.start()
     except KwsError as e:

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated
 
-import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -25,11 +24,13 @@ from starlette.requests import ClientDisconnect
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from threadpoolctl import threadpool_limits
 
 from kws import __version__
 from kws.audio import SAMPLE_RATE, AudioError
+from kws.cli import load_engine
 from kws.errors import KwsError
-from kws.model import load_model, parameter_bytes, parameter_count, state_bytes
+from kws.runtime import StreamEngine
 from kws.stream import Detector
 
 from app.bus import DetectionBus
@@ -68,14 +69,15 @@ class WorkSlots:
 
 
 class Service:
-    """What the endpoints share: settings, the model (read-only), the inference pool, the live
-    detections and the listener."""
+    """What the endpoints share: settings, the inference engine (read-only), the inference pool,
+    the live detections and the listener."""
 
-    def __init__(self, settings: Settings, model, bus: DetectionBus, requests: RequestCounts):
-        self.settings, self.model, self.bus, self.requests = settings, model, bus, requests
+    def __init__(self, settings: Settings, engine: StreamEngine, bus: DetectionBus,
+                 requests: RequestCounts):
+        self.settings, self.engine, self.bus, self.requests = settings, engine, bus, requests
         # Decoding and long clips' detections run in the pool; clips are classified in batches.
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="kws-work")
-        self.batcher = ClipBatcher(model, settings.max_batch)
+        self.batcher = ClipBatcher(engine, settings.max_batch)
         # Bodies are read outside any slot, within a shared memory budget; decoding and
         # analysis take one of a few slots, so a burst of uploads queues instead of piling up.
         self.bodies = BodyBudget(4 * settings.max_upload_bytes)
@@ -85,7 +87,7 @@ class Service:
         self.listener_problem: str | None = None
         self.metrics = prometheus_registry(self.stats)
         self.detector_options = {"threshold": settings.threshold, "words": settings.words}
-        thresholds = Detector(model, **self.detector_options).thresholds
+        thresholds = Detector(engine, **self.detector_options).thresholds
         values = set(thresholds.values())
         self.detector_settings = DetectorSettings(
             threshold=values.pop() if len(values) == 1 else thresholds, words=list(thresholds))
@@ -110,8 +112,8 @@ class Service:
         rss, peak = memory_bytes()
         return Stats(
             rss_bytes=rss, peak_rss_bytes=peak,
-            model_parameters=parameter_count(self.model), model_bytes=parameter_bytes(self.model),
-            stream_state_bytes=state_bytes(self.model.cfg),
+            model_parameters=self.engine.parameters, model_bytes=self.engine.parameter_bytes,
+            stream_state_bytes=self.engine.state_bytes,
             audio_queue_depth=self.listener.queue_depth if self.listener else 0,
             dropped_frames=self.listener.counters.dropped_frames if self.listener else 0,
             uptime_s=time.monotonic() - self.started,
@@ -224,8 +226,8 @@ async def event_stream(service: Service):
         service.bus.unsubscribe(queue)
 
 
-def create_app(settings: Settings | None = None, model=None) -> FastAPI:
-    """The application. `model`: an already loaded model (`kws serve` loads it first, so a bad
+def create_app(settings: Settings | None = None, engine: StreamEngine | None = None) -> FastAPI:
+    """The application. `engine`: an already loaded model (`kws serve` loads it first, so a bad
     path is a one-line error); otherwise the lifespan loads `settings.model`."""
     settings = settings or from_env()
     if settings.open_to_network and not settings.allow_anonymous:
@@ -235,13 +237,12 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(settings.torch_threads)
+        blas_threads = threadpool_limits(settings.threads, user_api="blas")
         bus = DetectionBus(asyncio.get_running_loop(), settings.detections_kept)
-        service = Service(settings, model or load_model(settings.model), bus, requests)
+        service = Service(settings, engine or load_engine(settings.model), bus, requests)
         if settings.listen:
             service.listener, service.listener_problem = start_listener(
-                service.model, bus, settings.device, settings.listen_input,
+                service.engine, bus, settings.device, settings.listen_input,
                 **service.detector_options)
         app.state.service = service
         try:
@@ -251,7 +252,7 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
                 service.listener.stop()
             service.executor.shutdown(cancel_futures=True)
             service.batcher.stop()
-            torch.set_num_threads(threads)
+            blas_threads.restore_original_limits()
 
     # /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline package, not a CDN: a
     # board may be offline, and no third-party script runs on the dashboard's origin.
@@ -287,10 +288,10 @@ def create_app(settings: Settings | None = None, model=None) -> FastAPI:
                 if len(audio) > DETECT_ABOVE_S * SAMPLE_RATE:
                     work.append(loop.run_in_executor(
                         service.executor,
-                        partial(streaming_detections, service.model, audio,
+                        partial(streaming_detections, service.engine, audio,
                                 **service.detector_options)))
                 logits, *detections = await asyncio.gather(*work)
-                return prediction(service.model.cfg.labels, logits, audio, sample_rate,
+                return prediction(service.engine.labels, logits, audio, sample_rate,
                                   detections[0] if detections else None, started)
             except AudioError as e:
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None

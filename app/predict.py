@@ -7,7 +7,6 @@ import struct
 import time
 
 import numpy as np
-import torch
 
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioError, decode, resample
 from kws.stream import detect
@@ -50,9 +49,11 @@ def check_duration(seconds: float, min_s: float, max_s: float):
 
 
 def top_scores(logits: np.ndarray, labels, k: int = TOP_K) -> list[Score]:
-    probs = torch.softmax(torch.from_numpy(logits).double(), dim=-1)
-    values, indices = probs.topk(min(k, len(labels)))
-    return [Score(label=labels[i], score=float(v)) for v, i in zip(values, indices)]
+    z = np.asarray(logits, dtype=np.float64)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    best = np.argsort(-probs, kind="stable")[:k]
+    return [Score(label=labels[i], score=float(probs[i])) for i in best]
 
 
 def decode_upload(data: bytes, min_s: float, max_s: float) -> tuple[np.ndarray, int]:
@@ -72,11 +73,11 @@ def clip_for_classifier(audio: np.ndarray) -> np.ndarray:
     return np.pad(audio, (0, max(0, CLIP_SAMPLES - len(audio))))
 
 
-def streaming_detections(model, audio: np.ndarray, threshold=None,
+def streaming_detections(engine, audio: np.ndarray, threshold=None,
                          words=None) -> list[Detection]:
     """A long clip's detections by the streaming path of `kws listen` (flushed at the end)."""
     # Chunking does not change what the detector finds; 1-s chunks keep the overhead low.
-    found = detect(model, audio, chunk_samples=SAMPLE_RATE, threshold=threshold, words=words)
+    found = detect(engine, audio, chunk_samples=SAMPLE_RATE, threshold=threshold, words=words)
     return [Detection(time_s=d.time_s, label=d.label, score=d.score) for d in found]
 
 

@@ -33,7 +33,7 @@ class Settings:
     min_duration_s: float = 0.1
     workers: int = 2  # threads that decode uploads and run long clips' detections
     max_batch: int = 16  # clips classified together, at most (app.batcher)
-    torch_threads: int = 1  # intra-op threads per inference: parallel requests beat parallel ops
+    threads: int = 1  # BLAS threads per inference: parallel requests beat parallel ops
     detections_kept: int = 1000  # live detections /detections can return
     # The detector of the listener and of long /predict clips, as `kws listen` takes them:
     threshold: float | dict[str, float] | None = None  # None: kws.stream.DEFAULT_THRESHOLD
@@ -45,7 +45,7 @@ class Settings:
         object.__setattr__(self, "model", Path(self.model))
         if not self.api_token:
             object.__setattr__(self, "api_token", None)  # an empty token means none
-        for name in ("port", "max_upload_bytes", "workers", "max_batch", "torch_threads",
+        for name in ("port", "max_upload_bytes", "workers", "max_batch", "threads",
                      "detections_kept"):
             if getattr(self, name) < 1:
                 raise KwsError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -110,7 +110,7 @@ ENVIRONMENT = {
     "KWS_READ_TIMEOUT_S": "read_timeout_s",
     "KWS_WORKERS": "workers",
     "KWS_MAX_BATCH": "max_batch",
-    "KWS_TORCH_THREADS": "torch_threads",
+    "KWS_THREADS": "threads",
     "KWS_THRESHOLD": "threshold",
     "KWS_WORDS": "words",
 }

@@ -5,12 +5,18 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-DEFAULT_MODEL_NAME = "mgrade-edge.pt"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL_NAME = "mgrade-edge.npz"  # torch-free, written by `kws export` from the checkpoint
+DEFAULT_CHECKPOINT_NAME = "mgrade-edge.pt"
 
 
 def default_model_path() -> Path:
-    """$KWS_MODEL if set, else the model shipped in the repository's models/ folder."""
+    """$KWS_MODEL if set, else the shipped model file that inference loads (kws.runtime)."""
     env = os.environ.get("KWS_MODEL")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
+    return Path(env) if env else MODELS_DIR / DEFAULT_MODEL_NAME
+
+
+def default_checkpoint_path() -> Path:
+    """$KWS_MODEL if set, else the shipped PyTorch checkpoint (training, evaluation, export)."""
+    env = os.environ.get("KWS_MODEL")
+    return Path(env) if env else MODELS_DIR / DEFAULT_CHECKPOINT_NAME

@@ -1,11 +1,14 @@
 """`kws bench ...`: speed and memory measured on the machine it runs on (medians over repeats).
 
 - `kws bench stream`: the live path (Detector) with one thread at 10, 32 and 100 ms chunks
-  against re-running the model on a 1-s window every 100 ms (the faster of its PyTorch
-  forward and the stream engine), the state size, and the peak resident memory of
-  `kws listen --input FILE --fast`.
-- `kws bench model`: per preset, training time per clip and inference time per second of audio,
-  offline (a whole clip at once) and streaming in 32-ms chunks.
+  against re-running the model on a 1-s window every 100 ms (the faster of the stream engine
+  and, where torch is installed, PyTorch's forward), the state size, and the peak resident
+  memory of `kws listen --input FILE --fast`.
+- `kws bench live`: a file played in real time through the microphone's path (a reader thread,
+  the block queue, the Worker) and the real-time factor the Worker measures, beside the bench's
+  for the same audio.
+- `kws bench model` (needs torch): per preset, training time per clip and inference time per
+  second of audio, offline (a whole clip at once) and streaming in 32-ms chunks.
 
 Other modules add their own benchmarks: each module named in BENCH_MODULES has a
 `register(bench_subparsers)` like kws.cli's command modules.
@@ -13,24 +16,26 @@ Other modules add their own benchmarks: each module named in BENCH_MODULES has a
 
 import importlib
 import json
+import math
 import os
 import platform
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
-import torch.nn.functional as F
+from threadpoolctl import threadpool_info, threadpool_limits
 
-from kws.audio import SAMPLE_RATE
-from kws.data import LABELS
+from kws.audio import SAMPLE_RATE, resample
 from kws.errors import KwsError
-from kws.model import MGRADE, PRESETS, parameter_count, preset, state_bytes
+from kws.labels import LABELS
+from kws.runtime import StreamEngine
 from kws.stream import Detector
 
 BENCH_MODULES: tuple[str, ...] = ("app.bench", "app.hardening")
@@ -70,16 +75,41 @@ def interleaved_median_seconds(runs: dict, repeats: int) -> dict:
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    """The CPU, and the thread count of the BLAS NumPy calls (and of torch, where loaded)."""
+    blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    found = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+             "numpy": np.__version__, "threads": max(blas, default=1)}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        found.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    return found
+
+
+def reference_model(path):
+    """The PyTorch model the engine at `path` was exported from, for side-by-side timings:
+    `path` itself when it is a checkpoint, the shipped checkpoint for the shipped model; None
+    when torch is not installed or there is no checkpoint."""
+    from kws import default_checkpoint_path
+    from kws.cli import load
+
+    try:
+        import torch
+    except ImportError:
+        return None
+    if path is None or str(path).endswith(".pt"):
+        checkpoint = Path(path) if path else default_checkpoint_path()
+        if checkpoint.is_file():
+            torch.set_num_threads(1)
+            return load(checkpoint)
+    return None
 
 
 # ----------------------------------------------------------------------------- bench stream
 
-def streaming_run(model, audio: np.ndarray, chunk: int):
+def streaming_run(engine, audio: np.ndarray, chunk: int):
     """The live path: a fresh Detector fed `audio` in blocks of `chunk` samples."""
     def run():
-        detector = Detector(model)
+        detector = Detector(engine)
         for start in range(0, len(audio), chunk):
             detector.process(audio[start:start + chunk])
     return run
@@ -87,6 +117,8 @@ def streaming_run(model, audio: np.ndarray, chunk: int):
 
 def torch_stream_run(model, audio: np.ndarray, chunk: int):
     """`model.stream` itself (PyTorch), the reference the stream engine is tested against."""
+    import torch
+
     def run():
         state = model.primed_state(1)
         with torch.inference_mode():
@@ -95,16 +127,18 @@ def torch_stream_run(model, audio: np.ndarray, chunk: int):
     return run
 
 
-def sliding_window_runs(model, audio: np.ndarray) -> tuple[dict, float]:
+def sliding_window_runs(engine, model, audio: np.ndarray) -> tuple[dict, float]:
     """({way: run}, audio seconds covered) for the model re-run on a 1-s window every 100 ms,
     each window read out as in training (softmax of the mean of its per-step logits), two
-    ways: the model's whole-sequence `forward` (PyTorch), and the stream engine on each window
-    from a stream's start state. The faster one is the fair baseline."""
+    ways: the stream engine on each window from a stream's start state, and the PyTorch
+    model's whole-sequence `forward` (when `model` is not None). The faster one is the fair
+    baseline."""
     window, hop = int(SLIDING_WINDOW_S * SAMPLE_RATE), int(SLIDING_HOP_S * SAMPLE_RATE)
     starts = range(0, len(audio) - window + 1, hop)
-    engine = model.stream_engine()
 
     def forward():
+        import torch
+
         with torch.inference_mode():
             for s in starts:
                 torch.softmax(model(torch.from_numpy(audio[s:s + window])[None]).mean(1), -1)
@@ -114,7 +148,8 @@ def sliding_window_runs(model, audio: np.ndarray) -> tuple[dict, float]:
             mean = engine.stream(audio[s:s + window], engine.start_state())[0].mean(0)
             e = np.exp(mean - mean.max())
             e / e.sum()
-    return {"forward": forward, "engine": on_engine}, len(starts) * SLIDING_HOP_S
+    runs = {"engine": on_engine} if model is None else {"forward": forward, "engine": on_engine}
+    return runs, len(starts) * SLIDING_HOP_S
 
 
 def peak_rss_bytes(argv: list[str]) -> int:
@@ -131,18 +166,23 @@ def peak_rss_bytes(argv: list[str]) -> int:
 
 def bench_stream(args) -> int:
     from kws import default_model_path
-    from kws.cli import load
+    from kws.cli import load_engine
 
     if args.seconds < SLIDING_WINDOW_S:
         raise KwsError(f"--seconds must be at least the {SLIDING_WINDOW_S:g}-s sliding window")
-    torch.set_num_threads(1)
-    model = load(args.model)
+    with threadpool_limits(1, user_api="blas"):
+        return _bench_stream(args, load_engine(args.model), reference_model(args.model),
+                             str(args.model or default_model_path()))
+
+
+def _bench_stream(args, engine, model, model_path: str) -> int:
     audio = bench_audio(args.seconds)
     result = {"machine": machine(), "audio_seconds": args.seconds, "repeats": args.repeats}
-    runs = {f"rtf_{ms}ms": streaming_run(model, audio, int(SAMPLE_RATE * ms / 1000))
+    runs = {f"rtf_{ms}ms": streaming_run(engine, audio, int(SAMPLE_RATE * ms / 1000))
             for ms in STREAM_CHUNKS_MS}
-    runs["rtf_32ms_torch_stream"] = torch_stream_run(model, audio, int(SAMPLE_RATE * 0.032))
-    windows, covered = sliding_window_runs(model, audio)
+    if model is not None:
+        runs["rtf_32ms_torch_stream"] = torch_stream_run(model, audio, int(SAMPLE_RATE * 0.032))
+    windows, covered = sliding_window_runs(engine, model, audio)
     runs.update((f"rtf_sliding_window_{way}", run) for way, run in windows.items())
     seconds = interleaved_median_seconds(runs, args.repeats)
     for name, t in seconds.items():
@@ -151,11 +191,10 @@ def bench_stream(args) -> int:
     # Same 100-ms update rate on both sides; the 32-ms figure updates three times as often.
     result["sliding_window_ratio"] = result["rtf_sliding_window"] / result["rtf_100ms"]
     result["sliding_window_ratio_32ms"] = result["rtf_sliding_window"] / result["rtf_32ms"]
-    result["state_bytes"] = state_bytes(model.cfg)
+    result["state_bytes"] = engine.state_bytes
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "bench.wav"
         sf.write(wav, bench_audio(args.rss_seconds, seed=1), SAMPLE_RATE)
-        model_path = str(args.model or default_model_path())
         result["peak_rss_bytes"] = peak_rss_bytes(
             ["listen", "--model", model_path, "--input", str(wav), "--fast"])
         result["peak_rss_model_loaded_bytes"] = peak_rss_bytes(["info", "--model", model_path])
@@ -164,14 +203,15 @@ def bench_stream(args) -> int:
         print(json.dumps(result))
         return 0
     m = result["machine"]
-    print(f"one thread of {m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}, "
+    print(f"one thread of {m['cpu']} ({m['cpus']} CPUs), numpy {m['numpy']}, "
           f"{args.seconds:g} s of audio, median of {args.repeats} runs timed round-robin")
     for ms in STREAM_CHUNKS_MS:
         print(f"streaming, {ms:>3} ms chunks: real-time factor {result[f'rtf_{ms}ms']:.4f}")
-    print(f"PyTorch model.stream, 32 ms: real-time factor {result['rtf_32ms_torch_stream']:.4f} "
-          f"(the stream engine is {result['rtf_32ms_torch_stream'] / result['rtf_32ms']:.1f}x faster)")
-    print(f"1-s window every 100 ms:   real-time factor {result['rtf_sliding_window']:.4f} (forward "
-          f"{result['rtf_sliding_window_forward']:.4f}, stream engine {result['rtf_sliding_window_engine']:.4f})")
+    if model is not None:
+        print(f"PyTorch model.stream, 32 ms: real-time factor {result['rtf_32ms_torch_stream']:.4f} "
+              f"(the stream engine is {result['rtf_32ms_torch_stream'] / result['rtf_32ms']:.1f}x faster)")
+    ways = ", ".join(f"{way} {result[f'rtf_sliding_window_{way}']:.4f}" for way in windows)
+    print(f"1-s window every 100 ms:   real-time factor {result['rtf_sliding_window']:.4f} ({ways})")
     print(f"sliding window / streaming: {result['sliding_window_ratio']:.1f}x at the same "
           f"100-ms rate, {result['sliding_window_ratio_32ms']:.1f}x against 32-ms chunks")
     print(f"state: {result['state_bytes']:,} bytes")
@@ -181,11 +221,62 @@ def bench_stream(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- bench live
+
+def play_through_worker(engine, path: str, chunk_s: float, fast: bool = False) -> tuple[float, float]:
+    """(audio seconds, Worker compute seconds) of `path` played as `kws listen --input` plays
+    it (in real time unless `fast`): reader thread, bounded block queue, resampler, Detector."""
+    from kws.listen import QUEUE_SECONDS, Worker, play_file
+
+    blocks = queue.Queue(maxsize=max(2, math.ceil(QUEUE_SECONDS / chunk_s)))
+    detector, stop = Detector(engine), threading.Event()
+    worker = Worker(detector, sf.info(path).samplerate, blocks, lambda found: None)
+    threads = [threading.Thread(target=worker.run, name="kws-detector", daemon=True),
+               threading.Thread(target=play_file, name="kws-file", daemon=True,
+                                args=(path, chunk_s, fast, blocks, stop))]
+    for thread in threads:
+        thread.start()
+    worker.finished.wait()
+    for thread in threads:
+        thread.join()
+    if worker.error is not None:
+        raise worker.error
+    return detector.time_s, worker.compute_seconds
+
+
+def bench_live(args) -> int:
+    from kws.cli import load_engine
+
+    engine = load_engine(args.model)
+    audio = bench_audio(args.seconds)
+    chunk_s = args.chunk_ms / 1000
+    with threadpool_limits(1, user_api="blas"), tempfile.TemporaryDirectory() as tmp:
+        wav = str(Path(tmp) / "live.wav")
+        sf.write(wav, resample(audio, SAMPLE_RATE, args.rate), args.rate, subtype="FLOAT")
+        audio_s, compute_s = play_through_worker(engine, wav, chunk_s)
+        bench = median_seconds(streaming_run(engine, audio, round(SAMPLE_RATE * chunk_s)),
+                               args.repeats) / args.seconds
+    result = {"machine": machine(), "audio_seconds": audio_s, "rate": args.rate,
+              "chunk_ms": args.chunk_ms, "rtf_live": compute_s / audio_s, "rtf_bench": bench,
+              "live_over_bench": compute_s / audio_s / bench}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{audio_s:.1f} s at {args.rate} Hz played in real time through kws listen's path "
+          f"in {args.chunk_ms:g}-ms blocks: real-time factor {result['rtf_live']:.4f}")
+    print(f"the same audio through a Detector alone (median of {args.repeats}): "
+          f"{bench:.4f}; live / bench = {result['live_over_bench']:.2f}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- bench model
 
 def training_seconds_per_clip(model, batch: int, repeats: int, context_s: float = 0.5) -> float:
     """One optimiser step on a batch of 1-s clips each after `context_s` of other audio (as
     kws train does), loss on the mean logits of the clip's steps, divided by the batch size."""
+    import torch
+    import torch.nn.functional as F
+
     rng = np.random.default_rng(0)
     context = int(context_s * SAMPLE_RATE)
     x = torch.from_numpy(0.1 * rng.standard_normal((batch, context + SAMPLE_RATE), np.float32))
@@ -206,6 +297,8 @@ def training_seconds_per_clip(model, batch: int, repeats: int, context_s: float 
 
 def offline_seconds_per_audio_second(model, repeats: int) -> float:
     """One forward pass over a whole 1-s clip."""
+    import torch
+
     clip = torch.from_numpy(bench_audio(1.0))[None]
 
     def run():
@@ -218,7 +311,7 @@ def stream_seconds_per_audio_second(model, repeats: int, seconds: float = 3.0) -
     """The stream engine (what a Detector runs) fed 32-ms chunks."""
     audio = bench_audio(seconds)
     chunk = int(0.032 * SAMPLE_RATE)
-    engine = model.stream_engine()
+    engine = StreamEngine.from_model(model)
 
     def run():
         state = engine.start_state()
@@ -228,6 +321,13 @@ def stream_seconds_per_audio_second(model, repeats: int, seconds: float = 3.0) -
 
 
 def bench_model(args) -> int:
+    from kws.cli import require_torch
+
+    require_torch("kws bench model")
+    import torch
+
+    from kws.model import MGRADE, PRESETS, parameter_count, preset
+
     if args.threads:
         torch.set_num_threads(args.threads)
     unknown = [name for name in args.presets if name not in PRESETS]
@@ -264,12 +364,14 @@ def bench_model(args) -> int:
 def register(sub):
     from kws.listen import positive
 
-    p = sub.add_parser("bench", help="measure speed and memory on this machine")
+    from kws.cli import COMMANDS
+
+    p = sub.add_parser("bench", help=COMMANDS["bench"][1])
     bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
 
     s = bench_sub.add_parser("stream", help="streaming vs sliding-window cost, state size, "
                              "peak memory of kws listen (one thread)")
-    s.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
+    s.add_argument("--model", help="model file or checkpoint (default: the shipped model or $KWS_MODEL)")
     s.add_argument("--seconds", type=float, default=20.0, help="audio per timed run (20)")
     s.add_argument("--repeats", type=positive(int), default=5)
     s.add_argument("--rss-seconds", type=positive(float), default=60.0,
@@ -277,9 +379,20 @@ def register(sub):
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=bench_stream)
 
-    m = bench_sub.add_parser("model", help="training and inference time of each preset")
-    m.add_argument("--presets", type=lambda s: s.split(","), default=list(PRESETS),
-                   help=f"comma separated (default: {','.join(PRESETS)})")
+    v = bench_sub.add_parser("live", help="a file played in real time through kws listen's "
+                             "path: its real-time factor beside the bench's (one thread)")
+    v.add_argument("--model", help="model file or checkpoint (default: the shipped model or $KWS_MODEL)")
+    v.add_argument("--seconds", type=positive(float), default=20.0, help="audio played (20)")
+    v.add_argument("--rate", type=positive(int), default=SAMPLE_RATE,
+                   help="sample rate of the played file, as a microphone's (16000)")
+    v.add_argument("--chunk-ms", type=positive(float), default=32.0, help="block length (32)")
+    v.add_argument("--repeats", type=positive(int), default=5, help="bench runs (5)")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(func=bench_live)
+
+    m = bench_sub.add_parser("model", help="training and inference time of each preset (needs torch)")
+    m.add_argument("--presets", type=lambda s: s.split(","), default=["paper", "edge"],
+                   help="comma separated (default: paper,edge)")
     m.add_argument("--repeats", type=positive(int), default=5)
     m.add_argument("--batch", type=positive(int), default=8, help="training batch size (8)")
     m.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")

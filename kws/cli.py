@@ -1,41 +1,88 @@
 """The `kws` command. Each subcommand lives next to the function it drives and registers itself
-here through a `register(subparsers)` function that sets `func` on its parser."""
+through a `register(subparsers)` function that sets `func` on its parser. Only the module of the
+command being run is imported (the others are listed by name and summary), so `kws listen` and
+`kws serve` never import torch, and a command that needs it says how to install it."""
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
-from dataclasses import asdict
+from pathlib import Path
 
 from kws import __version__
 from kws.errors import KwsError
 
-# Modules that add subcommands, in the order `kws --help` lists them.
-COMMAND_MODULES = ["kws.cli", "kws.train", "kws.teacher", "kws.evaluate", "kws.data", "kws.listen", "kws.stream_eval", "kws.bench", "kws.serve"]
+# name: (module that registers it, summary for `kws --help`), in the order the help lists them.
+COMMANDS = {
+    "info": ("kws.cli", "print a model's config, size and inference footprint"),
+    "export": ("kws.export", "write a checkpoint's torch-free model file (what listen and serve load)"),
+    "train": ("kws.train", "train an mGRADE keyword model"),
+    "teacher": ("kws.teacher", "the distillation teacher: train it or score it (kws[distill])"),
+    "eval": ("kws.evaluate", "clip accuracy on a Speech Commands split"),
+    "data": ("kws.data", "get the dataset or render synthetic speech"),
+    "listen": ("kws.listen", "spot keywords live in the microphone stream (or a file)"),
+    "eval-stream": ("kws.stream_eval", "recall, false accepts/hour and latency on long test "
+                    "streams through the live detection path"),
+    "bench": ("kws.bench", "measure speed and memory on this machine"),
+    "serve": ("kws.serve", "run the HTTP service: /predict, live detections, dashboard"),
+}
+TORCH_MODULES = ("torch", "torchaudio")
+INSTALL_TORCH = "pip install 'kws[train]'"
 
 
-def load(path):
-    """The model at `path`, or the default (shipped) model when path is None."""
-    from kws import default_model_path
+def has_torch() -> bool:
+    """Whether PyTorch is installed (the runtime-only install has none), without importing it."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def require_torch(what: str):
+    """A KwsError naming the fix when PyTorch is not installed."""
+    if not has_torch():
+        raise KwsError(f"{what} needs PyTorch, which is not installed: {INSTALL_TORCH}")
+
+
+def load(path=None):
+    """The PyTorch model of the checkpoint at `path` (default: the shipped checkpoint, or
+    $KWS_MODEL): what training-side commands (eval, eval-stream, export) run."""
+    from kws import default_checkpoint_path
+
+    require_torch("reading a PyTorch checkpoint")
     from kws.model import load_model
 
-    return load_model(path or default_model_path())
+    return load_model(path or default_checkpoint_path())
 
 
-def model_info(model) -> dict:
-    from kws.model import footprint_bytes, parameter_bytes, parameter_count, state_bytes
+def load_engine(path=None):
+    """The inference engine (kws.runtime) of the model file at `path` (default: the shipped
+    one, or $KWS_MODEL): what `kws listen`, `kws serve` and `kws info` run. A PyTorch
+    checkpoint (.pt) is converted on the way when torch is installed."""
+    from kws import default_model_path
+    from kws.runtime import StreamEngine, load_engine as read_engine_file
 
+    path = Path(path) if path else default_model_path()
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise KwsError(f"no model file at {path}")
+        if not has_torch():
+            raise KwsError(f"{path} is a PyTorch checkpoint: convert it with `kws export` where "
+                           f"torch is installed ({INSTALL_TORCH})")
+        return StreamEngine.from_model(load(path))
+    return read_engine_file(path)
+
+
+def model_info(engine) -> dict:
     return {
-        "config": asdict(model.cfg),
-        "parameters": parameter_count(model),
-        "parameter_bytes": parameter_bytes(model),
-        "state_bytes": state_bytes(model.cfg),
-        "footprint_bytes": footprint_bytes(model),
+        "config": engine.description["model"],
+        "parameters": engine.parameters,
+        "parameter_bytes": engine.parameter_bytes,
+        "state_bytes": engine.state_bytes,
+        "footprint_bytes": engine.parameter_bytes + engine.state_bytes,
     }
 
 
 def info(args):
-    info = model_info(load(args.model))
+    info = model_info(load_engine(args.model))
     if args.json:
         print(json.dumps(info))
         return
@@ -49,25 +96,47 @@ def info(args):
 
 
 def register(sub):
-    p = sub.add_parser("info", help="print a model's config, size and inference footprint")
-    p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
+    p = sub.add_parser("info", help=COMMANDS["info"][1])
+    p.add_argument("--model", help="model file, or a checkpoint (default: the shipped model "
+                   "or $KWS_MODEL)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=info)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_module(name: str):
+    """The module that registers command `name`; a one-line error when it needs torch and
+    torch is missing."""
+    try:
+        return importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as e:
+        if e.name in TORCH_MODULES:
+            raise KwsError(f"kws {name} needs PyTorch, which is not installed: {INSTALL_TORCH}") from None
+        raise
+
+
+def build_parser(argv=()) -> argparse.ArgumentParser:
+    """The parser with every command listed and the command named in `argv` (if any) in full;
+    `build_parser(COMMANDS)` builds every command in full."""
     parser = argparse.ArgumentParser(
         prog="kws", description="Streaming keyword spotting on raw audio with mGRADE.")
     parser.add_argument("--version", action="version", version=f"kws {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    full = {COMMANDS[a][0] for a in argv if a in COMMANDS}
+    registered = set()
+    for name, (module, summary) in COMMANDS.items():
+        if module not in full:
+            sub.add_parser(name, help=summary)
+        elif module not in registered:
+            command_module(name).register(sub)
+            registered.add(module)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
+        args = build_parser([command] if command else []).parse_args(argv)
         return args.func(args) or 0
     except KwsError as e:
         print(f"kws: error: {e}", file=sys.stderr)

@@ -14,12 +14,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kws.errors import KwsError
-from kws.runtime import StreamEngine
 
 CHECKPOINT_FORMAT = "kws-mgrade"
 CHECKPOINT_VERSION = 1
@@ -347,7 +347,6 @@ class MGRADE(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
         self.decoder = nn.Linear(cfg.width, cfg.n_classes)
         self._primed, self._primed_key = None, None
-        self._engine, self._engine_key = None, None
 
     # -- whole sequences (training, evaluation)
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
@@ -413,13 +412,51 @@ class MGRADE(nn.Module):
             new_state += layer_state
         return self.decoder(x), new_state
 
-    def stream_engine(self) -> StreamEngine:
-        """`stream` for one stream in NumPy (kws.runtime): what every Detector runs, several
-        times faster on the 3-10 steps of a live chunk. Kept until the weights change."""
-        key = self._weights_key()
-        if key != self._engine_key:
-            self._engine, self._engine_key = StreamEngine(self), key
-        return self._engine
+    def inference_arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(description, arrays): what inference needs, as JSON-ready values and NumPy arrays,
+        for the torch-free engine (kws.runtime documents the names) and `kws export`. Delays
+        are read as inference reads them: integer taps, or Gaussians when that ablation is on."""
+        if self.training:
+            raise ValueError("inference arrays come from a model in eval mode: call model.eval() first")
+        eps = {m.eps for m in self.modules() if isinstance(m, nn.LayerNorm)}
+        if len(eps) != 1:
+            raise ValueError("the engine takes one LayerNorm eps for the whole model")
+        arrays = {}
+
+        def put(name: str, tensor: torch.Tensor):
+            arrays[name] = tensor.detach().cpu().float().numpy().copy()
+
+        fe = self.frontend
+        put("frontend.weight", fe.conv.weight.flatten(1))
+        if fe.conv.bias is not None:
+            put("frontend.bias", fe.conv.bias)
+        if self.cfg.frontend == "gabor":
+            put("frontend.proj.weight", fe.proj.weight)
+            put("frontend.proj.bias", fe.proj.bias)
+        for i, layer in enumerate(self.layers):
+            prefix = f"layers.{i}."
+            if layer.delay is not None:
+                with torch.no_grad():
+                    put(prefix + "delay.kernel", layer.delay.kernel())
+                put(prefix + "delay_norm.weight", layer.delay_norm.weight)
+                put(prefix + "delay_norm.bias", layer.delay_norm.bias)
+            if layer.mingru is not None:
+                linear, norm = layer.mingru_out
+                put(prefix + "mingru.weight", layer.mingru.to_gate_and_candidate.weight)
+                put(prefix + "mingru.bias", layer.mingru.to_gate_and_candidate.bias)
+                put(prefix + "mingru_out.weight", linear.weight)
+                put(prefix + "mingru_out.bias", linear.bias)
+                put(prefix + "mingru_norm.weight", norm.weight)
+                put(prefix + "mingru_norm.bias", norm.bias)
+            norm_in, fc1, _, fc2 = layer.mlp
+            for name, module in (("mlp_norm", norm_in), ("mlp.fc1", fc1), ("mlp.fc2", fc2), ("norm", layer.norm)):
+                put(prefix + name + ".weight", module.weight)
+                put(prefix + name + ".bias", module.bias)
+        put("decoder.weight", self.decoder.weight)
+        put("decoder.bias", self.decoder.bias)
+        description = {"model": asdict(self.cfg), "layer_norm_eps": eps.pop(),
+                       "parameters": parameter_count(self)}
+        return description, arrays
 
     # -- training helpers
     def set_sigma(self, progress: float):

@@ -1,10 +1,25 @@
-"""One stream of an MGRADE model, run in NumPy: the inference engine behind every Detector.
+"""The inference engine: an MGRADE model run in NumPy from a torch-free model file.
 
-`MGRADE.stream` is the reference, written in PyTorch for batches and GPUs. A live stream is
-one batch row fed 3 to 10 steps at a time, and there the cost is not arithmetic but the fixed
-cost of each operator call: about 2-10 µs per PyTorch operator on a small tensor against
-about 1 µs per NumPy ufunc. `StreamEngine` computes the same function with the weights
-rearranged once, so each chunk needs fewer and cheaper calls:
+`kws export` writes the file from a checkpoint (`MGRADE.inference_arrays`); `kws listen`,
+`kws serve` and `kws info` read it with `load_engine` and never import torch.
+
+The file is a NumPy `.npz` archive read with `allow_pickle=False`: plain arrays named like the
+model's layers (Linear weights are (out, in), as in PyTorch), plus `config`, a JSON text that
+holds the model's config, the file format's name and version, and the checkpoint's parameter
+count. NumPy reads it with nothing else installed; safetensors would add a dependency for the
+same result on a 1-MB file.
+
+Arrays (H = width, F = front-end filters, K = frontend_kernel, W = delay_window, C = classes):
+frontend.weight (2F or H, K) [+ frontend.bias (H,) for the linear front end];
+frontend.proj.weight (H, F), frontend.proj.bias (gabor); per layer i, `layers.i.` +
+delay.kernel (H, W): index d weighs the input d steps ago; delay_norm.{weight,bias};
+mingru.weight (2H, H), mingru.bias (2H,): the gate rows, then the candidate rows;
+mingru_out.{weight,bias}, mingru_norm.{weight,bias}; mlp_norm.{weight,bias};
+mlp.fc1.{weight,bias}, mlp.fc2.{weight,bias}; norm.{weight,bias}; and decoder.{weight,bias}.
+
+`MGRADE.stream` (PyTorch) is the reference; the engine computes the same function with the
+weights rearranged once at load. A live stream is fed 3 to 10 steps at a time, where the cost
+is the fixed cost of each operator call (about 1 µs per NumPy ufunc), not arithmetic, so:
 
 - delay taps are read with one `take` at precomputed indices (only the taps, not the window);
 - LayerNorm's affine parameters and centring are folded into the neighbouring linear layers
@@ -15,15 +30,24 @@ rearranged once, so each chunk needs fewer and cheaper calls:
   fall back to the step-by-step form);
 - both gates come from one exp over the joint gate/candidate projection.
 
-Its state has the same parts as `MGRADE.stream`'s: unconsumed audio, then per layer a delay
-line of `delay_window - 1` steps and a hidden vector, all fixed-size.
+Every function here takes a leading batch axis or none: a stream is one unbatched row, and
+`classify` runs a batch of equal-length clips through the same code.
 """
 
+import json
 import math
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
 
+from kws.errors import KwsError
+
+FORMAT = "kws-engine"
+VERSION = 1
+SAMPLE_RATE = 16000
 PIECE_SAMPLES = 16000  # longer chunks run 1 s at a time, so working memory stays constant
 SCAN_BLOCK = 16  # steps per closed-form block: A_t stays above 1e-280 unless gates saturate
 LOOP_MAX_STEPS = 4  # chunks up to this many steps run the recurrence step by step: fewer calls
@@ -32,54 +56,190 @@ TINY = 1e-280
 # and OpenBLAS on arm64 sets spurious divide/overflow/invalid flags in matmuls whose results
 # are correct (numpy issues 28687, 29820), which would print RuntimeWarnings on every board.
 QUIET = dict(all="ignore")
+# 1 + erf(u) on a grid fine enough that linear interpolation is within 1e-7 of it (|erf''| < 1):
+# one np.interp call instead of a dozen ufuncs for a rational approximation.
+ERF_GRID = np.linspace(-6.0, 6.0, 16385)
+ONE_PLUS_ERF = 1.0 + np.array([math.erf(u) for u in ERF_GRID])
+
+
+class EngineFileError(KwsError):
+    """A file that is not a readable kws engine file."""
+
+
+@dataclass
+class LayerState:
+    """What one layer carries from chunk to chunk (None where the layer lacks that mixer)."""
+    line: np.ndarray | None  # (delay_window - 1, width): the layer's last inputs, oldest first
+    hidden: np.ndarray | None  # (width,): the minGRU hidden vector
+
+
+@dataclass
+class StreamState:
+    """Everything a stream carries, all of fixed size (a leading batch axis in `classify`)."""
+    audio: np.ndarray  # samples not yet consumed by a step (fewer than frontend_kernel)
+    layers: list[LayerState]
+
+    def arrays(self) -> list[np.ndarray]:
+        """Every array of the state, audio first."""
+        return [self.audio] + [a for s in self.layers for a in (s.line, s.hidden) if a is not None]
+
+    def copy(self) -> "StreamState":
+        return StreamState(self.audio.copy(), [
+            LayerState(None if s.line is None else s.line.copy(),
+                       None if s.hidden is None else s.hidden.copy()) for s in self.layers])
 
 
 class StreamEngine:
-    """`MGRADE.stream` for one stream in NumPy. Built once per model (`MGRADE.stream_engine()`);
-    its arrays are read-only, so any number of streams share it, each with its own state."""
+    """An MGRADE model in NumPy. `description`: {"model": the model's config, "layer_norm_eps",
+    "parameters": the checkpoint's count}; `arrays`: the named arrays (see the module's
+    docstring), as `MGRADE.inference_arrays()` gives them. The engine's arrays are read-only,
+    so any number of streams share it, each with its own StreamState."""
 
-    def __init__(self, model):
-        if model.training:
-            raise ValueError("a stream engine runs a model in eval mode: call model.eval() first")
-        self.stride = model.cfg.stride
-        self.history = model.frontend.history
-        self.n_classes = model.cfg.n_classes
-        with torch.no_grad(), np.errstate(**QUIET):
-            self.frontend = _Frontend(model.frontend)
-            max_steps = (PIECE_SAMPLES + model.frontend.history) // self.stride + 1
-            self.layers = [_Layer(layer, max_steps) for layer in model.layers]
-            self.decoder_w = _numpy(model.decoder.weight.T)
-            self.decoder_b = _numpy(model.decoder.bias)
-            self._start = [None if t is None else _numpy(t[0]) for t in model.primed_state(1)]
+    def __init__(self, description: Mapping, arrays: Mapping[str, np.ndarray]):
+        self.description = dict(description)
+        model = description["model"]
+        self.labels = tuple(model["labels"])
+        self.n_classes = len(self.labels)
+        self.stride = int(model["stride"])
+        self.width = int(model["width"])
+        self.history = int(model["frontend_kernel"]) - self.stride
+        self.parameters = int(description["parameters"])
+        weights = _Weights(arrays)
+        with np.errstate(**QUIET):
+            self.frontend = _Frontend(model, weights)
+            max_steps = (PIECE_SAMPLES + self.history) // self.stride + 1
+            self.layers = [_Layer(model, float(description["layer_norm_eps"]), weights, f"layers.{i}.", max_steps)
+                           for i in range(int(model["n_layers"]))]
+            self.decoder_w = weights.get("decoder.weight", (self.n_classes, self.width)).T.copy()
+            self.decoder_b = weights.get("decoder.bias", (self.n_classes,))
+        weights.check_all_used()
+        self.array_bytes = sum(a.nbytes for a in arrays.values())
+        # The state `clip_context_s` of silence leaves: every training clip came after some
+        # audio, never a zero state, so streams and clips start from here.
+        context = round(float(model["clip_context_s"]) * SAMPLE_RATE) // self.stride * self.stride
+        _, self._start = self.stream(np.zeros(context, np.float32), self._zero_state())
 
-    def start_state(self) -> list:
-        """The state a stream starts from: what `clip_context_s` of silence leaves (as
-        `MGRADE.primed_state`): unconsumed audio, then a delay line and hidden vector per layer."""
-        return [None if t is None else t.copy() for t in self._start]
+    @classmethod
+    def from_model(cls, model) -> "StreamEngine":
+        """The engine of a torch MGRADE in eval mode (evaluation and export have one at hand)."""
+        return cls(*model.inference_arrays())
 
-    def stream(self, samples: np.ndarray, state: list) -> tuple[np.ndarray, list]:
-        """float32 samples (n,) of any length -> (logits (steps completed, n_classes), state)."""
-        if len(samples) > PIECE_SAMPLES:
+    @property
+    def parameter_bytes(self) -> int:
+        """The checkpoint's parameters in float32."""
+        return 4 * self.parameters
+
+    @property
+    def state_bytes(self) -> int:
+        """Largest state of one stream: unconsumed audio (< kernel samples) and per layer a
+        delay line and a hidden vector, in float32."""
+        audio = self.history + self.stride - 1
+        return 4 * (audio + sum(s.size for s in self._zero_state().arrays()[1:]))
+
+    def _zero_state(self, batch: tuple = ()) -> StreamState:
+        return StreamState(np.zeros(batch + (self.history,), np.float32), [
+            LayerState(np.zeros(batch + (layer.window - 1, self.width), np.float32) if layer.delay else None,
+                       np.zeros(batch + (self.width,), np.float32) if layer.mingru else None)
+            for layer in self.layers])
+
+    def start_state(self) -> StreamState:
+        """A stream's first state: what `clip_context_s` of silence leaves (as `MGRADE.primed_state`)."""
+        return self._start.copy()
+
+    def stream(self, samples: np.ndarray, state: StreamState) -> tuple[np.ndarray, StreamState]:
+        """float32 samples (n,) of any length -> (logits (steps completed, n_classes), new state).
+        Fed in any chunking, a signal gives the same logits. The state passed in is not changed."""
+        if samples.shape[-1] > PIECE_SAMPLES:
             pieces = []
-            for start in range(0, len(samples), PIECE_SAMPLES):
-                logits, state = self.stream(samples[start:start + PIECE_SAMPLES], state)
+            for start in range(0, samples.shape[-1], PIECE_SAMPLES):
+                logits, state = self.stream(samples[..., start:start + PIECE_SAMPLES], state)
                 pieces.append(logits)
-            return np.concatenate(pieces), state
-        audio = np.concatenate((state[0], samples.astype(np.float32, copy=False)))
-        steps = (len(audio) - self.history) // self.stride
-        new_state = [audio[steps * self.stride:]]
+            return np.concatenate(pieces, axis=-2), state
+        audio = np.concatenate((state.audio, samples.astype(np.float32, copy=False)), axis=-1)
+        steps = (audio.shape[-1] - self.history) // self.stride
+        rest = np.ascontiguousarray(audio[..., steps * self.stride:])
         if steps == 0:
-            return np.zeros((0, self.n_classes), np.float32), new_state + state[1:]
+            return np.zeros(audio.shape[:-1] + (0, self.n_classes), np.float32), StreamState(rest, state.layers)
+        layers = []
         with np.errstate(**QUIET):
             x = self.frontend(audio, steps)
-            for i, layer in enumerate(self.layers):
-                x, line, h = layer(x, *state[1 + 2 * i: 3 + 2 * i])
-                new_state += [line, h]
-            return x @ self.decoder_w + self.decoder_b, new_state
+            for layer, s in zip(self.layers, state.layers):
+                x, s = layer(x, s)
+                layers.append(s)
+            return x @ self.decoder_w + self.decoder_b, StreamState(rest, layers)
+
+    def classify(self, clips: np.ndarray) -> np.ndarray:
+        """Whole-clip logits (B, n_classes) of a batch of equal-length clips (B, n): the mean of
+        each clip's per-step logits, heard after `clip_context_s` of silence (`MGRADE.classify`)."""
+        clips = np.asarray(clips, dtype=np.float32)
+        batch = clips.shape[:1]
+        start = StreamState(np.broadcast_to(self._start.audio, batch + self._start.audio.shape), [
+            LayerState(*(None if a is None else np.broadcast_to(a, batch + a.shape) for a in (s.line, s.hidden)))
+            for s in self._start.layers])
+        logits, _ = self.stream(clips, start)
+        return logits.mean(axis=-2)
 
 
-def _numpy(t: torch.Tensor, dtype=np.float32) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().cpu().numpy().astype(dtype))
+def load_engine(path: "str | Path") -> StreamEngine:
+    """The engine in a file written by `kws export`, or EngineFileError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise EngineFileError(f"no model file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            files = dict(npz)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise EngineFileError(f"{path} is damaged or not a kws model file ({type(e).__name__})") from None
+    try:
+        config = json.loads(str(files.pop("config")))
+    except (KeyError, ValueError):
+        raise EngineFileError(f"{path} is not a kws model file (no config)") from None
+    if not isinstance(config, dict) or config.pop("format", None) != FORMAT:
+        raise EngineFileError(f"{path} is not a kws model file")
+    version = config.pop("version", None)
+    if version != VERSION:
+        raise EngineFileError(f"{path} has model file version {version}, this kws reads version {VERSION}")
+    try:
+        return StreamEngine(config, files)
+    except (KeyError, TypeError, ValueError) as e:
+        raise EngineFileError(f"{path} is not a usable kws model file: {e}") from None
+
+
+def save_engine(path: "str | Path", description: Mapping, arrays: Mapping[str, np.ndarray]):
+    """Write an engine file (checked by building the engine first); never half a file."""
+    StreamEngine(description, arrays)
+    config = {"format": FORMAT, "version": VERSION, **description}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, config=np.array(json.dumps(config)), **arrays)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- the layers
+
+class _Weights:
+    """The file's arrays, each checked for its shape as the engine takes it."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays, self.used = arrays, set()
+
+    def get(self, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+        if name not in self.arrays:
+            raise ValueError(f"array {name} is missing")
+        a = np.asarray(self.arrays[name])
+        if a.shape != shape:
+            raise ValueError(f"array {name} is {a.shape}, the config needs {shape}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"array {name} is not finite")
+        self.used.add(name)
+        return np.ascontiguousarray(a, dtype=dtype)
+
+    def check_all_used(self):
+        unknown = sorted(set(self.arrays) - self.used)
+        if unknown:
+            raise ValueError(f"unexpected array(s) {', '.join(unknown[:3])}")
 
 
 def _centering(n: int) -> np.ndarray:
@@ -90,121 +250,135 @@ def _centering(n: int) -> np.ndarray:
 def _scale(c: np.ndarray, eps_n: float) -> np.ndarray:
     """A centred row divided by its standard deviation, as LayerNorm does (times sqrt(n)):
     c / sqrt(mean(c^2) + eps) = c * sqrt(n / (sum(c^2) + n * eps)); sqrt(n) lives in the weights."""
-    return c / np.sqrt(np.vecdot(c, c)[:, None] + eps_n)
+    return c / np.sqrt(np.vecdot(c, c)[..., None] + eps_n)
 
 
 class _Frontend:
-    def __init__(self, frontend):
-        cfg = frontend.cfg
-        self.kernel, self.stride = cfg.frontend_kernel, cfg.stride
-        self.gabor = cfg.frontend == "gabor"
-        self.w = _numpy(frontend.conv.weight.flatten(1).T)
-        self.b = None if frontend.conv.bias is None else _numpy(frontend.conv.bias)
+    def __init__(self, model: Mapping, weights: _Weights):
+        self.kernel, self.stride = int(model["frontend_kernel"]), int(model["stride"])
+        H = int(model["width"])
+        self.gabor = model["frontend"] == "gabor"
         if self.gabor:
-            self.half = cfg.frontend_filters
-            self.proj_w = _numpy(frontend.proj.weight.T)
-            self.proj_b = _numpy(frontend.proj.bias)
+            self.half = n = int(model["frontend_filters"])
+            self.w = weights.get("frontend.weight", (2 * n, self.kernel)).T.copy()
+            self.proj_w = weights.get("frontend.proj.weight", (H, n)).T.copy()
+            self.proj_b = weights.get("frontend.proj.bias", (H,))
+        elif model["frontend"] == "linear":
+            self.w = weights.get("frontend.weight", (H, self.kernel)).T.copy()
+            self.b = weights.get("frontend.bias", (H,))
+        else:
+            raise ValueError(f"unknown front end {model['frontend']!r}")
 
     def __call__(self, audio: np.ndarray, steps: int) -> np.ndarray:
+        """audio (..., L) -> (..., steps, H)."""
+        audio = np.ascontiguousarray(audio)
         frames = np.lib.stride_tricks.as_strided(
-            audio, (steps, self.kernel), (self.stride * audio.itemsize, audio.itemsize), writeable=False)
+            audio, audio.shape[:-1] + (steps, self.kernel),
+            audio.strides[:-1] + (self.stride * audio.itemsize, audio.itemsize), writeable=False)
         y = np.ascontiguousarray(frames) @ self.w
         if not self.gabor:
             return y + self.b
         y *= y
-        power = y[:, :self.half] + y[:, self.half:]
+        power = y[..., :self.half] + y[..., self.half:]
         power += 1e-6
         return np.log(power) @ self.proj_w + self.proj_b
 
 
 class _Layer:
-    def __init__(self, layer, max_steps: int):
-        H = layer.cfg.width
+    def __init__(self, model: Mapping, eps: float, weights: _Weights, prefix: str, max_steps: int):
+        H = int(model["width"])
         self.centre = centre = _centering(H)
-        self.delay = layer.delay is not None
+        self.delay = bool(model["use_delay"])
+        self.window = int(model["delay_window"])
         if self.delay:
-            kernel = layer.delay._oldest_first_kernel().detach().cpu().numpy()  # (H, window)
+            kernel = weights.get(prefix + "delay.kernel", (H, self.window))[:, ::-1]  # oldest first
             # Only the non-zero taps: integer delays leave n_taps per channel (fewer where two
-            # round to the same delay); Gaussian taps at inference (an ablation) fill the window.
+            # round to the same delay); Gaussian taps (an ablation) fill the window.
             taps = max(1, int((kernel != 0).sum(1).max()))
             order = np.argsort(kernel == 0, axis=1, kind="stable")[:, :taps]  # non-zero first
             self.tap_w = np.take_along_axis(kernel, order, 1).astype(np.float32)
             self.tap_index = (order * H + np.arange(H)[:, None]).ravel()  # into (window-1+T, H).ravel()
             self.row_offsets = np.arange(max_steps)[:, None] * H
-            self.delay_eps = H * layer.delay_norm.eps
-            self.delay_g = _numpy(layer.delay_norm.weight) * math.sqrt(H)
-            self.delay_b = _numpy(layer.delay_norm.bias)
-        self.mingru = layer.mingru is not None
+            self.delay_eps = H * eps
+            self.delay_g = weights.get(prefix + "delay_norm.weight", (H,)) * np.float32(math.sqrt(H))
+            self.delay_b = weights.get(prefix + "delay_norm.bias", (H,))
+        self.mingru = bool(model["use_mingru"])
         if self.mingru:
-            gate = layer.mingru.to_gate_and_candidate
             # The candidate columns negated: one exp of [k | -v] gives the keep gate
             # 1 - z = 1 / (1 + exp(k)) and sigmoid(v) = 1 / (1 + exp(-v)) together.
             sign = np.concatenate([np.ones(H), -np.ones(H)]).astype(np.float32)
-            self.gate_w, self.gate_b = _numpy(gate.weight.T) * sign, _numpy(gate.bias) * sign
-            linear, norm = layer.mingru_out
-            self.out_w = _numpy(linear.weight.T) @ centre  # output already centred
-            self.out_b = _numpy(linear.bias) @ centre
-            self.out_eps = H * norm.eps
-            self.out_g = _numpy(norm.weight) * math.sqrt(H)
-            self.out_b2 = _numpy(norm.bias)
-        norm_in, fc1, _, fc2 = layer.mlp
+            self.gate_w = weights.get(prefix + "mingru.weight", (2 * H, H)).T * sign
+            self.gate_b = weights.get(prefix + "mingru.bias", (2 * H,)) * sign
+            self.out_w = weights.get(prefix + "mingru_out.weight", (H, H)).T @ centre  # output already centred
+            self.out_b = weights.get(prefix + "mingru_out.bias", (H,)) @ centre
+            self.out_eps = H * eps
+            self.out_g = weights.get(prefix + "mingru_norm.weight", (H,)) * np.float32(math.sqrt(H))
+            self.out_b2 = weights.get(prefix + "mingru_norm.bias", (H,))
         # LayerNorm's affine folded into fc1; fc1 emits u = y / sqrt(2), so
         # GELU(y) = y * (1 + erf(u)) / 2 = u * (1 + erf(u)) / sqrt(2), and the 1/sqrt(2) is in fc2.
-        w1 = _numpy(fc1.weight.T, np.float64)
-        gamma, beta = _numpy(norm_in.weight, np.float64), _numpy(norm_in.bias, np.float64)
+        w1 = weights.get(prefix + "mlp.fc1.weight", (2 * H, H), np.float64).T
+        gamma = weights.get(prefix + "mlp_norm.weight", (H,), np.float64)
+        beta = weights.get(prefix + "mlp_norm.bias", (H,), np.float64)
         self.fc1_w = (gamma[:, None] * w1 * math.sqrt(H / 2)).astype(np.float32)
-        self.fc1_b = ((beta @ w1 + _numpy(fc1.bias, np.float64)) / math.sqrt(2)).astype(np.float32)
-        self.mlp_eps = H * norm_in.eps
+        self.fc1_b = ((beta @ w1 + weights.get(prefix + "mlp.fc1.bias", (2 * H,), np.float64))
+                      / math.sqrt(2)).astype(np.float32)
+        self.mlp_eps = H * eps
         # ... and the final LayerNorm's centring: it centres x + fc2(.), and x comes centred.
-        self.fc2_w = _numpy(fc2.weight.T) @ centre / np.float32(math.sqrt(2))
-        self.fc2_b = _numpy(fc2.bias) @ centre
-        self.norm_eps = H * layer.norm.eps
-        self.norm_g = _numpy(layer.norm.weight) * math.sqrt(H)
-        self.norm_b = _numpy(layer.norm.bias)
+        self.fc2_w = weights.get(prefix + "mlp.fc2.weight", (H, 2 * H)).T @ centre / np.float32(math.sqrt(2))
+        self.fc2_b = weights.get(prefix + "mlp.fc2.bias", (H,)) @ centre
+        self.norm_eps = H * eps
+        self.norm_g = weights.get(prefix + "norm.weight", (H,)) * np.float32(math.sqrt(H))
+        self.norm_b = weights.get(prefix + "norm.bias", (H,))
 
-    def __call__(self, x: np.ndarray, line, h):
-        T, H = x.shape
+    def __call__(self, x: np.ndarray, state: LayerState) -> tuple[np.ndarray, LayerState]:
+        """x (..., T, H) -> (..., T, H)."""
+        T, H = x.shape[-2:]
+        line, h = state.line, state.hidden
         if self.delay:
-            xs = np.concatenate((line, x))
-            taps = xs.ravel().take(self.row_offsets[:T] + self.tap_index).reshape(T, H, -1)
+            xs = np.concatenate((line, x), axis=-2)
+            flat = xs.reshape(xs.shape[:-2] + (-1,))
+            taps = flat.take(self.row_offsets[:T] + self.tap_index, axis=-1).reshape(x.shape + (-1,))
             d = np.vecdot(taps, self.tap_w)
-            line = xs[T:]
+            line = xs[..., T:, :]
             x = x + _scale(d @ self.centre, self.delay_eps) * self.delay_g + self.delay_b
         if self.mingru:
             k_minus_v = x @ self.gate_w + self.gate_b
             s = 1.0 / (1.0 + np.exp(k_minus_v))  # [1 - z | sigmoid(v)]
-            keep = s[:, :H]
-            g = np.maximum(0.5 - k_minus_v[:, H:], s[:, H:])
+            keep = s[..., :H]
+            g = np.maximum(0.5 - k_minus_v[..., H:], s[..., H:])
             hs = _recurrence(keep, (1.0 - keep) * g, h)
-            h = hs[-1]
+            h = hs[..., -1, :]
             x = x + _scale(hs @ self.out_w + self.out_b, self.out_eps) * self.out_g + self.out_b2
         c = x @ self.centre
         u = _scale(c, self.mlp_eps) @ self.fc1_w + self.fc1_b
-        m = (u * (1.0 + torch.erf(torch.from_numpy(u)).numpy())) @ self.fc2_w + self.fc2_b
-        return _scale(c + m, self.norm_eps) * self.norm_g + self.norm_b, line, h
+        gelu = u * np.interp(u, ERF_GRID, ONE_PLUS_ERF).astype(np.float32)
+        m = gelu @ self.fc2_w + self.fc2_b
+        return _scale(c + m, self.norm_eps) * self.norm_g + self.norm_b, LayerState(line, h)
 
 
 def _recurrence(a: np.ndarray, b: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """h_t = a_t h_{t-1} + b_t for every t from h; a, b (T, H) float32. Short chunks step by
-    step; longer ones closed-form in float64 blocks of SCAN_BLOCK steps."""
-    if len(a) <= LOOP_MAX_STEPS:
+    """h_t = a_t h_{t-1} + b_t for every t from h; a, b (..., T, H) float32. Short chunks step
+    by step; longer ones closed-form in float64 blocks of SCAN_BLOCK steps."""
+    T = a.shape[-2]
+    if T <= LOOP_MAX_STEPS:
         return _step_by_step(a, b, h)
     out = np.empty_like(b)
-    for start in range(0, len(a), SCAN_BLOCK):
-        ab, bb = a[start:start + SCAN_BLOCK].astype(np.float64), b[start:start + SCAN_BLOCK].astype(np.float64)
-        A = np.cumprod(ab, axis=0)
-        if A[-1].min() > TINY:
-            block = A * (np.cumsum(bb / A, axis=0) + h)
+    for start in range(0, T, SCAN_BLOCK):
+        ab = a[..., start:start + SCAN_BLOCK, :].astype(np.float64)
+        bb = b[..., start:start + SCAN_BLOCK, :].astype(np.float64)
+        A = np.cumprod(ab, axis=-2)
+        if A[..., -1, :].min() > TINY:
+            block = A * (np.cumsum(bb / A, axis=-2) + h[..., None, :])
         else:  # a gate saturated to keep nothing: the product underflowed
             block = _step_by_step(ab, bb, h)
-        out[start:start + len(ab)] = block
-        h = block[-1]
+        out[..., start:start + ab.shape[-2], :] = block
+        h = block[..., -1, :]
     return out
 
 
 def _step_by_step(a: np.ndarray, b: np.ndarray, h: np.ndarray) -> np.ndarray:
     out = np.empty_like(b)
-    for t in range(len(a)):
-        h = a[t] * h + b[t]
-        out[t] = h
+    for t in range(a.shape[-2]):
+        h = a[..., t, :] * h + b[..., t, :]
+        out[..., t, :] = h
     return out

@@ -84,7 +84,7 @@ def server(app, read_timeout_s: float, log_level: str = "info", access_log: bool
 def serve(args):
     from app.main import create_app
     from app.settings import from_env, with_network_token
-    from kws.cli import load
+    from kws.cli import load_engine
     from kws.stream import Detector
 
     settings = from_env(model=args.model, host=args.host, port=args.port, listen=args.listen,
@@ -92,8 +92,8 @@ def serve(args):
                         threshold=args.threshold, words=args.words)
     if settings.listen_input and not settings.listen:
         raise KwsError("--input plays a file to the live listener: add --listen")
-    model = load(settings.model)  # before binding: a bad checkpoint is a one-line error
-    Detector(model, threshold=settings.threshold, words=settings.words)  # likewise unknown words
+    engine = load_engine(settings.model)  # before binding: a bad model file is a one-line error
+    Detector(engine, threshold=settings.threshold, words=settings.words)  # likewise unknown words
     sock = bind(settings.host, settings.port)
     logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
     log = logging.getLogger("kws.serve")
@@ -111,19 +111,20 @@ def serve(args):
     # uvicorn re-raises the SIGTERM it caught once it has shut down; caught here, a clean stop
     # exits 0 rather than 143.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server(create_app(settings, model), settings.read_timeout_s, args.log_level,
+    server(create_app(settings, engine), settings.read_timeout_s, args.log_level,
            not args.no_access_log).run(sockets=[sock])
 
 
 def register(sub):
+    from kws.cli import COMMANDS
     from kws.listen import argument
     from kws.stream import DEFAULT_THRESHOLD, parse_threshold, parse_words
 
-    p = sub.add_parser("serve", help="run the HTTP service: /predict, live detections, dashboard",
+    p = sub.add_parser("serve", help=COMMANDS["serve"][1],
                        description="Serve the model over HTTP (settings also from KWS_* "
                        "environment variables; flags win). Dashboard at http://HOST:PORT/, "
                        "API docs at /docs.")
-    p.add_argument("--model", help="checkpoint (default: $KWS_MODEL or the shipped model)")
+    p.add_argument("--model", help="model file from kws export, or a checkpoint (default: $KWS_MODEL or the shipped model)")
     p.add_argument("--host", help="address to bind ($KWS_HOST, default 127.0.0.1: this machine "
                    "only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, help="TCP port ($KWS_PORT, default 8000)")

@@ -1,8 +1,8 @@
 """Keyword detection on an endless audio stream: the one path `kws listen`, `kws eval-stream`
 and the HTTP service all use.
 
-A `Detector` feeds audio of any length to the model's stream engine (`model.stream_engine()`,
-the NumPy form of `model.stream`), carrying the recurrent state, and turns the per-step logits
+A `Detector` feeds audio of any length to a stream engine (kws.runtime, the NumPy form of
+`model.stream`), carrying the recurrent state, and turns the per-step logits
 (one per 10 ms step for the edge model) into detections:
 
 - score: softmax of the mean of the last `window_s` seconds of per-step logits. That is the
@@ -44,8 +44,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from kws.audio import SAMPLE_RATE
-from kws.data import BACKGROUND
 from kws.errors import KwsError
+from kws.labels import BACKGROUND
+from kws.runtime import StreamEngine
 
 DEFAULT_THRESHOLD = 0.97  # at most 2 false accepts per hour on the validation streams (eval-stream)
 DEFAULT_WINDOW_S = 1.0  # logits averaged over the last second: the training clip length
@@ -64,19 +65,22 @@ class Detection:
 class Detector:
     """One streaming detector: model state, score smoothing, thresholds and refractory period.
 
-    threshold: one probability for every word, or {word: probability} (words not named keep
+    engine: the StreamEngine to run (`kws.runtime.load_engine`), or a torch MGRADE in eval mode
+    (evaluation has one at hand), whose engine is built from it. threshold: one probability for every word, or {word: probability} (words not named keep
     DEFAULT_THRESHOLD). words: report only these (default: every label but the background).
     peak_wait_s: how long after crossing its threshold a word may still be rising before it is
     reported (its peak score so far).
     """
 
-    def __init__(self, model, threshold: "float | dict[str, float] | None" = None,
+    def __init__(self, engine, threshold: "float | dict[str, float] | None" = None,
                  words: Iterable[str] | None = None, window_s: float = DEFAULT_WINDOW_S,
                  refractory_s: float = DEFAULT_REFRACTORY_S,
                  peak_wait_s: float = DEFAULT_PEAK_WAIT_S):
-        self.engine = model.stream_engine()
-        self.labels = tuple(model.cfg.labels)
-        self.stride = model.cfg.stride
+        if hasattr(engine, "inference_arrays"):
+            engine = StreamEngine.from_model(engine)
+        self.engine = engine
+        self.labels = tuple(engine.labels)
+        self.stride = engine.stride
         self.window_steps = max(1, round(window_s * SAMPLE_RATE / self.stride))
         self.refractory_steps = max(0, round(refractory_s * SAMPLE_RATE / self.stride))
         self.peak_wait_steps = max(0, round(peak_wait_s * SAMPLE_RATE / self.stride))
@@ -275,13 +279,14 @@ def parse_words(text: str) -> list[str]:
     return words
 
 
-def detect(model, audio: np.ndarray, chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
+def detect(engine, audio: np.ndarray, chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
            **detector_kwargs) -> list[Detection]:
-    """Every detection in a whole signal, fed through a fresh Detector in chunks, and flushed
-    at the end so that a word at the very end is reported too."""
+    """Every detection in a whole signal, fed through a fresh Detector (of `engine`, as the
+    Detector takes it) in chunks, and flushed at the end so that a word at the very end is
+    reported too."""
     if chunk_samples < 1:
         raise KwsError(f"chunk_samples must be positive, got {chunk_samples}")
-    detector = Detector(model, **detector_kwargs)
+    detector = Detector(engine, **detector_kwargs)
     audio = np.asarray(audio, dtype=np.float32)
     detections = []
     for start in range(0, len(audio), chunk_samples):

@@ -440,7 +440,7 @@ def _rss_bytes() -> int:
 
 
 def _state_max(detector: Detector) -> float:
-    return max(float(np.abs(s).max()) for s in detector.state[1:] if s is not None)
+    return max(float(np.abs(s).max()) for s in detector.state.arrays()[1:])
 
 
 def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], words, threshold,

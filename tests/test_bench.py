@@ -1,4 +1,4 @@
-"""`kws bench stream` and `kws bench model`: a tiny run gives every key with sane values.
+"""`kws bench stream`, `live` and `model`: a tiny run gives every key with sane values.
 Timings themselves are never asserted (that is what the benchmarks are for)."""
 
 import json
@@ -8,7 +8,8 @@ import torch
 
 from kws.cli import build_parser, main
 from kws.data import LABELS
-from kws.model import preset, state_bytes
+from kws.model import load_model, preset, state_bytes
+from kws.runtime import save_engine
 
 
 def test_bench_stream_json_has_the_issue_keys_with_sane_values(tiny_edge_model_path, capsys):
@@ -29,8 +30,26 @@ def test_bench_stream_json_has_the_issue_keys_with_sane_values(tiny_edge_model_p
         result["rtf_sliding_window"] / result["rtf_100ms"])
     cfg = preset("edge", LABELS, n_layers=1, width=8)
     assert result["state_bytes"] == state_bytes(cfg)
-    assert result["peak_rss_bytes"] > 10 * 2**20  # a Python process with torch loaded
+    assert result["peak_rss_bytes"] > 10 * 2**20  # a Python process
     assert result["machine"]["threads"] == 1
+
+
+def test_bench_stream_of_a_model_file_times_the_engine_alone(tiny_edge_model_path, tmp_path, capsys):
+    save_engine(tmp_path / "m.npz", *load_model(tiny_edge_model_path).inference_arrays())
+    assert main(["bench", "stream", "--model", str(tmp_path / "m.npz"), "--seconds", "1.5",
+                 "--repeats", "1", "--rss-seconds", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "rtf_32ms_torch_stream" not in result and "rtf_sliding_window_forward" not in result
+    assert result["rtf_sliding_window"] == result["rtf_sliding_window_engine"] > 0
+
+
+def test_bench_live_plays_the_file_through_the_worker_beside_the_bench(tiny_edge_model_path, capsys):
+    assert main(["bench", "live", "--model", str(tiny_edge_model_path), "--seconds", "1",
+                 "--rate", "44100", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["audio_seconds"] == pytest.approx(1.0, abs=0.02)  # all of it, resampled
+    assert 0 < result["rtf_live"] < 1000 and 0 < result["rtf_bench"] < 1000
+    assert result["live_over_bench"] == pytest.approx(result["rtf_live"] / result["rtf_bench"])
 
 
 def test_bench_model_json_times_training_and_inference_per_preset(capsys):
@@ -65,6 +84,6 @@ def test_bench_has_subcommands_that_other_modules_can_extend(monkeypatch):
     extra.register = lambda sub: sub.add_parser("extra").set_defaults(func=lambda a: 0)
     monkeypatch.setitem(sys.modules, "kws_test_extra_bench", extra)
     monkeypatch.setattr(kws.bench, "BENCH_MODULES", ("kws_test_extra_bench",))
-    args = build_parser().parse_args(["bench", "extra"])
+    args = build_parser(["bench"]).parse_args(["bench", "extra"])
     assert args.func(args) == 0
-    assert build_parser().parse_args(["bench", "stream"]).func is kws.bench.bench_stream
+    assert build_parser(["bench"]).parse_args(["bench", "stream"]).func is kws.bench.bench_stream

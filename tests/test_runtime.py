@@ -1,6 +1,8 @@
-"""The NumPy stream engine computes what `MGRADE.stream` computes, for every model shape, in
-any chunking, with a fixed-size state, and is rebuilt when the weights change."""
+"""The NumPy engine computes what `MGRADE.stream` and `MGRADE.classify` compute, for every
+model shape, in any chunking, with a fixed-size state; its torch-free file (`kws export`) gives
+the same numbers, and a damaged or foreign file is a clear error."""
 
+import json
 import warnings
 
 import numpy as np
@@ -8,9 +10,10 @@ import pytest
 import torch
 
 from conftest import noisy_bursts
-from kws import default_model_path
+from kws import default_checkpoint_path, default_model_path
+from kws.cli import main
 from kws.model import MGRADE, load_model, preset
-from kws.runtime import SCAN_BLOCK
+from kws.runtime import SCAN_BLOCK, EngineFileError, StreamEngine, load_engine, save_engine
 
 LABELS = ("yes", "no", "_background_")
 SMALL = dict(n_layers=2, width=16, delay_window=8, n_taps=3, clip_context_s=0.05)
@@ -35,9 +38,10 @@ def reference_logits(model: MGRADE, audio: np.ndarray) -> np.ndarray:
     return logits[0].numpy()
 
 
-def engine_logits(model: MGRADE, audio: np.ndarray, sizes) -> tuple[np.ndarray, list]:
-    """Every per-step logit of `audio` fed in chunks whose sizes cycle through `sizes`."""
-    engine = model.stream_engine()
+def engine_logits(model, audio: np.ndarray, sizes) -> tuple[np.ndarray, list]:
+    """Every per-step logit of `audio` fed in chunks whose sizes cycle through `sizes`, by the
+    engine of `model` (a torch MGRADE, or an engine already)."""
+    engine = model if isinstance(model, StreamEngine) else StreamEngine.from_model(model)
     state, outputs, start, i = engine.start_state(), [], 0, 0
     while start < len(audio):
         logits, state = engine.stream(audio[start:start + sizes[i % len(sizes)]], state)
@@ -55,14 +59,6 @@ def test_engine_gives_the_torch_stream_logits_in_any_chunking(kind, sizes):
     got, _ = engine_logits(model, audio, sizes)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
-
-
-def test_engine_gives_the_shipped_models_logits():
-    model = load_model(default_model_path())
-    audio = noisy_bursts(3.0, seed=2)
-    expected = reference_logits(model, audio)
-    got, _ = engine_logits(model, audio, (512,))
-    assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max() + 1e-4
 
 
 def test_gaussian_taps_at_inference_are_read_in_full():
@@ -95,32 +91,122 @@ def test_saturated_gates_take_the_step_by_step_form_without_warnings(bias):
 
 def test_engine_state_keeps_its_size_whatever_the_chunking():
     model = small_model("edge")
-    start = model.stream_engine().start_state()
+    start = StreamEngine.from_model(model).start_state()
     for sizes in [(1,), (333, 5000), (16000,)]:
         _, state = engine_logits(model, noisy_bursts(3.0, seed=6), sizes)
-        assert [None if s is None else s.shape for s in state[1:]] == \
-               [None if s is None else s.shape for s in start[1:]]
-        assert len(state[0]) < model.cfg.frontend_kernel
+        assert [a.shape for a in state.arrays()[1:]] == [a.shape for a in start.arrays()[1:]]
+        assert len(state.audio) < model.cfg.frontend_kernel
+        assert [(s.line is None, s.hidden is None) for s in state.layers] == [(False, False)] * 2
 
 
-def test_engine_is_shared_until_the_weights_change():
-    model = small_model("edge", seed=7)
-    engine = model.stream_engine()
-    assert model.stream_engine() is engine
+def test_stream_leaves_the_state_it_was_given_unchanged():
+    engine = StreamEngine.from_model(small_model("edge", seed=7))
     audio = noisy_bursts(1.0, seed=8)
-    before, _ = engine_logits(model, audio, (512,))
-    with torch.no_grad():
-        model.decoder.bias += 1.0
-    assert model.stream_engine() is not engine
-    after, _ = engine_logits(model, audio, (512,))
-    np.testing.assert_allclose(after, before + 1.0, atol=1e-4)
-    np.testing.assert_allclose(after, reference_logits(model, audio), atol=2e-5, rtol=1e-4)
+    state = engine.start_state()
+    before = [a.copy() for a in state.arrays()]
+    first, _ = engine.stream(audio, state)
+    again, _ = engine.stream(audio, state)
+    np.testing.assert_array_equal(first, again)
+    for a, b in zip(before, state.arrays()):
+        np.testing.assert_array_equal(a, b)
 
 
-def test_engine_refuses_a_model_in_training_mode():
+@pytest.mark.parametrize("kind", MODELS)
+def test_batched_classify_gives_torch_classify_for_every_clip(kind):
+    model = small_model(kind, seed=9)
+    seconds = 0.5 if kind == "paper" else 1.0
+    clips = np.stack([noisy_bursts(seconds, seed=s) for s in range(5)])
+    with torch.inference_mode():
+        expected = model.classify(torch.from_numpy(clips)).numpy()
+    engine = StreamEngine.from_model(model)
+    got = engine.classify(clips)
+    assert got.shape == (5, len(LABELS))
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(engine.classify(clips[2:3])[0], got[2], atol=1e-6)
+
+
+def test_the_engine_refuses_a_model_in_training_mode():
     model = small_model("edge").train()
-    try:
-        with pytest.raises(ValueError, match="eval"):
-            model.stream_engine()
-    finally:
-        model.eval()
+    with pytest.raises(ValueError, match="eval"):
+        StreamEngine.from_model(model)
+
+
+# ----------------------------------------------------------------------------- the model file
+
+def test_the_shipped_file_gives_the_shipped_checkpoints_stream_within_1e4():
+    """models/mgrade-edge.npz is what `kws export` makes of models/mgrade-edge.pt."""
+    model = load_model(default_checkpoint_path())
+    engine = load_engine(default_model_path())
+    audio = noisy_bursts(4.0, seed=10)
+    expected = reference_logits(model, audio)
+    for sizes in [(512,), (160, 7, 4000)]:
+        got, _ = engine_logits(engine, audio, sizes)
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() < 1e-4
+    assert engine.labels == model.cfg.labels and engine.stride == model.cfg.stride
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_export_writes_a_file_that_streams_as_the_checkpoint(kind, tmp_path, capsys):
+    from kws.model import save_model
+
+    model = small_model(kind, seed=11)
+    save_model(model, tmp_path / "m.pt")
+    assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "m.npz")]) == 0
+    assert "wrote" in capsys.readouterr().err
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as npz:  # no pickle anywhere
+        config = json.loads(str(npz["config"]))
+        assert all(npz[name].dtype != object for name in npz.files)
+    assert config["format"] == "kws-engine" and config["model"]["n_layers"] == 2
+    audio = noisy_bursts(1.0, seed=12)
+    got, _ = engine_logits(load_engine(tmp_path / "m.npz"), audio, (97, 512))
+    np.testing.assert_allclose(got, reference_logits(model, audio), atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def engine_file(tmp_path):
+    description, arrays = small_model("edge").inference_arrays()
+    path = tmp_path / "m.npz"
+    save_engine(path, description, arrays)
+    return path, description, arrays
+
+
+def test_a_missing_damaged_or_foreign_file_is_one_clear_error(engine_file, tmp_path):
+    path, _, _ = engine_file
+    cases = {
+        tmp_path / "absent.npz": "no model file",
+        tmp_path / "cut.npz": "damaged or not a kws model file",
+        tmp_path / "foreign.npz": "not a kws model file",
+    }
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:5000])
+    np.savez(tmp_path / "foreign.npz", weights=np.ones(3))
+    for bad, words in cases.items():
+        with pytest.raises(EngineFileError, match=words):
+            load_engine(bad)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d, a: a.pop("layers.1.norm.bias"), "layers.1.norm.bias is missing"),
+    (lambda d, a: a.update({"decoder.bias": np.zeros(7, np.float32)}), "decoder.bias is (7,)"),
+    (lambda d, a: a.update({"extra": np.zeros(1)}), "unexpected array"),
+    (lambda d, a: a["decoder.weight"].__setitem__((0, 0), np.nan), "not finite"),
+    (lambda d, a: d["model"].update(width=32), "the config needs"),
+], ids=["missing", "shape", "unexpected", "nan", "config"])
+def test_a_file_whose_arrays_do_not_fit_its_config_is_refused(engine_file, tmp_path, change, words):
+    _, description, arrays = engine_file
+    description, arrays = json.loads(json.dumps(description)), {k: v.copy() for k, v in arrays.items()}
+    change(description, arrays)
+    with open(tmp_path / "bad.npz", "wb") as f:
+        np.savez(f, config=np.array(json.dumps({"format": "kws-engine", "version": 1, **description})),
+                 **arrays)
+    with pytest.raises(EngineFileError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_engine(tmp_path / "bad.npz")
+
+
+def test_a_newer_file_version_names_both_versions(engine_file, tmp_path):
+    _, description, arrays = engine_file
+    with open(tmp_path / "v2.npz", "wb") as f:
+        np.savez(f, config=np.array(json.dumps({"format": "kws-engine", "version": 2, **description})),
+                 **arrays)
+    with pytest.raises(EngineFileError, match="version 2, this kws reads version 1"):
+        load_engine(tmp_path / "v2.npz")

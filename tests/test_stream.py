@@ -1,7 +1,5 @@
 """The streaming Detector: smoothing, thresholds, refractory period, chunking, long streams."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -20,15 +18,12 @@ BG = LABELS.index(BACKGROUND)
 
 
 class ScriptedModel:
-    """A stand-in whose per-step logits are spelled out by the audio itself: a step of 160
-    samples whose value is k + 1 gives logit 8 for label k and 0 elsewhere, and silence (0)
-    gives the background (the last label). It streams like
-    MGRADE's engine (unconsumed samples carried), so it exercises the Detector alone."""
+    """A stand-in engine whose per-step logits are spelled out by the audio itself: a step of
+    160 samples whose value is k + 1 gives logit 8 for label k and 0 elsewhere, and silence (0)
+    gives the background (the last label). It streams like the StreamEngine (unconsumed samples
+    carried), so it exercises the Detector alone."""
 
-    cfg = SimpleNamespace(labels=LABELS, stride=STRIDE)
-
-    def stream_engine(self):
-        return self
+    labels, stride = LABELS, STRIDE
 
     def start_state(self):
         return [np.zeros(0, np.float32)]  # no memory: silence leaves nothing behind
@@ -256,8 +251,8 @@ def test_state_stays_bounded_and_detections_repeat_over_a_long_stream(tiny_model
     found, peak = [], 0.0
     for start in range(0, len(audio), 16000):
         found += detector.process(audio[start:start + 16000])
-        peak = max(peak, max(float(np.abs(s).max()) for s in detector.state if s is not None))
-        assert all(np.isfinite(s).all() for s in detector.state if s is not None)
+        peak = max(peak, max(float(np.abs(s).max()) for s in detector.state.arrays()))
+        assert all(np.isfinite(s).all() for s in detector.state.arrays())
     assert peak < 100.0
     end_offset = (len(audio) - len(repeated)) / 16000
     first = [(d.label, round(d.time_s, 2)) for d in found if 3.0 < d.time_s <= 20.0]
