@@ -130,8 +130,7 @@ def test_listen_help_shows_the_real_default_threshold(capsys):
 
 
 @pytest.mark.parametrize("clip", KEYWORD_CLIPS)
-def test_a_file_holding_a_single_clip_is_reported_with_its_word(clip, shipped_model_path, capsys,
-                                                                 restore_threads):
+def test_a_file_holding_a_single_clip_is_reported_with_its_word(clip, shipped_model_path, capsys):
     if not (shared_data() / clip).is_file():
         pytest.skip(f"the shared Speech Commands copy is not at {shared_data()} (set KWS_DATA)")
     # At the default threshold: the word ends less than a second before the file does, so it
