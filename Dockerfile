@@ -13,6 +13,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kws ./kws
 COPY app ./app
+COPY models/mgrade-edge.npz ./models/
+# The model file is installed with the package, into /opt/venv/share/kws/models.
 RUN pip install --no-cache-dir /src
 
 
@@ -26,11 +28,10 @@ RUN apt-get update \
  && useradd --system --uid 10001 --user-group --groups audio --no-create-home --home-dir /app kws
 
 COPY --from=builder /opt/venv /opt/venv
-COPY models/mgrade-edge.npz /app/models/mgrade-edge.npz
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    KWS_MODEL=/app/models/mgrade-edge.npz
+    KWS_MODEL=/opt/venv/share/kws/models/mgrade-edge.npz
 
 # numeric, so runtimes that require a non-root uid (runAsNonRoot) can verify it
 USER 10001

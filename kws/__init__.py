@@ -1,6 +1,7 @@
 """kws: streaming keyword spotting with mGRADE."""
 
 import os
+import sys
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -11,9 +12,14 @@ DEFAULT_CHECKPOINT_NAME = "mgrade-edge.pt"
 
 
 def default_model_path() -> Path:
-    """$KWS_MODEL if set, else the shipped model file that inference loads (kws.runtime)."""
+    """$KWS_MODEL if set, else the shipped model file that inference loads (kws.runtime): in the
+    repository's models/ (a clone, `pip install -e`), or where `pip install .` put it."""
     env = os.environ.get("KWS_MODEL")
-    return Path(env) if env else MODELS_DIR / DEFAULT_MODEL_NAME
+    if env:
+        return Path(env)
+    in_clone = MODELS_DIR / DEFAULT_MODEL_NAME
+    installed = Path(sys.prefix) / "share" / "kws" / "models" / DEFAULT_MODEL_NAME
+    return installed if not in_clone.is_file() and installed.is_file() else in_clone
 
 
 def default_checkpoint_path() -> Path:

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import tomllib
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -79,10 +80,15 @@ def test_the_image_carries_the_runtime_only(stages):
     assert "pip install --no-cache-dir /src" in runs
 
 
-def test_the_shipped_model_is_inside_and_is_the_one_kws_loads(final):
-    copied = [shlex.split(rest) for rest in final["COPY"] if not rest.startswith("--from")]
-    destinations = {args[-1] for args in copied if args[0] == "models/mgrade-edge.npz"}
-    assert env_vars(final["ENV"])["KWS_MODEL"] in destinations
+def test_the_shipped_model_is_installed_with_the_package_and_is_the_one_kws_loads(stages, final):
+    """The builder copies the model file where pyproject's data-files take it from, and
+    KWS_MODEL names where pip installs it in the venv that the final stage copies."""
+    builder = [shlex.split(rest) for keyword, rest in stages[0] if keyword == "COPY"]
+    assert ["models/mgrade-edge.npz", "./models/"] in builder
+    data_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    folder = next(k for k, files in data_files.items() if "models/mgrade-edge.npz" in files)
+    assert env_vars(final["ENV"])["KWS_MODEL"] == f"/opt/venv/{folder}/mgrade-edge.npz"
+    assert "--from=builder /opt/venv /opt/venv" in final["COPY"]
 
 
 def test_it_exposes_the_port_the_service_and_its_healthcheck_use(final):
