@@ -22,8 +22,8 @@ COMMANDS = {
     "eval": ("kws.evaluate", "clip accuracy on a Speech Commands split"),
     "data": ("kws.data", "get the dataset or render synthetic speech"),
     "listen": ("kws.listen", "spot keywords live in the microphone stream (or a file)"),
-    "eval-stream": ("kws.stream_eval", "recall, false accepts/hour and latency on long test "
-                    "streams through the live detection path"),
+    "eval-stream": ("kws.stream_eval", "hits, substitutions, misses, false alarms per hour "
+                    "and latency on long test streams through the live detection path"),
     "bench": ("kws.bench", "measure speed and memory on this machine"),
     "serve": ("kws.serve", "run the HTTP service: /predict, live detections, dashboard"),
 }

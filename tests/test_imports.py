@@ -32,7 +32,8 @@ def test_help_lists_every_command_and_imports_none_of_their_modules():
 
 
 def test_the_summary_in_help_is_the_one_each_command_registers():
-    """COMMANDS' summaries stand in for the modules that are not imported: they must agree."""
+    """COMMANDS' summaries stand in for the modules that are not imported: they must agree
+    (a command's help changed in its module must be changed in kws.cli.COMMANDS too)."""
     full = build_parser(list(COMMANDS))
     sub = next(a for a in full._actions if a.dest == "command")
     registered = {a.dest: a.help for a in sub._choices_actions}
