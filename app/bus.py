@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 
-from app.schemas import LiveDetection, Score
+from app.schemas import InputLevel, LiveDetection, LiveScores
 
 SUBSCRIBER_QUEUE = 256  # events one /events client may fall behind by
 
@@ -33,9 +33,13 @@ class DetectionBus:
         self._loop.call_soon_threadsafe(self._fan_out, ("detection", detection))
         return detection
 
-    def publish_scores(self, top: list[Score]):
+    def publish_scores(self, scores: LiveScores):
         """The listener's current best scores, for the dashboard."""
-        self._loop.call_soon_threadsafe(self._fan_out, ("scores", top))
+        self._loop.call_soon_threadsafe(self._fan_out, ("scores", scores))
+
+    def publish_level(self, level: InputLevel):
+        """The live input's level, for the dashboard's meter."""
+        self._loop.call_soon_threadsafe(self._fan_out, ("level", level))
 
     def close(self):
         """End every /events stream (the server is stopping); any thread may call it."""

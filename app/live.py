@@ -7,6 +7,8 @@ import math
 import queue
 import threading
 
+import numpy as np
+
 from kws.errors import KwsError
 from kws.listen import (QUEUE_SECONDS, Counters, Worker, file_rate, input_settings,
                         open_microphone, parse_device, play_file, put_end)
@@ -14,12 +16,47 @@ from kws.stream import Detection, Detector
 
 from app.bus import DetectionBus
 from app.predict import TOP_K
-from app.schemas import Score
+from app.schemas import InputLevel, LiveScores, Score
 
 log = logging.getLogger("kws.serve")
 
 BLOCK_SECONDS = 0.032  # kws listen's default block
-SCORES_EVERY_S = 0.25  # how often the dashboard's top scores update
+SCORES_EVERY_S = 0.25  # how often the dashboard's top scores and level meter update
+SILENT_DBFS = -60.0  # RMS below this: a muted or unplugged microphone, not a quiet room
+CLIPPING = 0.999  # a sample this close to full scale (16-bit PCM peaks at 1 - 2**-15)
+
+
+def dbfs(amplitude: float) -> float:
+    return 20 * math.log10(max(amplitude, 1e-6))  # -120 dBFS for digital silence
+
+
+class MeteredBlocks(queue.Queue):
+    """The listener's block queue, measuring the level of each block the worker takes (in the
+    worker's thread, which also reads the level: no lock needed)."""
+
+    def __init__(self, maxsize: int):
+        super().__init__(maxsize)
+        self.squares, self.samples, self.peak = 0.0, 0, 0.0
+
+    def get(self, block=True, timeout=None):
+        audio = super().get(block, timeout)
+        if audio is not None and len(audio):
+            self.squares += float(np.dot(audio, audio))
+            self.samples += len(audio)
+            self.peak = max(self.peak, float(np.abs(audio).max()))
+        return audio
+
+    def level(self, time_s: float) -> InputLevel | None:
+        """The level since the last call, or None when no audio came."""
+        if not self.samples:
+            return None
+        rms = math.sqrt(self.squares / self.samples)
+        state = ("clipping" if self.peak >= CLIPPING else
+                 "silent" if dbfs(rms) < SILENT_DBFS else "listening")
+        level = InputLevel(time_s=time_s, rms_dbfs=dbfs(rms), peak_dbfs=dbfs(self.peak),
+                           state=state)
+        self.squares, self.samples, self.peak = 0.0, 0, 0.0
+        return level
 
 
 class LiveListener:
@@ -32,7 +69,7 @@ class LiveListener:
         self.bus = bus
         self.device, self.input_file = device, input_file
         self.counters = Counters()
-        self.blocks = queue.Queue(maxsize=math.ceil(QUEUE_SECONDS / BLOCK_SECONDS))
+        self.blocks = MeteredBlocks(maxsize=math.ceil(QUEUE_SECONDS / BLOCK_SECONDS))
         self._stop = threading.Event()  # tells the file player to end the queue
         self._mic = None
         self._worker: Worker | None = None
@@ -89,7 +126,11 @@ class LiveListener:
         if self.detector.time_s - self._scores_at >= SCORES_EVERY_S:
             self._scores_at = self.detector.time_s
             best = sorted(self.detector.scores.items(), key=lambda kv: kv[1], reverse=True)
-            self.bus.publish_scores([Score(label=k, score=v) for k, v in best[:TOP_K]])
+            self.bus.publish_scores(LiveScores(
+                time_s=self.detector.time_s,
+                top=[Score(label=k, score=v) for k, v in best[:TOP_K]]))
+            if (level := self.blocks.level(self.detector.time_s)) is not None:
+                self.bus.publish_level(level)
 
 
 def start_listener(engine, bus: DetectionBus, device, input_file, threshold=None,

@@ -38,9 +38,11 @@ from app.live import LiveListener, start_listener
 from app.batcher import ClipBatcher
 from app.predict import (DETECT_ABOVE_S, clip_for_classifier, decode_upload, prediction,
                          streaming_detections)
-from app.schemas import Detections, DetectorSettings, Error, Health, Listener, Prediction, Stats
+from app.schemas import (Detections, DetectorSettings, Error, Health, Listener, MemoryHistory,
+                         MemorySample, Prediction, Stats)
 from app.settings import Settings, from_env
-from app.stats import CountRequests, RequestCounts, memory_bytes, prometheus_registry
+from app.stats import (CountRequests, RequestCounts, RssHistory, memory_bytes,
+                       prometheus_registry)
 from app.upload import REQUEST_BODY, BodyBudget, upload_body
 
 log = logging.getLogger("kws.serve")
@@ -86,6 +88,7 @@ class Service:
         self.listener: LiveListener | None = None
         self.listener_problem: str | None = None
         self.metrics = prometheus_registry(self.stats)
+        self.memory = RssHistory()
         self.detector_options = {"threshold": settings.threshold, "words": settings.words}
         thresholds = Detector(engine, **self.detector_options).thresholds
         values = set(thresholds.values())
@@ -198,9 +201,10 @@ async def validation_error(_request: Request, exc: RequestValidationError) -> JS
 SSE_EVENT = {
     "type": "object", "required": ["event", "data"],
     "properties": {
-        "event": {"type": "string", "enum": ["ready", "detection", "scores"]},
+        "event": {"type": "string", "enum": ["ready", "detection", "scores", "level"]},
         "data": {"type": "string", "description": "JSON: ready {listener}, detection a "
-                                                  "LiveDetection, scores a list of Score"},
+                                                  "LiveDetection, scores a LiveScores, level an "
+                                                  "InputLevel"},
     },
 }
 
@@ -245,9 +249,11 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
                 service.engine, bus, settings.device, settings.listen_input,
                 **service.detector_options)
         app.state.service = service
+        sampling = asyncio.create_task(service.memory.run())
         try:
             yield
         finally:
+            sampling.cancel()
             if service.listener is not None:
                 service.listener.stop()
             service.executor.shutdown(cancel_futures=True)
@@ -306,7 +312,9 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
 
     @app.get("/events", response_class=StreamingResponse, dependencies=guarded,
              responses={200: {"description": "Server-Sent Events: `ready` once, then `detection` "
-                                             "(a LiveDetection) and `scores` (the top five)",
+                                             "(a LiveDetection) as each happens, and `scores` "
+                                             "(the top five) and `level` (the input level) "
+                                             "four times a second",
                               "content": {"text/event-stream": {"schema": SSE_EVENT}}},
                         **error_responses(*auth)})
     async def events(service: ServiceDep):
@@ -319,6 +327,13 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
     async def stats(service: ServiceDep):
         """Memory use and health of the running process."""
         return service.stats()
+
+    @app.get("/stats/memory", response_model=MemoryHistory, dependencies=guarded,
+             responses=error_responses(*auth))
+    async def memory_history(service: ServiceDep):
+        """Resident memory over the last ten minutes, for the dashboard's chart."""
+        return MemoryHistory(interval_s=service.memory.interval_s, samples=[
+            MemorySample(at=at, rss_bytes=rss) for at, rss in service.memory.samples])
 
     @app.get("/metrics", response_class=Response, dependencies=guarded,
              responses={200: {"description": "The /stats numbers in Prometheus text format",

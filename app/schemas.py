@@ -42,6 +42,34 @@ class Detections(BaseModel):
     now: float = Field(description="server Unix time: pass it as `since` to poll for newer ones")
 
 
+class LiveScores(BaseModel):
+    """The /events `scores` event: the live listener's best scores now."""
+    time_s: float = Field(description="stream time of the scores (seconds since the listener "
+                                      "started), as a LiveDetection's time_s")
+    top: list[Score] = Field(description="the five best words, best first")
+
+
+class InputLevel(BaseModel):
+    """The /events `level` event: the live input's level over the last quarter second."""
+    time_s: float = Field(description="stream time, as in LiveScores")
+    rms_dbfs: float = Field(description="RMS level in dB below full scale (-120 for silence)")
+    peak_dbfs: float = Field(description="peak level in dB below full scale")
+    state: Literal["listening", "silent", "clipping"] = Field(
+        description="silent: below -60 dBFS RMS (a muted or unplugged microphone); clipping: a "
+                    "sample at full scale. A dashboard that gets no level for a while shows "
+                    "'no input'.")
+
+
+class MemorySample(BaseModel):
+    at: float = Field(description="Unix time")
+    rss_bytes: int = Field(description="resident memory of the process then")
+
+
+class MemoryHistory(BaseModel):
+    interval_s: float = Field(description="seconds between samples")
+    samples: list[MemorySample] = Field(description="oldest first, the last ten minutes")
+
+
 class Listener(BaseModel):
     state: Literal["off", "running", "stopped", "unavailable"] = Field(
         description="off: not asked for; stopped: its input file ended; unavailable: no usable "

@@ -1,8 +1,10 @@
 """Process health: memory, request counts, and the same numbers in Prometheus format."""
 
+import asyncio
 import resource
 import sys
-from collections import Counter
+import time
+from collections import Counter, deque
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,6 +23,23 @@ def memory_bytes() -> tuple[int, int]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
         return peak, peak
+
+
+class RssHistory:
+    """Resident memory sampled every `interval_s` (the last ten minutes by default), so that the
+    dashboard's chart is full from the moment it loads."""
+
+    def __init__(self, interval_s: float = 2.0, kept: int = 300):
+        self.interval_s = interval_s
+        self.samples: deque[tuple[float, int]] = deque(maxlen=kept)
+
+    def record(self):
+        self.samples.append((time.time(), memory_bytes()[0]))
+
+    async def run(self):
+        while True:
+            self.record()
+            await asyncio.sleep(self.interval_s)
 
 
 class RequestCounts:

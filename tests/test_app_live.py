@@ -10,9 +10,11 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 from test_app import audio_bytes, free_socket, model_path, serving, small_model  # noqa: F401
 
+from app.live import MeteredBlocks
 from app.main import create_app
 from app.settings import Settings
 from kws.model import save_model
@@ -97,7 +99,7 @@ def test_listener_fed_from_a_file_reaches_detections_events_and_stats(yes_model_
             time.sleep(0.1)
         health = client.get("/health").json()
         stats = client.get("/stats").json()
-    assert scores[0]["label"] == "yes" and len(scores) == 5
+    assert scores["top"][0]["label"] == "yes" and len(scores["top"]) == 5
     assert [d["label"] for d in found] == ["yes"]  # once: it re-arms only below threshold
     assert health["listener"]["state"] in ("running", "stopped")  # stopped once the file ends
     assert stats["detections"] == 1 and stats["dropped_frames"] == 0
@@ -146,3 +148,29 @@ def test_kws_serve_reads_env_serves_and_stops_cleanly_with_a_client_attached(mod
         process.kill()
         output = process.stdout.read()
     assert f"http://127.0.0.1:{port}" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("amplitude,state", [(0.0, "silent"), (1e-4, "silent"), (0.1, "listening"),
+                                             (1.0, "clipping")])
+def test_input_level_says_whether_the_microphone_hears_anything(amplitude, state):
+    blocks = MeteredBlocks(maxsize=4)
+    tone = (amplitude * np.sin(np.linspace(0, 200 * np.pi, 512))).astype(np.float32)
+    for _ in range(3):
+        blocks.put(tone)
+        blocks.get()
+    level = blocks.level(time_s=1.5)
+    assert level.state == state and level.time_s == 1.5
+    assert level.rms_dbfs == pytest.approx(20 * np.log10(max(amplitude / np.sqrt(2), 1e-6)), abs=0.1)
+    assert level.peak_dbfs >= level.rms_dbfs
+    assert blocks.level(time_s=2.0) is None  # nothing came since: no level, the page says no input
+
+
+def test_listener_publishes_the_input_level(yes_model_path, tmp_path):
+    clip = tmp_path / "speech.wav"
+    clip.write_bytes(audio_bytes(3.0))
+    settings = Settings(model=yes_model_path, listen=True, listen_input=str(clip))
+    with serving(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        with client.stream("GET", "/events") as response:
+            level = read_events(response.iter_lines(), "level")
+    assert level["state"] == "listening"  # noise at 0.1 RMS: -20 dBFS
+    assert level["rms_dbfs"] == pytest.approx(-20, abs=1.5) and level["time_s"] > 0

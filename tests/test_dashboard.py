@@ -7,6 +7,7 @@ ending in a NUL byte on file descriptors 3 and 4), so no extra packages are need
 
 import base64
 import json
+import math
 import os
 import select
 import shutil
@@ -18,7 +19,7 @@ import pytest
 from test_app import model_path, serving  # noqa: F401
 
 from app.main import create_app
-from app.schemas import Score
+from app.schemas import InputLevel, LiveScores, Score
 from app.settings import Settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -87,7 +88,8 @@ class Chromium:
 
     def screenshot(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+        shot = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        path.write_bytes(base64.b64decode(shot["data"]))
 
     def close(self):
         self.process.kill()
@@ -96,26 +98,51 @@ class Chromium:
         os.close(self._replies)
 
 
-def test_dashboard_shows_a_detection_pushed_by_the_server(model_path, tmp_path):  # noqa: F811
-    app = create_app(Settings(model=model_path))
+def test_dashboard_shows_level_timeline_peak_scores_detector_and_memory(model_path, tmp_path):  # noqa: F811
+    app = create_app(Settings(model=model_path, threshold=0.9))
     with serving(app) as url:
+        service = app.state.service
+        for _ in range(5):  # the server's memory history, from before the page was opened
+            service.memory.record()
         browser = Chromium(tmp_path / "chromium-profile")
         try:
             browser.open(url + "/")
             browser.wait_for("document.body.dataset.events === 'open'")  # /events connected
-            browser.wait_for("memory.length >= 2")  # two /stats polls: a line on the chart
-            bus = app.state.service.bus
-            bus.publish(1.25, "marvin", 0.97)
-            bus.publish_scores([Score(label="marvin", score=0.97), Score(label="sheila", score=0.02)])
+            history = browser.wait_for("memory.length")  # from /stats/memory, before any poll
+            no_input = browser.evaluate("document.getElementById('level').dataset.state")
+            detector = browser.wait_for("document.getElementById('detector').innerText")
+            bus = service.bus
+            for step in range(13):  # three seconds of scores, "marvin" rising and falling
+                t = 0.25 * step
+                marvin = 0.99 * math.exp(-((t - 2.0) / 0.6) ** 2)
+                scores = {"marvin": marvin, "sheila": 0.2 * (1 - marvin),
+                          "_background_": 0.8 * (1 - marvin)}
+                bus.publish_scores(LiveScores(time_s=t, top=[
+                    Score(label=k, score=v) for k, v in sorted(scores.items(), key=lambda kv: -kv[1])]))
+                if step == 8:
+                    bus.publish(2.0, "marvin", 0.99)  # the detection reports the peak
+            bus.publish_level(InputLevel(time_s=3.0, rms_dbfs=-23.4, peak_dbfs=-7.9,
+                                         state="listening"))
             shown = browser.wait_for(
                 "document.querySelector('.detection[data-label=\"marvin\"]')?.innerText")
+            lines = browser.wait_for("document.getElementById('timeline').dataset.marks && "
+                                     "document.getElementById('timeline').dataset.lines")
+            level = browser.wait_for("document.getElementById('level').dataset.state === "
+                                     "'listening' && document.getElementById('level').innerText")
             bars = browser.wait_for(
                 "[...document.querySelectorAll('#scores .bar')].map(b => b.dataset.label).join()")
             memory = browser.evaluate("document.getElementById('memory-facts').innerText")
             browser.screenshot(ARTIFACTS / "dashboard.png")
+            time.sleep(2.5)  # no level for two seconds: the input is gone
+            gone = browser.evaluate("document.getElementById('level').dataset.state")
         finally:
             browser.close()
-    assert "marvin" in shown and "0.97" in shown
-    assert bars == "marvin,sheila"
+    assert history >= 5 and no_input == "no input"
+    assert "threshold 0.90" in detector and "all 35" in detector
+    assert "marvin" in shown and "0.99" in shown
+    assert sorted(lines.split(",")) == ["_background_", "marvin", "sheila"]
+    assert "-23 dBFS" in level and "listening" in level.lower()
+    assert bars == "_background_,sheila,marvin"  # the last scores, best first
     assert "RSS" in memory and "MB" in memory
+    assert gone == "no input"
     assert (ARTIFACTS / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
