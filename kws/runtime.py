@@ -56,10 +56,17 @@ TINY = 1e-280
 # and OpenBLAS on arm64 sets spurious divide/overflow/invalid flags in matmuls whose results
 # are correct (numpy issues 28687, 29820), which would print RuntimeWarnings on every board.
 QUIET = dict(all="ignore")
-# 1 + erf(u) on a grid fine enough that linear interpolation is within 1e-7 of it (|erf''| < 1):
-# one np.interp call instead of a dozen ufuncs for a rational approximation.
-ERF_GRID = np.linspace(-6.0, 6.0, 16385)
-ONE_PLUS_ERF = 1.0 + np.array([math.erf(u) for u in ERF_GRID])
+# 1 + erf(u) tabulated every 1/1024 on [-6, 6] (erf is +-1 beyond, to 2e-17): linear
+# interpolation is then within 1.2e-7 of it (|erf''| < 1). Looked up on the uniform grid with a
+# few ufuncs: as fast as np.interp on a chunk's few hundred values, and 10x faster than its
+# binary search on a batch of clips.
+ERF_STEPS_PER_UNIT = 1024
+ERF_RANGE = 6.0
+_ERF_GRID = np.arange(-ERF_RANGE * ERF_STEPS_PER_UNIT, ERF_RANGE * ERF_STEPS_PER_UNIT + 1) / ERF_STEPS_PER_UNIT
+_ONE_PLUS_ERF = 1.0 + np.array([math.erf(u) for u in _ERF_GRID])
+_ERF_TABLE = _ONE_PLUS_ERF[:-1].astype(np.float32)
+_ERF_SLOPE = np.diff(_ONE_PLUS_ERF).astype(np.float32)  # per grid step
+_ERF_LAST = np.float32(len(_ERF_TABLE) - 1e-3)  # just below the last index, in float32
 
 
 class EngineFileError(KwsError):
@@ -299,6 +306,7 @@ class _Layer:
             self.tap_w = np.take_along_axis(kernel, order, 1).astype(np.float32)
             self.tap_index = (order * H + np.arange(H)[:, None]).ravel()  # into (window-1+T, H).ravel()
             self.row_offsets = np.arange(max_steps)[:, None] * H
+            self._tap_indices: dict[int, np.ndarray] = {}
             self.delay_eps = H * eps
             self.delay_g = weights.get(prefix + "delay_norm.weight", (H,)) * np.float32(math.sqrt(H))
             self.delay_b = weights.get(prefix + "delay_norm.bias", (H,))
@@ -337,7 +345,10 @@ class _Layer:
         if self.delay:
             xs = np.concatenate((line, x), axis=-2)
             flat = xs.reshape(xs.shape[:-2] + (-1,))
-            taps = flat.take(self.row_offsets[:T] + self.tap_index, axis=-1).reshape(x.shape + (-1,))
+            index = self._tap_indices.get(T)
+            if index is None:  # a chunk's steps take a few values: each index is made once
+                index = self._tap_indices[T] = (self.row_offsets[:T] + self.tap_index).ravel()
+            taps = flat.take(index, axis=-1).reshape(x.shape + (-1,))
             d = np.vecdot(taps, self.tap_w)
             line = xs[..., T:, :]
             x = x + _scale(d @ self.centre, self.delay_eps) * self.delay_g + self.delay_b
@@ -351,9 +362,20 @@ class _Layer:
             x = x + _scale(hs @ self.out_w + self.out_b, self.out_eps) * self.out_g + self.out_b2
         c = x @ self.centre
         u = _scale(c, self.mlp_eps) @ self.fc1_w + self.fc1_b
-        gelu = u * np.interp(u, ERF_GRID, ONE_PLUS_ERF).astype(np.float32)
-        m = gelu @ self.fc2_w + self.fc2_b
+        m = (u * _one_plus_erf(u)) @ self.fc2_w + self.fc2_b
         return _scale(c + m, self.norm_eps) * self.norm_g + self.norm_b, LayerState(line, h)
+
+
+def _one_plus_erf(u: np.ndarray) -> np.ndarray:
+    """1 + erf(u) for float32 u, within 5e-7 (float32 rounding included)."""
+    t = u * np.float32(ERF_STEPS_PER_UNIT)
+    t += np.float32(ERF_RANGE * ERF_STEPS_PER_UNIT)
+    np.clip(t, 0, _ERF_LAST, out=t)
+    i = t.astype(np.intp)
+    t -= i  # the fraction of a grid step
+    t *= _ERF_SLOPE.take(i)
+    t += _ERF_TABLE.take(i)
+    return t
 
 
 def _recurrence(a: np.ndarray, b: np.ndarray, h: np.ndarray) -> np.ndarray:

@@ -210,3 +210,13 @@ def test_a_newer_file_version_names_both_versions(engine_file, tmp_path):
                  **arrays)
     with pytest.raises(EngineFileError, match="version 2, this kws reads version 1"):
         load_engine(tmp_path / "v2.npz")
+
+
+def test_the_engines_erf_is_within_5e7_of_erf_everywhere():
+    import math
+
+    from kws.runtime import _one_plus_erf
+
+    u = np.concatenate([np.linspace(-9, 9, 100_001), [-6, 6, np.float32(5.9999)]]).astype(np.float32)
+    expected = np.array([1 + math.erf(float(x)) for x in u])
+    assert np.abs(_one_plus_erf(u) - expected).max() < 5e-7
