@@ -145,6 +145,7 @@ def bench_http(args) -> int:
         raise KwsError("--requests and --clients must be positive")
     body = wav_clip(args.clip_seconds)
     with Server(args.model, args.workers) as server:
+        idle = server.get("/stats")  # started, no request served yet
         drive(server, body, args.warmup, args.clients)  # first requests allocate and pick kernels
         before = server.get("/stats")
         server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
@@ -159,6 +160,7 @@ def bench_http(args) -> int:
         "failed": failed,
         "requests_per_s": args.requests / wall,
         "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
+        "rss_idle_bytes": idle["rss_bytes"],
         "rss_before_bytes": rss_before, "rss_after_bytes": rss_after,
         "rss_growth_bytes": rss_after - rss_before,
         # CPU per request, which other load on the machine barely changes (unlike the rate)
@@ -175,7 +177,8 @@ def bench_http(args) -> int:
               f"{args.clip_seconds:g}-s WAV after {args.warmup} warm-up requests")
         print(f"throughput: {result['requests_per_s']:.1f} requests/s ({failed} failed)")
         print(f"latency:    p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms")
-        print(f"RSS:        {rss_before / 2**20:.1f} MiB before, {rss_after / 2**20:.1f} MiB after "
+        print(f"RSS:        {idle['rss_bytes'] / 2**20:.1f} MiB idle, {rss_before / 2**20:.1f} MiB "
+              f"after warm-up, {rss_after / 2**20:.1f} MiB after the timed requests "
               f"({result['rss_growth_bytes'] / 2**20:+.1f} MiB)")
         print(f"CPU:        {result['server_cpu_ms_per_request']:.2f} ms per request in the server, "
               f"{result['client_cpu_ms_per_request']:.2f} ms in the clients")
@@ -186,7 +189,7 @@ def bench_http(args) -> int:
 def register(bench_sub):
     p = bench_sub.add_parser("http", help="requests/s, latency and memory growth of kws serve "
                              "under concurrent /predict load")
-    p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
+    p.add_argument("--model", help="model file or checkpoint (default: the shipped model or $KWS_MODEL)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
     p.add_argument("--requests", type=int, default=2000, help="timed requests (2000)")
     p.add_argument("--warmup", type=int, default=200, help="untimed requests first (200)")

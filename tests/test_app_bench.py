@@ -25,6 +25,7 @@ def test_bench_http_reports_rate_latency_and_memory_as_json(model_path, capsys):
     assert (result["requests"], result["clients"]) == (40, 4)
     assert result["requests_per_s"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
     assert result["rss_after_bytes"] - result["rss_before_bytes"] == result["rss_growth_bytes"]
+    assert 10 * 2**20 < result["rss_idle_bytes"] <= result["rss_before_bytes"] + 2**20  # idle, then warmed up
     assert result["server_cpu_ms_per_request"] > 0
     assert 1 <= result["mean_batch"] <= 4  # at most one clip per client in any batch
 
