@@ -43,12 +43,15 @@ def script(*segments) -> np.ndarray:
 
 def test_a_held_word_gives_one_detection_with_its_label_and_time():
     audio = script((BACKGROUND, 2.0), ("yes", 0.8), (BACKGROUND, 2.0))
-    found = detect(ScriptedModel(), audio, threshold=0.8)
+    found = detect(ScriptedModel(), audio, threshold=0.8, peak_wait_s=0.2)
     assert [d.label for d in found] == ["yes"]
     # The score crosses 0.8 once about two thirds of the last second is "yes" (at 2.67 s) and
     # peaks when the window holds all 0.8 s of the word: reported by the end of the 0.2-s wait.
     assert 2.8 <= found[0].time_s <= 2.87 + 1e-9
     assert found[0].score == pytest.approx(peak_score(0.8))
+    # With a shorter wait it is reported sooner, with the score reached by then.
+    [early] = detect(ScriptedModel(), audio, threshold=0.8, peak_wait_s=0.05)
+    assert early.time_s == pytest.approx(2.72) and 0.8 <= early.score < found[0].score
 
 
 def peak_score(fraction: float) -> float:
@@ -123,7 +126,8 @@ def one_step_score(a: float) -> float:
 
 def test_a_detection_reports_the_peak_score_when_the_score_falls():
     logits = rising_and_falling({"yes": [5, 6, 7, 6, 5]})  # crosses 0.8 at 5, peaks at 7
-    found = Detector(ScriptedModel(), threshold=0.8, window_s=0.01).process_logits(logits)
+    found = Detector(ScriptedModel(), threshold=0.8, window_s=0.01,
+                     peak_wait_s=0.2).process_logits(logits)
     assert [d.label for d in found] == ["yes"]
     assert found[0].score == pytest.approx(one_step_score(7))
     assert found[0].time_s == pytest.approx(0.14)  # step 13, the first below the peak
@@ -141,14 +145,16 @@ def test_the_peak_wait_bounds_how_late_a_rising_score_is_reported():
 
 def test_a_word_that_overtakes_the_candidate_before_its_report_is_the_one_reported():
     logits = rising_and_falling({"no": [5, 4], "off": [0, 7]})
-    found = Detector(ScriptedModel(), threshold=0.8, window_s=0.01).process_logits(logits)
+    found = Detector(ScriptedModel(), threshold=0.8, window_s=0.01,
+                     peak_wait_s=0.2).process_logits(logits)
     assert [(d.label, d.time_s) for d in found] == [("off", pytest.approx(0.13))]
 
 
 def test_following_the_peak_does_not_depend_on_how_the_logits_are_split():
     logits = rising_and_falling({"yes": [5, 6, 7, 7, 7, 6], "go": [0, 0, 0, 0, 12, 0]})
-    whole = Detector(ScriptedModel(), threshold=0.8, window_s=0.01).process_logits(logits)
-    detector, steps = Detector(ScriptedModel(), threshold=0.8, window_s=0.01), []
+    whole = Detector(ScriptedModel(), threshold=0.8, window_s=0.01,
+                     peak_wait_s=0.2).process_logits(logits)
+    detector, steps = Detector(ScriptedModel(), threshold=0.8, window_s=0.01, peak_wait_s=0.2), []
     for row in logits:
         steps += detector.process_logits(row[None])
     assert steps == whole and [d.label for d in whole] == ["go"]
@@ -156,7 +162,7 @@ def test_following_the_peak_does_not_depend_on_how_the_logits_are_split():
 
 def test_flush_reports_a_word_at_the_very_end_of_a_stream_dated_at_its_end():
     audio = script((BACKGROUND, 2.0), ("yes", 0.8))
-    detector = Detector(ScriptedModel(), threshold=0.8)
+    detector = Detector(ScriptedModel(), threshold=0.8, peak_wait_s=0.2)
     assert detector.process(audio) == []  # still rising when the audio ends
     [found] = detector.flush()
     assert (found.label, found.time_s) == ("yes", pytest.approx(2.8))
