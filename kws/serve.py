@@ -126,7 +126,9 @@ def register(sub):
                        "API docs at /docs.")
     p.add_argument("--model", help="model file from kws export, or a checkpoint (default: $KWS_MODEL or the shipped model)")
     p.add_argument("--host", help="address to bind ($KWS_HOST, default 127.0.0.1: this machine "
-                   "only; 0.0.0.0 for every interface)")
+                   "only; 0.0.0.0 for every interface, where a token is required: "
+                   "$KWS_API_TOKEN, or one made for the run and printed, unless "
+                   "$KWS_ALLOW_ANONYMOUS=1)")
     p.add_argument("--port", type=int, help="TCP port ($KWS_PORT, default 8000)")
     p.add_argument("--listen", action="store_true", default=None,
                    help="also run the microphone listener in the background ($KWS_LISTEN=1)")

@@ -154,13 +154,19 @@ def test_malformed_http_gets_a_json_400(client):  # noqa: F811
     assert "malformed HTTP request" in json.loads(body)["detail"]
 
 
-def test_disconnect_mid_upload_is_counted_apart_without_a_traceback(model_path, caplog):  # noqa: F811
-    body = audio_bytes(1.0)
+@pytest.mark.parametrize("as_form", [False, True], ids=["raw body", "multipart"])
+def test_disconnect_mid_upload_is_counted_apart_without_a_traceback(model_path, caplog,  # noqa: F811
+                                                                     as_form):
+    body, content_type = audio_bytes(1.0), b"audio/wav"
+    if as_form:
+        body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+                b"Content-Type: audio/wav\r\n\r\n" + body + b"\r\n--b--\r\n")
+        content_type = b"multipart/form-data; boundary=b"
     with serving(create_app(Settings(model=model_path))) as url, \
             httpx.Client(base_url=url, timeout=5) as client:
         with socket.create_connection(("127.0.0.1", port_of(url)), timeout=5) as conn:
-            conn.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
-                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:1000])
+            conn.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (content_type, len(body)) + body[:1000])
             time.sleep(0.3)
         deadline = time.monotonic() + 5
         while "499" not in (counts := client.get("/stats").json()["requests"].get("/predict", {})):
