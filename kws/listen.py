@@ -48,10 +48,14 @@ class Resampler:
         return self._stream.resample_chunk(audio)
 
     def flush(self) -> np.ndarray:
-        """The rest of the signal, as if it ended here (what whole-signal resampling outputs)."""
+        """The rest of the signal, as if it ended here (what whole-signal resampling outputs);
+        the resampler is done after it."""
         if self.identity:
             return np.zeros(0, dtype=np.float32)
-        return self._stream.resample_chunk(np.zeros(0, np.float32), last=True)
+        # Let go of libsoxr's stream now: one still alive at interpreter exit makes nanobind
+        # print a leak report.
+        stream, self._stream = self._stream, None
+        return stream.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
 # ----------------------------------------------------------------------------- sources
