@@ -152,16 +152,25 @@ def sliding_window_runs(engine, model, audio: np.ndarray) -> tuple[dict, float]:
     return runs, len(starts) * SLIDING_HOP_S
 
 
+# The child reports its own peak (VmHWM): ru_maxrss from wait4 would not do, as Linux carries
+# it across exec, so a child of this process (torch loaded) would report this process's peak.
+_REPORT_PEAK = """import atexit, runpy, sys
+def report():
+    peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    sys.stderr.write("kws-peak-rss-kb " + peak.split()[1] + "\\n")
+atexit.register(report)
+sys.argv[0] = "kws"
+runpy.run_module("kws.cli", run_name="__main__")
+"""
+
+
 def peak_rss_bytes(argv: list[str]) -> int:
-    """Peak resident memory of a child process running `python -m kws.cli argv`."""
-    proc = subprocess.Popen([sys.executable, "-m", "kws.cli", *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    """Peak resident memory of `kws argv` run in a child process."""
+    proc = subprocess.run([sys.executable, "-c", _REPORT_PEAK, *argv], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise KwsError(f"kws {' '.join(argv)} failed: {proc.stderr.read().decode()[-500:]}")
-    proc.stderr.close()
-    return usage.ru_maxrss * 1024  # Linux reports kilobytes
+        raise KwsError(f"kws {' '.join(argv)} failed: {proc.stderr[-500:]}")
+    return int(proc.stderr.rsplit("kws-peak-rss-kb ", 1)[1].split()[0]) * 1024
 
 
 def bench_stream(args) -> int:
