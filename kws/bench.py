@@ -265,7 +265,8 @@ def bench_live(args) -> int:
         audio_s, compute_s = play_through_worker(engine, wav, chunk_s)
         bench = median_seconds(streaming_run(engine, audio, round(SAMPLE_RATE * chunk_s)),
                                args.repeats) / args.seconds
-    result = {"machine": machine(), "audio_seconds": audio_s, "rate": args.rate,
+        used = machine()
+    result = {"machine": used, "audio_seconds": audio_s, "rate": args.rate,
               "chunk_ms": args.chunk_ms, "rtf_live": compute_s / audio_s, "rtf_bench": bench,
               "live_over_bench": compute_s / audio_s / bench}
     if args.json:
