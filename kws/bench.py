@@ -60,17 +60,23 @@ def median_seconds(run, repeats: int) -> float:
     return interleaved_median_seconds({"run": run}, repeats)["run"]
 
 
-def interleaved_median_seconds(runs: dict, repeats: int) -> dict:
+def interleaved_median_seconds(runs: dict, repeats: int, cpu: dict | None = None) -> dict:
     """{name: median seconds} of each run, timed round-robin so that a drift in the machine's
-    speed touches every run alike and their ratios stay fair."""
+    speed touches every run alike and their ratios stay fair. `cpu`, when given, receives the
+    median CPU seconds of this process for each run: other jobs on a shared machine change them
+    far less than the wall-clock times."""
     for run in runs.values():
         run()  # warm-up: first calls allocate and pick kernels
     times = {name: [] for name in runs}
+    cpu_times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run()
             times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
+    if cpu is not None:
+        cpu.update((name, statistics.median(t)) for name, t in cpu_times.items())
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -193,9 +199,12 @@ def _bench_stream(args, engine, model, model_path: str) -> int:
         runs["rtf_32ms_torch_stream"] = torch_stream_run(model, audio, int(SAMPLE_RATE * 0.032))
     windows, covered = sliding_window_runs(engine, model, audio)
     runs.update((f"rtf_sliding_window_{way}", run) for way, run in windows.items())
-    seconds = interleaved_median_seconds(runs, args.repeats)
+    cpu = {}
+    seconds = interleaved_median_seconds(runs, args.repeats, cpu)
     for name, t in seconds.items():
         result[name] = t / (covered if name.startswith("rtf_sliding") else args.seconds)
+    for ms in STREAM_CHUNKS_MS:
+        result[f"cpu_rtf_{ms}ms"] = cpu[f"rtf_{ms}ms"] / args.seconds
     result["rtf_sliding_window"] = min(result[f"rtf_sliding_window_{way}"] for way in windows)
     # Same 100-ms update rate on both sides; the 32-ms figure updates three times as often.
     result["sliding_window_ratio"] = result["rtf_sliding_window"] / result["rtf_100ms"]
@@ -215,7 +224,8 @@ def _bench_stream(args, engine, model, model_path: str) -> int:
     print(f"one thread of {m['cpu']} ({m['cpus']} CPUs), numpy {m['numpy']}, "
           f"{args.seconds:g} s of audio, median of {args.repeats} runs timed round-robin")
     for ms in STREAM_CHUNKS_MS:
-        print(f"streaming, {ms:>3} ms chunks: real-time factor {result[f'rtf_{ms}ms']:.4f}")
+        print(f"streaming, {ms:>3} ms chunks: real-time factor {result[f'rtf_{ms}ms']:.4f} "
+              f"(in CPU time {result[f'cpu_rtf_{ms}ms']:.4f})")
     if model is not None:
         print(f"PyTorch model.stream, 32 ms: real-time factor {result['rtf_32ms_torch_stream']:.4f} "
               f"(the stream engine is {result['rtf_32ms_torch_stream'] / result['rtf_32ms']:.1f}x faster)")

@@ -16,7 +16,8 @@ from kws.errors import KwsError
 # name: (module that registers it, summary for `kws --help`), in the order the help lists them.
 COMMANDS = {
     "info": ("kws.cli", "print a model's config, size and inference footprint"),
-    "export": ("kws.export", "write a checkpoint's torch-free model file (what listen and serve load)"),
+    "export": ("kws.export", "write a checkpoint's torch-free model file (what listen and serve "
+               "load), or ONNX"),
     "train": ("kws.train", "train an mGRADE keyword model"),
     "teacher": ("kws.teacher", "the distillation teacher: train it or score it (kws[distill])"),
     "eval": ("kws.evaluate", "clip accuracy on a Speech Commands split"),

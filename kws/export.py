@@ -1,10 +1,23 @@
 """`kws export CHECKPOINT OUT`: the torch-free model file that `kws listen`, `kws serve` and
-`kws info` load (format: kws.runtime), written from a PyTorch checkpoint.
+`kws info` load (OUT.npz, format: kws.runtime), or an ONNX graph of one streaming step with
+its state as explicit inputs and outputs (OUT.onnx), for C++, phones and browsers.
 
-The export checks itself: the file is read back and must give the checkpoint's `model.stream`
-logits on a few seconds of seeded test audio within EXPORT_TOLERANCE."""
+The ONNX graph takes `audio`, exactly `steps` x stride new samples (batch 1), and the state:
+`audio_state` (the last frontend_kernel - stride samples), then per layer `line_i` (delay line)
+and `hidden_i` (minGRU). It returns `logits` (1, steps, classes) and the new state under the
+same names + "_out". Its metadata (`kws.labels`, `kws.stride`, `kws.steps`, `kws.start_state`:
+JSON) holds what a caller needs, the start state being what `clip_context_s` of silence leaves.
+The shapes are fixed, so tracing `model.stream` records exactly one path: the delay taps and
+the step-by-step recurrence for `steps` steps.
 
+The export checks itself: the file is read back (the ONNX one by onnxruntime) and must give
+the checkpoint's `model.stream` logits on a few seconds of seeded test audio within
+EXPORT_TOLERANCE."""
+
+import json
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +39,11 @@ def check_audio(seconds: float = CHECK_SECONDS, seed: int = 0) -> np.ndarray:
     return audio.astype(np.float32)
 
 
+ONNX_STEPS = 3  # model steps per ONNX call: 30 ms for the edge preset
+ONNX_OPSET = 17
+INSTALL_ONNX = "pip install 'kws[onnx]'"
+
+
 def stream_difference(model, engine, audio: np.ndarray, chunk: int = CHECK_CHUNK) -> float:
     """Largest absolute difference between `model.stream` (PyTorch, the whole signal) and the
     engine fed `chunk` samples at a time."""
@@ -40,14 +58,92 @@ def stream_difference(model, engine, audio: np.ndarray, chunk: int = CHECK_CHUNK
     return float(np.abs(np.concatenate(got) - expected[0].numpy()).max())
 
 
-def export(checkpoint, out) -> float:
-    """Write `out` from `checkpoint`; returns the checked difference in logits."""
+def state_names(model) -> list[str]:
+    """The ONNX graph's state inputs, in the order of `model.stream`'s state (None left out)."""
+    names = ["audio_state"]
+    for i, layer in enumerate(model.layers):
+        names += [f"line_{i}"] * (layer.delay is not None) + [f"hidden_{i}"] * (layer.mingru is not None)
+    return names
+
+
+def export_onnx(model, out, steps: int = ONNX_STEPS):
+    """One streaming step of `model` as an ONNX graph with explicit state (see the module)."""
+    import torch
+
+    try:
+        import onnx
+    except ImportError:
+        raise KwsError(f"writing ONNX needs the onnx package: {INSTALL_ONNX}") from None
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, audio, *state):
+            given = iter(state)
+            full = [next(given)]  # model.stream's state: None where a layer lacks a mixer
+            for layer in self.model.layers:
+                full += [next(given) if layer.delay is not None else None,
+                         next(given) if layer.mingru is not None else None]
+            logits, new = self.model.stream(audio, full)
+            return (logits, *[t for t in new if t is not None])
+
+    names = state_names(model)
+    start = [t.clone() for t in model.primed_state(1) if t is not None]
+    audio = torch.zeros(1, steps * model.cfg.stride)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and trace notes
+        torch.onnx.export(Step().eval(), (audio, *start), str(out), dynamo=False,
+                          input_names=["audio", *names],
+                          output_names=["logits", *[n + "_out" for n in names]],
+                          opset_version=ONNX_OPSET)
+    proto = onnx.load(str(out))
+    onnx.helper.set_model_props(proto, {
+        "kws.labels": json.dumps(list(model.cfg.labels)), "kws.stride": str(model.cfg.stride),
+        "kws.steps": str(steps),
+        "kws.start_state": json.dumps({n: t[0].tolist() for n, t in zip(names, start)})})
+    onnx.save(proto, str(out))
+
+
+class OnnxStream:
+    """An exported ONNX file under onnxruntime, with the engine's `start_state`/`stream`, for
+    chunks of exactly `samples_per_call` samples."""
+
+    def __init__(self, path):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise KwsError(f"running ONNX needs onnxruntime: {INSTALL_ONNX}") from None
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.labels = tuple(json.loads(meta["kws.labels"]))
+        self.samples_per_call = int(meta["kws.stride"]) * int(meta["kws.steps"])
+        self.names = [i.name for i in self.session.get_inputs()][1:]
+        start = json.loads(meta["kws.start_state"])
+        self._start = {n: np.asarray(start[n], np.float32)[None] for n in self.names}
+
+    def start_state(self) -> dict:
+        return dict(self._start)
+
+    def stream(self, samples: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        outputs = self.session.run(None, {"audio": samples[None].astype(np.float32), **state})
+        return outputs[0][0], dict(zip(self.names, outputs[1:]))
+
+
+def export(checkpoint, out, steps: int = ONNX_STEPS) -> float:
+    """Write `out` (.npz, or .onnx) from `checkpoint`; returns the checked difference in logits."""
     from kws.cli import load
     from kws.runtime import load_engine, save_engine
 
     model = load(checkpoint)
-    save_engine(out, *model.inference_arrays())
-    difference = stream_difference(model, load_engine(out), check_audio())
+    if Path(out).suffix == ".onnx":
+        export_onnx(model, out, steps)
+        stream = OnnxStream(out)
+        difference = stream_difference(model, stream, check_audio(), stream.samples_per_call)
+    else:
+        save_engine(out, *model.inference_arrays())
+        difference = stream_difference(model, load_engine(out), check_audio())
     if not difference <= EXPORT_TOLERANCE:
         raise KwsError(f"the exported file's logits differ from the checkpoint's by {difference:.2g} "
                        f"(more than {EXPORT_TOLERANCE:g}); {out} is not to be used")
@@ -55,7 +151,9 @@ def export(checkpoint, out) -> float:
 
 
 def run(args):
-    difference = export(args.checkpoint, args.out)
+    if args.steps < 1:
+        raise KwsError(f"--steps must be positive, got {args.steps}")
+    difference = export(args.checkpoint, args.out, args.steps)
     print(f"kws export: wrote {args.out} (logits within {difference:.1e} of the checkpoint's)",
           file=sys.stderr)
 
@@ -64,8 +162,11 @@ def register(sub):
     from kws.cli import COMMANDS
 
     p = sub.add_parser("export", help=COMMANDS["export"][1],
-                       description="Write the torch-free model file of a checkpoint: a NumPy "
-                       ".npz of named arrays and a JSON config, read without pickle.")
+                       description="Write the torch-free model file of a checkpoint (OUT.npz: "
+                       "named arrays and a JSON config, read without pickle), or one streaming "
+                       "step as ONNX with explicit state inputs and outputs (OUT.onnx).")
     p.add_argument("checkpoint", help="PyTorch checkpoint (.pt) from kws train")
-    p.add_argument("out", help="model file to write (.npz)")
+    p.add_argument("out", help="file to write: .npz (what kws listen/serve load) or .onnx")
+    p.add_argument("--steps", type=int, default=ONNX_STEPS,
+                   help=f"ONNX: model steps per call, fixed in the graph ({ONNX_STEPS})")
     p.set_defaults(func=run)
