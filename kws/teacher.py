@@ -161,9 +161,11 @@ def with_context(clips: np.ndarray) -> np.ndarray:
 
 
 def background_examples(data, split: str, n: int, seed: int) -> np.ndarray:
-    """n 1.5-s cuts of a split's noise, from near silence to loud."""
+    """n 1.5-s cuts of a split's noise, from near silence to loud; every other one starts with
+    0.5 s of silence, as a clip of noise does when `classify` primes it with silence."""
     noise, rng = read_noise(data, split), random.Random(seed)
     out = np.stack([noise_segment(noise, CONTEXT_SAMPLES + CLIP_SAMPLES, rng) for _ in range(n)])
+    out[1::2, :CONTEXT_SAMPLES] = 0
     return out * np.array([10 ** (rng.uniform(-60, 0) / 20) for _ in range(n)], np.float32)[:, None]
 
 
@@ -216,7 +218,7 @@ def train_head(x: np.ndarray, y: np.ndarray, epochs: int = 60, seed: int = 0, lo
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         if (epoch + 1) % 10 == 0:
             log(f"teacher epoch {epoch + 1}: loss {total / len(x):.3f}")
     return head.eval()
