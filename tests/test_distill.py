@@ -180,3 +180,24 @@ def test_a_teacher_without_a_weight_is_a_clear_error(speech_commands, tmp_path):
     with pytest.raises(KwsError, match="needs both"):
         train(TrainConfig(epochs=1, examples_per_epoch=8, batch_size=8), speech_commands.root, tmp_path / "m.pt",
               overrides=TINY_MODEL, teacher=tmp_path / "t.pt", log=quiet)
+
+
+# ----------------------------------------------------------------------------- the teacher's data
+
+def test_teacher_background_cuts_are_noise_and_every_other_starts_with_silence(speech_commands):
+    from kws.teacher import CONTEXT_SAMPLES, background_examples
+    cuts = background_examples(speech_commands.root, "training", 6, seed=0)
+    assert cuts.shape == (6, CONTEXT_SAMPLES + 16000)
+    assert np.all(cuts[1::2, :CONTEXT_SAMPLES] == 0) and np.all(np.abs(cuts[0::2, :CONTEXT_SAMPLES]).max(1) > 0)
+    assert np.all(np.abs(cuts[:, CONTEXT_SAMPLES:]).max(1) > 0)
+
+
+def test_without_openwakeword_the_teacher_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path, capsys):
+    import importlib.util
+    from kws.cli import main
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openwakeword" else real_find_spec(name, *a))
+    code = main(["teacher", "train", "--data", str(tmp_path), "--out", str(tmp_path / "t.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "kws[distill]" in err and err.count("\n") == 1, err
