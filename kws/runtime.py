@@ -120,7 +120,6 @@ class StreamEngine:
             self.decoder_w = weights.get("decoder.weight", (self.n_classes, self.width)).T.copy()
             self.decoder_b = weights.get("decoder.bias", (self.n_classes,))
         weights.check_all_used()
-        self.array_bytes = sum(a.nbytes for a in arrays.values())
         # The state `clip_context_s` of silence leaves: every training clip came after some
         # audio, never a zero state, so streams and clips start from here.
         context = round(float(model["clip_context_s"]) * SAMPLE_RATE) // self.stride * self.stride
