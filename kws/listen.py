@@ -197,7 +197,8 @@ class Worker:
         self.detector, self.blocks, self.on_detections = detector, blocks, on_detections
         self.resampler = Resampler(rate)
         self.detections = 0
-        self.compute_seconds = 0.0
+        self.compute_seconds = 0.0  # wall-clock time in the resampler and the detector
+        self.compute_cpu_seconds = 0.0  # this thread's CPU time there (waits for a core excluded)
         self.error: BaseException | None = None
         # Waited on instead of a join: a join interrupted by Ctrl-C can mark a running thread
         # as finished (CPython's bpo-45274 handling), and the interpreter would then exit under
@@ -233,9 +234,10 @@ class Worker:
         return waiting, True
 
     def _detect(self, audio: np.ndarray):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         found = self.detector.process(audio)
         self.compute_seconds += time.perf_counter() - t0
+        self.compute_cpu_seconds += time.thread_time() - c0
         self._report(found)
 
     def _report(self, found: list[Detection]):

@@ -50,6 +50,7 @@ def test_bench_live_plays_the_file_through_the_worker_beside_the_bench(tiny_edge
     assert result["audio_seconds"] == pytest.approx(1.0, abs=0.02)  # all of it, resampled
     assert 0 < result["rtf_live"] < 1000 and 0 < result["rtf_bench"] < 1000
     assert result["live_over_bench"] == pytest.approx(result["rtf_live"] / result["rtf_bench"])
+    assert 0 < result["cpu_rtf_live"] < 1000 and 0 < result["cpu_rtf_bench"] < 1000
 
 
 def test_bench_model_json_times_training_and_inference_per_preset(capsys):
