@@ -35,7 +35,7 @@ than `delay_window` steps. The model is trained with 0.5 s of unrelated audio be
 clip and the state carried through it, so it expects arbitrary prior state rather than zeros;
 a stream starts from the state 0.5 s of silence leaves.
 `kws eval-stream --long-run-check` verifies this on an hour of audio (memory flat, recall and
-false accepts in the last ten minutes no worse than in the first ten).
+substitutions and false alarms in the last ten minutes no worse than in the first ten).
 """
 
 from collections.abc import Iterable
