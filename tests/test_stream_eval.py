@@ -223,6 +223,18 @@ def test_eval_stream_json_reports_the_issue_keys_and_writes_the_det_png(dataset,
     read_png(png.read_bytes())
 
 
+def test_eval_stream_prints_each_error_type_for_a_reader(dataset, tiny_edge_model_path, tmp_path,
+                                                         capsys):
+    code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset),
+                 "--minutes", "0.3", "--words", "yes,no,up", "--threshold", "0.05",
+                 "--speech-cache", str(tmp_path), "--det-png", ""])
+    out = capsys.readouterr().out
+    assert code == 0
+    for words in ("hits", "substitutions", "misses", "false alarms", "on speech", "on noise",
+                  "latency after the word's end: median", "best within <= 1 false alarms/hour"):
+        assert words in out, out
+
+
 def test_long_run_check_reports_memory_and_start_versus_end(dataset, tiny_edge_model_path, capsys,
                                                             tmp_path):
     code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset),
