@@ -90,8 +90,7 @@ def _noise(noise: list[np.ndarray], length: int, rng: np.random.Generator) -> np
 
 
 def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int,
-                 start_s: float = 0.0, speech_cache: Path | None = None,
-                 speech_slots: float = SPEECH_SLOTS
+                 start_s: float = 0.0, speech_cache: Path | None = None
                  ) -> Iterator[tuple[np.ndarray, list[Placement]]]:
     """Seeded slots of a test stream, generated one at a time (constant memory), until
     `seconds` of audio: (audio, placements in stream time counted from `start_s`). Sentences
@@ -109,7 +108,7 @@ def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int,
             yield np.clip(background * 10 ** (rng.uniform(*QUIET_DBFS) / 20), -1, 1), []
             made += length
             continue
-        if kind < KEYWORD_FREE_SLOTS + speech_slots:
+        if kind < KEYWORD_FREE_SLOTS + SPEECH_SLOTS:
             label = SPEECH
             speech = spoken(int(rng.integers(2**31)), cache)[: length - SAMPLE_RATE // 2]
             speech = speech * np.float32(10 ** (rng.uniform(*SENTENCE_DBFS) / 20) / _rms(speech))
