@@ -4,6 +4,7 @@ import json
 import logging
 import signal
 import socket
+from contextlib import contextmanager
 
 from kws.errors import KwsError
 
@@ -69,7 +70,11 @@ def server(app, read_timeout_s: float, log_level: str = "info", access_log: bool
             self.transport.close()
 
     class Server(uvicorn.Server):
+        stopped_by: int | None = None  # the signal that stopped the server
+
         def handle_exit(self, sig, frame):
+            if self.stopped_by is None:
+                self.stopped_by = sig
             service = getattr(self.config.app.state, "service", None)  # None before start-up
             if service is not None:
                 service.bus.close()
@@ -108,11 +113,28 @@ def serve(args):
     elif settings.open_to_network:
         log.warning("kws serve: KWS_ALLOW_ANONYMOUS=1: anyone who can reach %s:%d can follow "
                     "what the microphone hears", settings.host, settings.port)
-    # uvicorn re-raises the SIGTERM it caught once it has shut down; caught here, a clean stop
-    # exits 0 rather than 143.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    server(create_app(settings, engine), settings.read_timeout_s, args.log_level,
-           not args.no_access_log).run(sockets=[sock])
+    # uvicorn re-raises the signal it caught once it has shut down. For SIGTERM that would exit
+    # 143; for SIGINT it lands in asyncio's own handler, which raises KeyboardInterrupt only if
+    # the server's task still has an await ahead of it: a race. Both are ignored here, and the
+    # exit status comes from the signal the server recorded: 0 after SIGTERM (a clean stop),
+    # 130 after Ctrl-C, as for every kws command.
+    running = server(create_app(settings, engine), settings.read_timeout_s, args.log_level,
+                     not args.no_access_log)
+    with ignored_signals(signal.SIGINT, signal.SIGTERM):
+        running.run(sockets=[sock])
+    return 130 if running.stopped_by == signal.SIGINT else 0
+
+
+@contextmanager
+def ignored_signals(*signals):
+    """Ignore these signals around the block (uvicorn installs its own handlers inside it and
+    restores these at its end, before re-raising what it caught)."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def register(sub):
