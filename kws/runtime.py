@@ -21,13 +21,14 @@ mlp.fc1.{weight,bias}, mlp.fc2.{weight,bias}; norm.{weight,bias}; and decoder.{w
 weights rearranged once at load. A live stream is fed 3 to 10 steps at a time, where the cost
 is the fixed cost of each operator call (about 1 µs per NumPy ufunc), not arithmetic, so:
 
-- delay taps are read with one `take` at precomputed indices (only the taps, not the window);
+- delay taps are read with one `take` at precomputed indices (only the taps, not the window),
+  tap-major, so that weighing and summing them are two calls on contiguous arrays;
 - LayerNorm's affine parameters and centring are folded into the neighbouring linear layers
-  where one exists, and GELU's scale factors into the MLP's weights;
-- the minGRU recurrence runs step by step over a chunk of a few steps, and closed-form over
-  longer ones, h_t = A_t (h_0 + sum_s b_s / A_s) with A_t the running product of (1 - z),
-  in float64 and in blocks short enough that A stays far from underflow (saturated gates
-  fall back to the step-by-step form);
+  where one exists (the MLP's centring and fc1 are one matmul), and GELU's scale factors into
+  the MLP's weights;
+- the minGRU recurrence is a parallel prefix scan over the chunk: log2(steps) rounds of
+  whole-array products and sums, with no division, so no underflow to guard against (a gate
+  that keeps nothing composes to exactly 0) and no per-step Python loop over a 1-s clip;
 - both gates come from one exp over the joint gate/candidate projection.
 
 Every function here takes a leading batch axis or none: a stream is one unbatched row, and
@@ -49,9 +50,6 @@ FORMAT = "kws-engine"
 VERSION = 1
 SAMPLE_RATE = 16000
 PIECE_SAMPLES = 16000  # longer chunks run 1 s at a time, so working memory stays constant
-SCAN_BLOCK = 16  # steps per closed-form block: A_t stays above 1e-280 unless gates saturate
-LOOP_MAX_STEPS = 4  # chunks up to this many steps run the recurrence step by step: fewer calls
-TINY = 1e-280
 # No floating-point warnings: an exp that overflows gives a gate of exactly 0 or 1, as meant,
 # and OpenBLAS on arm64 sets spurious divide/overflow/invalid flags in matmuls whose results
 # are correct (numpy issues 28687, 29820), which would print RuntimeWarnings on every board.
@@ -253,10 +251,15 @@ def _centering(n: int) -> np.ndarray:
     return (np.eye(n) - 1.0 / n).astype(np.float32)
 
 
+def _norm(c: np.ndarray, eps_n: float) -> np.ndarray:
+    """What LayerNorm divides a centred row by (over sqrt(n)): c / sqrt(mean(c^2) + eps) =
+    c * sqrt(n) / sqrt(sum(c^2) + n * eps); sqrt(n) lives in the weights. Shape (..., 1)."""
+    return np.sqrt(np.vecdot(c, c)[..., None] + eps_n)
+
+
 def _scale(c: np.ndarray, eps_n: float) -> np.ndarray:
-    """A centred row divided by its standard deviation, as LayerNorm does (times sqrt(n)):
-    c / sqrt(mean(c^2) + eps) = c * sqrt(n / (sum(c^2) + n * eps)); sqrt(n) lives in the weights."""
-    return c / np.sqrt(np.vecdot(c, c)[..., None] + eps_n)
+    """A centred row divided by its standard deviation, as LayerNorm does (times sqrt(n))."""
+    return c / _norm(c, eps_n)
 
 
 class _Frontend:
@@ -302,8 +305,8 @@ class _Layer:
             # round to the same delay); Gaussian taps (an ablation) fill the window.
             taps = max(1, int((kernel != 0).sum(1).max()))
             order = np.argsort(kernel == 0, axis=1, kind="stable")[:, :taps]  # non-zero first
-            self.tap_w = np.take_along_axis(kernel, order, 1).astype(np.float32)
-            self.tap_index = (order * H + np.arange(H)[:, None]).ravel()  # into (window-1+T, H).ravel()
+            self.tap_w = np.take_along_axis(kernel, order, 1).T[:, None, :].astype(np.float32)  # (taps, 1, H)
+            self.tap_index = order.T * H + np.arange(H)  # (taps, H): into (window-1+T, H).ravel()
             self.row_offsets = np.arange(max_steps)[:, None] * H
             self._tap_indices: dict[int, np.ndarray] = {}
             self.delay_eps = H * eps
@@ -329,6 +332,8 @@ class _Layer:
         self.fc1_w = (gamma[:, None] * w1 * math.sqrt(H / 2)).astype(np.float32)
         self.fc1_b = ((beta @ w1 + weights.get(prefix + "mlp.fc1.bias", (2 * H,), np.float64))
                       / math.sqrt(2)).astype(np.float32)
+        # One matmul gives the centred input c and c's fc1 projection before LayerNorm's scale.
+        self.centre_fc1 = np.concatenate((centre, centre @ self.fc1_w), axis=1)
         self.mlp_eps = H * eps
         # ... and the final LayerNorm's centring: it centres x + fc2(.), and x comes centred.
         self.fc2_w = weights.get(prefix + "mlp.fc2.weight", (H, 2 * H)).T @ centre / np.float32(math.sqrt(2))
@@ -346,9 +351,9 @@ class _Layer:
             flat = xs.reshape(xs.shape[:-2] + (-1,))
             index = self._tap_indices.get(T)
             if index is None:  # a chunk's steps take a few values: each index is made once
-                index = self._tap_indices[T] = (self.row_offsets[:T] + self.tap_index).ravel()
-            taps = flat.take(index, axis=-1).reshape(x.shape + (-1,))
-            d = np.vecdot(taps, self.tap_w)
+                index = self._tap_indices[T] = (self.row_offsets[:T] + self.tap_index[:, None, :]).ravel()
+            taps = flat.take(index, axis=-1).reshape(x.shape[:-2] + self.tap_w.shape[:1] + x.shape[-2:])
+            d = (taps * self.tap_w).sum(axis=-3)
             line = xs[..., T:, :]
             x = x + _scale(d @ self.centre, self.delay_eps) * self.delay_g + self.delay_b
         if self.mingru:
@@ -359,8 +364,9 @@ class _Layer:
             hs = _recurrence(keep, (1.0 - keep) * g, h)
             h = hs[..., -1, :]
             x = x + _scale(hs @ self.out_w + self.out_b, self.out_eps) * self.out_g + self.out_b2
-        c = x @ self.centre
-        u = _scale(c, self.mlp_eps) @ self.fc1_w + self.fc1_b
+        c_fc1 = x @ self.centre_fc1
+        c = c_fc1[..., :H]
+        u = c_fc1[..., H:] / _norm(c, self.mlp_eps) + self.fc1_b
         m = (u * _one_plus_erf(u)) @ self.fc2_w + self.fc2_b
         return _scale(c + m, self.norm_eps) * self.norm_g + self.norm_b, LayerState(line, h)
 
@@ -369,37 +375,27 @@ def _one_plus_erf(u: np.ndarray) -> np.ndarray:
     """1 + erf(u) for float32 u, within 5e-7 (float32 rounding included)."""
     t = u * np.float32(ERF_STEPS_PER_UNIT)
     t += np.float32(ERF_RANGE * ERF_STEPS_PER_UNIT)
-    np.clip(t, 0, _ERF_LAST, out=t)
-    i = t.astype(np.intp)
-    t -= i  # the fraction of a grid step
+    np.maximum(t, 0, out=t)  # two ufuncs cost less than np.clip's Python wrapper
+    np.minimum(t, _ERF_LAST, out=t)
+    whole = np.floor(t)
+    t -= whole  # the fraction of a grid step (float - float: float - int would run in float64)
+    i = whole.astype(np.intp)
     t *= _ERF_SLOPE.take(i)
     t += _ERF_TABLE.take(i)
     return t
 
 
 def _recurrence(a: np.ndarray, b: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """h_t = a_t h_{t-1} + b_t for every t from h; a, b (..., T, H) float32. Short chunks step
-    by step; longer ones closed-form in float64 blocks of SCAN_BLOCK steps."""
-    T = a.shape[-2]
-    if T <= LOOP_MAX_STEPS:
-        return _step_by_step(a, b, h)
-    out = np.empty_like(b)
-    for start in range(0, T, SCAN_BLOCK):
-        ab = a[..., start:start + SCAN_BLOCK, :].astype(np.float64)
-        bb = b[..., start:start + SCAN_BLOCK, :].astype(np.float64)
-        A = np.cumprod(ab, axis=-2)
-        if A[..., -1, :].min() > TINY:
-            block = A * (np.cumsum(bb / A, axis=-2) + h[..., None, :])
-        else:  # a gate saturated to keep nothing: the product underflowed
-            block = _step_by_step(ab, bb, h)
-        out[..., start:start + ab.shape[-2], :] = block
-        h = block[..., -1, :]
-    return out
-
-
-def _step_by_step(a: np.ndarray, b: np.ndarray, h: np.ndarray) -> np.ndarray:
-    out = np.empty_like(b)
-    for t in range(a.shape[-2]):
-        h = a[..., t, :] * h + b[..., t, :]
-        out[..., t, :] = h
-    return out
+    """h_t = a_t h_{t-1} + b_t for every t from h; a, b (..., T, H) float32, both overwritten.
+    A Hillis-Steele scan of the affine maps h -> a h + b: after the round of shift s, (a_t, b_t)
+    is the composition of steps t-2s+1..t, so log2(T) rounds of whole-array calls replace T
+    steps. Only products and sums of non-negative numbers: no division, nothing to underflow
+    into an error."""
+    b[..., 0, :] += a[..., 0, :] * h
+    T, shift = a.shape[-2], 1
+    while shift < T:
+        b[..., shift:, :] += a[..., shift:, :] * b[..., :-shift, :]  # old b: the product is made first
+        if 2 * shift < T:
+            a[..., shift:, :] *= a[..., :-shift, :]  # NumPy reads overlapping inputs before writing
+        shift *= 2
+    return b

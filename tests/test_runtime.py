@@ -13,7 +13,7 @@ from conftest import noisy_bursts
 from kws import default_checkpoint_path, default_model_path
 from kws.cli import main
 from kws.model import MGRADE, load_model, preset
-from kws.runtime import SCAN_BLOCK, EngineFileError, StreamEngine, load_engine, save_engine
+from kws.runtime import EngineFileError, StreamEngine, load_engine, save_engine
 
 LABELS = ("yes", "no", "_background_")
 SMALL = dict(n_layers=2, width=16, delay_window=8, n_taps=3, clip_context_s=0.05)
@@ -73,10 +73,10 @@ def test_gaussian_taps_at_inference_are_read_in_full():
 
 
 @pytest.mark.parametrize("bias", [80.0, 100.0], ids=["underflow", "overflow"])
-def test_saturated_gates_take_the_step_by_step_form_without_warnings(bias):
-    # A gate bias of 80 keeps exp(-80) of the state per step: the running product underflows
-    # within one block, so the closed form would divide by zero. At 100, exp overflows float32
-    # and the keep gate is exactly 0, as PyTorch's sigmoid is exactly 1.
+def test_saturated_gates_give_the_torch_logits_without_warnings(bias):
+    # A gate bias of 80 keeps exp(-80) of the state per step: the scan's running products
+    # underflow to 0 within a few steps. At 100, exp overflows float32 and the keep gate is
+    # exactly 0, as PyTorch's sigmoid is exactly 1. Long chunks and single steps both scan.
     model = small_model("edge", seed=4)
     with torch.no_grad():
         for layer in model.layers:
@@ -84,7 +84,7 @@ def test_saturated_gates_take_the_step_by_step_form_without_warnings(bias):
     audio = noisy_bursts(1.0, seed=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got, _ = engine_logits(model, audio, (SCAN_BLOCK * 160 + 160,))
+        got, _ = engine_logits(model, audio, (8000, 160))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, reference_logits(model, audio), atol=2e-5, rtol=1e-4)
 
