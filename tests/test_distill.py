@@ -201,3 +201,27 @@ def test_without_openwakeword_the_teacher_is_a_one_line_error_naming_the_extra(m
     code = main(["teacher", "train", "--data", str(tmp_path), "--out", str(tmp_path / "t.pt")])
     err = capsys.readouterr().err
     assert code == 2 and "kws[distill]" in err and err.count("\n") == 1, err
+
+
+def test_a_distilled_run_resumes_with_its_projection_like_an_unbroken_run(speech_commands, tmp_path, monkeypatch):
+    monkeypatch.setattr(kws.train, "load_teacher", lambda path, threads: StandInTeacher())
+    cfg = TrainConfig(**{**TINY_DISTIL.__dict__, "epochs": 2, "checkpoint_minutes": 1e-9})
+    unbroken = tmp_path / "unbroken.pt"
+    train(cfg, speech_commands.root, unbroken, overrides=TINY_MODEL, teacher=tmp_path / "t.pt", log=quiet)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_epoch_2(message, *args, **kwargs):
+        if str(message).startswith("epoch 2:"):
+            raise Stop
+    broken = tmp_path / "broken.pt"
+    with pytest.raises(Stop):
+        train(cfg, speech_commands.root, broken, overrides=TINY_MODEL, teacher=tmp_path / "t.pt", log=stop_at_epoch_2)
+    assert torch.load(broken.with_suffix(".run") / "last.pt", weights_only=True)["step"] == 1  # mid-epoch 2
+    train(cfg, speech_commands.root, broken, overrides=TINY_MODEL, teacher=tmp_path / "t.pt", resume=True, log=quiet)
+    a = torch.load(unbroken.with_suffix(".run") / "last.pt", weights_only=True)
+    b = torch.load(broken.with_suffix(".run") / "last.pt", weights_only=True)
+    for part in ("model", "projection"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
