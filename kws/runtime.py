@@ -26,9 +26,10 @@ is the fixed cost of each operator call (about 1 µs per NumPy ufunc), not arith
 - LayerNorm's affine parameters and centring are folded into the neighbouring linear layers
   where one exists (the MLP's centring and fc1 are one matmul), and GELU's scale factors into
   the MLP's weights;
-- the minGRU recurrence is a parallel prefix scan over the chunk: log2(steps) rounds of
-  whole-array products and sums, with no division, so no underflow to guard against (a gate
-  that keeps nothing composes to exactly 0) and no per-step Python loop over a 1-s clip;
+- the minGRU recurrence runs step by step over a chunk of a few steps, and as a parallel
+  prefix scan over longer ones: log2(steps) rounds of whole-array products and sums, with no
+  division, so no underflow to guard against (a gate that keeps nothing composes to exactly
+  0) and no per-step Python loop over a 1-s clip;
 - both gates come from one exp over the joint gate/candidate projection.
 
 Every function here takes a leading batch axis or none: a stream is one unbatched row, and
@@ -50,6 +51,7 @@ FORMAT = "kws-engine"
 VERSION = 1
 SAMPLE_RATE = 16000
 PIECE_SAMPLES = 16000  # longer chunks run 1 s at a time, so working memory stays constant
+LOOP_MAX_STEPS = 4  # chunks up to this many steps run the recurrence step by step: fewer calls
 # No floating-point warnings: an exp that overflows gives a gate of exactly 0 or 1, as meant,
 # and OpenBLAS on arm64 sets spurious divide/overflow/invalid flags in matmuls whose results
 # are correct (numpy issues 28687, 29820), which would print RuntimeWarnings on every board.
@@ -65,6 +67,9 @@ _ONE_PLUS_ERF = 1.0 + np.array([math.erf(u) for u in _ERF_GRID])
 _ERF_TABLE = _ONE_PLUS_ERF[:-1].astype(np.float32)
 _ERF_SLOPE = np.diff(_ONE_PLUS_ERF).astype(np.float32)  # per grid step
 _ERF_LAST = np.float32(len(_ERF_TABLE) - 1e-3)  # just below the last index, in float32
+# float32 scalars made once: a Python number costs a type resolution on every call
+_ERF_SCALE, _ERF_OFFSET = np.float32(ERF_STEPS_PER_UNIT), np.float32(ERF_RANGE * ERF_STEPS_PER_UNIT)
+_ZERO = np.float32(0)
 
 
 class EngineFileError(KwsError):
@@ -353,7 +358,7 @@ class _Layer:
             if index is None:  # a chunk's steps take a few values: each index is made once
                 index = self._tap_indices[T] = (self.row_offsets[:T] + self.tap_index[:, None, :]).ravel()
             taps = flat.take(index, axis=-1).reshape(x.shape[:-2] + self.tap_w.shape[:1] + x.shape[-2:])
-            d = (taps * self.tap_w).sum(axis=-3)
+            d = np.add.reduce(taps * self.tap_w, axis=-3)
             line = xs[..., T:, :]
             x = x + _scale(d @ self.centre, self.delay_eps) * self.delay_g + self.delay_b
         if self.mingru:
@@ -373,9 +378,9 @@ class _Layer:
 
 def _one_plus_erf(u: np.ndarray) -> np.ndarray:
     """1 + erf(u) for float32 u, within 5e-7 (float32 rounding included)."""
-    t = u * np.float32(ERF_STEPS_PER_UNIT)
-    t += np.float32(ERF_RANGE * ERF_STEPS_PER_UNIT)
-    np.maximum(t, 0, out=t)  # two ufuncs cost less than np.clip's Python wrapper
+    t = u * _ERF_SCALE  # u's position on the table's grid
+    t += _ERF_OFFSET
+    np.maximum(t, _ZERO, out=t)  # two ufuncs cost less than np.clip's Python wrapper
     np.minimum(t, _ERF_LAST, out=t)
     whole = np.floor(t)
     t -= whole  # the fraction of a grid step (float - float: float - int would run in float64)
@@ -387,12 +392,18 @@ def _one_plus_erf(u: np.ndarray) -> np.ndarray:
 
 def _recurrence(a: np.ndarray, b: np.ndarray, h: np.ndarray) -> np.ndarray:
     """h_t = a_t h_{t-1} + b_t for every t from h; a, b (..., T, H) float32, both overwritten.
-    A Hillis-Steele scan of the affine maps h -> a h + b: after the round of shift s, (a_t, b_t)
-    is the composition of steps t-2s+1..t, so log2(T) rounds of whole-array calls replace T
-    steps. Only products and sums of non-negative numbers: no division, nothing to underflow
-    into an error."""
-    b[..., 0, :] += a[..., 0, :] * h
+    A chunk of a few steps runs step by step (fewer calls); a longer one as a Hillis-Steele scan
+    of the affine maps h -> a h + b: after the round of shift s, (a_t, b_t) is the composition of
+    steps t-2s+1..t, so log2(T) rounds of whole-array calls replace T steps. Only products and
+    sums of non-negative numbers: no division, nothing to underflow into an error."""
     T, shift = a.shape[-2], 1
+    if T <= LOOP_MAX_STEPS:
+        for t in range(T):
+            h_t = b[..., t, :]
+            h_t += a[..., t, :] * h
+            h = h_t
+        return b
+    b[..., 0, :] += a[..., 0, :] * h
     while shift < T:
         b[..., shift:, :] += a[..., shift:, :] * b[..., :-shift, :]  # old b: the product is made first
         if 2 * shift < T:
