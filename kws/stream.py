@@ -181,17 +181,21 @@ class Detector:
         At the start of a stream the window holds only the steps seen so far."""
         W, n = self.window_steps, len(logits)
         seq = np.concatenate((self._recent, logits))  # rows not yet seen are zeros: they add nothing
-        sums = np.cumsum(seq, axis=0)
-        window_sums = sums[W - 1:]
-        window_sums[1:] -= sums[:n - 1]
+        # The first window summed, then each next one by the row it gains and the row it loses:
+        # a running sum over the new steps only, not over the whole buffer (a 32-ms chunk has 3).
+        window_sums = np.empty((n, seq.shape[1]))
+        np.add.reduce(seq[:W], axis=0, out=window_sums[0])
+        if n > 1:
+            np.cumsum(seq[W:] - seq[:n - 1], axis=0, out=window_sums[1:])
+            window_sums[1:] += window_sums[0]
         if self._steps + 1 >= W:
             means = window_sums / W
         else:
             means = window_sums / np.minimum(np.arange(self._steps + 1, self._steps + n + 1), W)[:, None]
         self._recent = seq[n:]
-        z = means - means.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        # ufunc reductions: the ndarray methods' Python wrappers cost as much as the work here
+        e = np.exp(means - np.maximum.reduce(means, axis=1, keepdims=True))
+        return e / np.add.reduce(e, axis=1, keepdims=True)
 
     def flush(self) -> list[Detection]:
         """End the stream: feed silence until a word at the very end has passed through the
@@ -212,7 +216,7 @@ class Detector:
         detections = []
         above = probs >= self._thresholds
         previous = -1
-        for i in np.flatnonzero(above.any(axis=1)):
+        for i in np.logical_or.reduce(above, axis=1).nonzero()[0]:
             if i > previous + 1:
                 self._below_every_threshold(first_step + previous + 1, detections)
             previous = i
