@@ -9,22 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from app.hardening import encoded, silence_flac
 from kws.audio import MAX_CHANNELS, MAX_RATE, AudioError, decode
-
-
-def encoded(samples: np.ndarray, rate: int, fmt="WAV", subtype=None) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
-
-
-def silence_flac(rate: int, channels: int, seconds: float) -> bytes:
-    """Silence written block by block, so the test never holds the whole signal."""
-    buffer, block = io.BytesIO(), np.zeros((rate // 10, channels), np.float32)
-    with sf.SoundFile(buffer, "w", rate, channels, format="FLAC") as f:
-        for _ in range(round(seconds * 10)):
-            f.write(block)
-    return buffer.getvalue()
 
 
 def unknown_length(flac: bytes) -> bytes:
@@ -45,23 +31,23 @@ def noise(seconds: float, rate=16000, channels=1, seed=0) -> np.ndarray:
 
 def test_flac_of_unknown_length_decodes_whole():
     samples = noise(2.3, seed=1)
-    data = unknown_length(encoded(samples, 16000, fmt="FLAC"))
+    data = unknown_length(encoded(samples, 16000, "FLAC"))
     assert sf.info(io.BytesIO(data)).frames > 2**62  # libsndfile reports "unknown" so
     audio, rate = decode(data, max_seconds=60)
-    expected, _ = decode(encoded(samples, 16000, fmt="FLAC"))
+    expected, _ = decode(encoded(samples, 16000, "FLAC"))
     assert rate == 16000 and len(audio) == len(samples)
     np.testing.assert_array_equal(audio, expected)
 
 
 def test_flac_of_unknown_length_is_refused_once_it_passes_the_limit():
-    data = unknown_length(encoded(noise(3.0), 16000, fmt="FLAC"))
+    data = unknown_length(encoded(noise(3.0), 16000, "FLAC"))
     with pytest.raises(AudioError, match="longer than the limit of 2 s"):
         decode(data, max_seconds=2)
 
 
 def test_declared_length_over_the_limit_is_refused_from_the_header():
     with pytest.raises(AudioError, match="3.0 s long; the limit is 2 s"):
-        decode(encoded(noise(3.0), 16000), max_seconds=2)
+        decode(encoded(noise(3.0), 16000, "WAV"), max_seconds=2)
 
 
 @pytest.mark.parametrize("rate,channels,fmt,words", [
@@ -91,7 +77,7 @@ def test_multichannel_audio_is_mixed_down_in_blocks_with_bounded_memory():
 
 def test_mixdown_averages_channels():
     samples = noise(0.5, channels=3, seed=2)
-    audio, _ = decode(encoded(samples, 16000, subtype="FLOAT"))
+    audio, _ = decode(encoded(samples, 16000, "WAV", subtype="FLOAT"))
     np.testing.assert_allclose(audio, samples.mean(axis=1), atol=1e-7)
 
 
@@ -99,7 +85,7 @@ def test_samples_beyond_full_scale_are_clipped_not_propagated():
     samples = noise(1.0, channels=2, seed=3)
     samples[100] = 3e38  # float32's largest values: a mean over channels would overflow
     samples[200, 0] = -3e38
-    audio, _ = decode(encoded(samples, 16000, subtype="FLOAT"))
+    audio, _ = decode(encoded(samples, 16000, "WAV", subtype="FLOAT"))
     assert np.isfinite(audio).all() and np.abs(audio).max() <= 1.0
     assert audio[100] == 1.0 and audio[200] == pytest.approx((samples[200, 1] - 1) / 2)
 
@@ -107,7 +93,7 @@ def test_samples_beyond_full_scale_are_clipped_not_propagated():
 def test_a_file_longer_than_its_header_says_is_decoded_whole(monkeypatch):
     """Some headers only estimate the length (MP3): the decoder keeps what it reads."""
     samples = noise(1.0, seed=4)
-    data = encoded(samples, 16000, subtype="FLOAT")
+    data = encoded(samples, 16000, "WAV", subtype="FLOAT")
     real_frames = sf.SoundFile.frames
     monkeypatch.setattr(sf.SoundFile, "frames", property(lambda f: real_frames.fget(f) // 3))
     audio, _ = decode(data)
