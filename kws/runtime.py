@@ -302,6 +302,7 @@ class _Layer:
     def __init__(self, model: Mapping, eps: float, weights: _Weights, prefix: str, max_steps: int):
         H = int(model["width"])
         self.centre = centre = _centering(H)
+        self.eps_n = H * eps  # every LayerNorm's eps, as _norm takes it (times n)
         self.delay = bool(model["use_delay"])
         self.window = int(model["delay_window"])
         if self.delay:
@@ -314,7 +315,6 @@ class _Layer:
             self.tap_index = order.T * H + np.arange(H)  # (taps, H): into (window-1+T, H).ravel()
             self.row_offsets = np.arange(max_steps)[:, None] * H
             self._tap_indices: dict[int, np.ndarray] = {}
-            self.delay_eps = H * eps
             self.delay_g = weights.get(prefix + "delay_norm.weight", (H,)) * np.float32(math.sqrt(H))
             self.delay_b = weights.get(prefix + "delay_norm.bias", (H,))
         self.mingru = bool(model["use_mingru"])
@@ -326,7 +326,6 @@ class _Layer:
             self.gate_b = weights.get(prefix + "mingru.bias", (2 * H,)) * sign
             self.out_w = weights.get(prefix + "mingru_out.weight", (H, H)).T @ centre  # output already centred
             self.out_b = weights.get(prefix + "mingru_out.bias", (H,)) @ centre
-            self.out_eps = H * eps
             self.out_g = weights.get(prefix + "mingru_norm.weight", (H,)) * np.float32(math.sqrt(H))
             self.out_b2 = weights.get(prefix + "mingru_norm.bias", (H,))
         # LayerNorm's affine folded into fc1; fc1 emits u = y / sqrt(2), so
@@ -339,11 +338,9 @@ class _Layer:
                       / math.sqrt(2)).astype(np.float32)
         # One matmul gives the centred input c and c's fc1 projection before LayerNorm's scale.
         self.centre_fc1 = np.concatenate((centre, centre @ self.fc1_w), axis=1)
-        self.mlp_eps = H * eps
         # ... and the final LayerNorm's centring: it centres x + fc2(.), and x comes centred.
         self.fc2_w = weights.get(prefix + "mlp.fc2.weight", (H, 2 * H)).T @ centre / np.float32(math.sqrt(2))
         self.fc2_b = weights.get(prefix + "mlp.fc2.bias", (H,)) @ centre
-        self.norm_eps = H * eps
         self.norm_g = weights.get(prefix + "norm.weight", (H,)) * np.float32(math.sqrt(H))
         self.norm_b = weights.get(prefix + "norm.bias", (H,))
 
@@ -360,7 +357,7 @@ class _Layer:
             taps = flat.take(index, axis=-1).reshape(x.shape[:-2] + self.tap_w.shape[:1] + x.shape[-2:])
             d = np.add.reduce(taps * self.tap_w, axis=-3)
             line = xs[..., T:, :]
-            x = x + _scale(d @ self.centre, self.delay_eps) * self.delay_g + self.delay_b
+            x = x + _scale(d @ self.centre, self.eps_n) * self.delay_g + self.delay_b
         if self.mingru:
             k_minus_v = x @ self.gate_w + self.gate_b
             s = 1.0 / (1.0 + np.exp(k_minus_v))  # [1 - z | sigmoid(v)]
@@ -368,12 +365,12 @@ class _Layer:
             g = np.maximum(0.5 - k_minus_v[..., H:], s[..., H:])
             hs = _recurrence(keep, (1.0 - keep) * g, h)
             h = hs[..., -1, :]
-            x = x + _scale(hs @ self.out_w + self.out_b, self.out_eps) * self.out_g + self.out_b2
+            x = x + _scale(hs @ self.out_w + self.out_b, self.eps_n) * self.out_g + self.out_b2
         c_fc1 = x @ self.centre_fc1
         c = c_fc1[..., :H]
-        u = c_fc1[..., H:] / _norm(c, self.mlp_eps) + self.fc1_b
+        u = c_fc1[..., H:] / _norm(c, self.eps_n) + self.fc1_b
         m = (u * _one_plus_erf(u)) @ self.fc2_w + self.fc2_b
-        return _scale(c + m, self.norm_eps) * self.norm_g + self.norm_b, LayerState(line, h)
+        return _scale(c + m, self.eps_n) * self.norm_g + self.norm_b, LayerState(line, h)
 
 
 def _one_plus_erf(u: np.ndarray) -> np.ndarray:
