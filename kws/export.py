@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kws.audio import SAMPLE_RATE
 from kws.errors import KwsError
 
 EXPORT_TOLERANCE = 1e-4  # largest difference allowed between the file's and the model's logits
@@ -31,7 +32,7 @@ CHECK_CHUNK = 512  # 32 ms, as kws listen feeds it
 def check_audio(seconds: float = CHECK_SECONDS, seed: int = 0) -> np.ndarray:
     """Seeded noise with tone bursts, so every part of the model is exercised."""
     rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     audio = 0.02 * rng.standard_normal(len(t))
     for start in np.arange(0.1, seconds - 0.4, 0.7):
         on = (t >= start) & (t < start + 0.3)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kws.audio import CLIP_SAMPLES
+from kws.audio import CLIP_SAMPLES, SAMPLE_RATE
 from kws.data import (BACKGROUND, LABELS, TrainingBatches, load_clips, read_noise, read_split,
                       read_synth)
 from kws.errors import KwsError
@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
         teacher = load_teacher(teacher, threads=torch.get_num_threads())
         example = model_cfg.context_samples + CLIP_SAMPLES
         if embedding_count(example) != teacher.head.n_embeddings:
-            raise KwsError(f"the teacher reads {teacher.head.n_embeddings} embeddings, a {example / 16000:g}-s "
+            raise KwsError(f"the teacher reads {teacher.head.n_embeddings} embeddings, a {example / SAMPLE_RATE:g}-s "
                            f"example gives {embedding_count(example)}: train with --context-s 0.5")
         teacher_steps = aligned_steps(teacher.head.n_embeddings, model_cfg.stride)
     log = log if rank == 0 else (lambda *a, **k: None)
@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     optimizer = make_optimizer(student, cfg)
     total_steps = steps_per_epoch * cfg.epochs
     rounded_from = total_steps - round(cfg.rounded_fraction * total_steps)
-    context_s = model_cfg.context_samples / 16000
+    context_s = model_cfg.context_samples / SAMPLE_RATE
     context_steps = model_cfg.context_samples // model_cfg.stride
     history, start_epoch, start_step, best, saved = [], 0, 0, -1.0, None
 
