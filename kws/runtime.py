@@ -49,6 +49,7 @@ from kws.errors import KwsError
 
 FORMAT = "kws-engine"
 VERSION = 1
+# kws.audio.SAMPLE_RATE, not imported from there: the engine would load soundfile and soxr too
 SAMPLE_RATE = 16000
 PIECE_SAMPLES = 16000  # longer chunks run 1 s at a time, so working memory stays constant
 LOOP_MAX_STEPS = 4  # chunks up to this many steps run the recurrence step by step: fewer calls

@@ -60,3 +60,13 @@ def test_a_checkpoint_without_torch_points_to_kws_export(tiny_edge_model_path):
     assert result.stderr.strip() == (f"kws: error: {tiny_edge_model_path} is a PyTorch checkpoint: "
                                      "convert it with `kws export` where torch is installed "
                                      "(pip install 'kws[train]')")
+
+
+def test_the_engine_leaves_audio_decoding_unimported_and_keeps_kws_audios_sample_rate():
+    """kws.runtime repeats kws.audio's SAMPLE_RATE rather than import it (with soundfile, soxr)."""
+    result = python("import sys, kws.runtime\n"
+                    "print(sorted(m for m in sys.modules if m.split('.')[0] in ('soundfile', 'soxr', 'kws')))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['kws', 'kws.errors', 'kws.runtime']"
+    from kws import audio, runtime
+    assert runtime.SAMPLE_RATE == audio.SAMPLE_RATE
