@@ -73,8 +73,9 @@ class Detector:
     """One streaming detector: model state, score smoothing, thresholds and refractory period.
 
     engine: the StreamEngine to run (`kws.runtime.load_engine`), or a torch MGRADE in eval mode
-    (evaluation has one at hand), whose engine is built from it. threshold: one probability for every word, or {word: probability} (words not named keep
-    DEFAULT_THRESHOLD). words: report only these (default: every label but the background).
+    (evaluation has one at hand), whose engine is built from it. threshold: one probability
+    for every word, or {word: probability} (words not named keep DEFAULT_THRESHOLD).
+    words: report only these (default: every label but the background).
     peak_wait_s: how long after crossing its threshold a word may still be rising before it is
     reported (its peak score so far).
     """
