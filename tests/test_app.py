@@ -325,8 +325,9 @@ def test_size_limit_is_enforced_while_reading_not_after(model_path):
     assert reply.startswith("HTTP/1.1 413"), reply
     assert "larger than the limit of 16,000 bytes" in reply
     # uvicorn hands the body over in pieces of up to 64 KiB: the app stops after the first
-    # piece that crosses the limit
-    assert limit < app.pulled <= limit + 2 * 65536 < sent
+    # piece that crosses the limit. (How much the client got to send before the server's reset
+    # stopped it depends on timing: as little as 24 KiB on a quiet machine.)
+    assert limit < app.pulled <= limit + 2 * 65536
 
 
 def test_server_keeps_serving_after_bad_input(client):
