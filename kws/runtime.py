@@ -23,14 +23,20 @@ is the fixed cost of each operator call (about 1 µs per NumPy ufunc), not arith
 
 - delay taps are read with one `take` at precomputed indices (only the taps, not the window),
   tap-major, so that weighing and summing them are two calls on contiguous arrays;
-- LayerNorm's affine parameters and centring are folded into the neighbouring linear layers
-  where one exists (the MLP's centring and fc1 are one matmul), and GELU's scale factors into
-  the MLP's weights;
+- every call works on contiguous arrays: a wide matmul's column blocks are strided views, on
+  which NumPy's calls cost 2-3 times as much, so the gate projection is a stack of (H, H)
+  blocks, each block of the output contiguous;
+- a bias or LayerNorm weight added to or multiplying a chunk's few steps is a copy broadcast
+  to that shape once (`_Tiled`): an add of equal shapes costs a third of a broadcasting one;
+  float32 scalars are made once;
+- LayerNorm's centring is folded into the matmul before it where there is one, its affine into
+  fc1, and GELU's scale factors into the MLP's weights;
+- both minGRU gates come from one tanh (sigmoid(x) = (1 + tanh(x / 2)) / 2), and GELU's erf
+  from a table read with a few ufuncs;
 - the minGRU recurrence runs step by step over a chunk of a few steps, and as a parallel
   prefix scan over longer ones: log2(steps) rounds of whole-array products and sums, with no
   division, so no underflow to guard against (a gate that keeps nothing composes to exactly
-  0) and no per-step Python loop over a 1-s clip;
-- both gates come from one exp over the joint gate/candidate projection.
+  0) and no per-step Python loop over a 1-s clip.
 
 Every function here takes a leading batch axis or none: a stream is one unbatched row, and
 `classify` runs a batch of equal-length clips through the same code.
@@ -53,9 +59,9 @@ VERSION = 1
 SAMPLE_RATE = 16000
 PIECE_SAMPLES = 16000  # longer chunks run 1 s at a time, so working memory stays constant
 LOOP_MAX_STEPS = 4  # chunks up to this many steps run the recurrence step by step: fewer calls
-# No floating-point warnings: an exp that overflows gives a gate of exactly 0 or 1, as meant,
-# and OpenBLAS on arm64 sets spurious divide/overflow/invalid flags in matmuls whose results
-# are correct (numpy issues 28687, 29820), which would print RuntimeWarnings on every board.
+# No floating-point warnings: OpenBLAS on arm64 sets spurious divide/overflow/invalid flags in
+# matmuls whose results are correct (numpy issues 28687, 29820), which would print
+# RuntimeWarnings on every board.
 QUIET = dict(all="ignore")
 # 1 + erf(u) tabulated every 1/1024 on [-6, 6] (erf is +-1 beyond, to 2e-17): linear
 # interpolation is then within 1.2e-7 of it (|erf''| < 1). Looked up on the uniform grid with a
@@ -67,10 +73,9 @@ _ERF_GRID = np.arange(-ERF_RANGE * ERF_STEPS_PER_UNIT, ERF_RANGE * ERF_STEPS_PER
 _ONE_PLUS_ERF = 1.0 + np.array([math.erf(u) for u in _ERF_GRID])
 _ERF_TABLE = _ONE_PLUS_ERF[:-1].astype(np.float32)
 _ERF_SLOPE = np.diff(_ONE_PLUS_ERF).astype(np.float32)  # per grid step
-_ERF_LAST = np.float32(len(_ERF_TABLE) - 1e-3)  # just below the last index, in float32
-# float32 scalars made once: a Python number costs a type resolution on every call
-_ERF_SCALE, _ERF_OFFSET = np.float32(ERF_STEPS_PER_UNIT), np.float32(ERF_RANGE * ERF_STEPS_PER_UNIT)
-_ZERO = np.float32(0)
+# float32 scalars made once: a Python number costs a conversion on every call
+_HALF, _TINY = np.float32(0.5), np.float32(1e-6)
+_ERF_STEPS, _ERF_OFFSET = np.float32(ERF_STEPS_PER_UNIT), np.float32(ERF_RANGE * ERF_STEPS_PER_UNIT)
 
 
 class EngineFileError(KwsError):
@@ -122,7 +127,7 @@ class StreamEngine:
             self.layers = [_Layer(model, float(description["layer_norm_eps"]), weights, f"layers.{i}.", max_steps)
                            for i in range(int(model["n_layers"]))]
             self.decoder_w = weights.get("decoder.weight", (self.n_classes, self.width)).T.copy()
-            self.decoder_b = weights.get("decoder.bias", (self.n_classes,))
+            self.decoder_b = _Tiled(weights.get("decoder.bias", (self.n_classes,)))
         weights.check_all_used()
         # The state `clip_context_s` of silence leaves: every training clip came after some
         # audio, never a zero state, so streams and clips start from here.
@@ -176,7 +181,7 @@ class StreamEngine:
             for layer, s in zip(self.layers, state.layers):
                 x, s = layer(x, s)
                 layers.append(s)
-            return x @ self.decoder_w + self.decoder_b, StreamState(rest, layers)
+            return self.decoder_b.add_to(x @ self.decoder_w), StreamState(rest, layers)
 
     def classify(self, clips: np.ndarray) -> np.ndarray:
         """Whole-clip logits (B, n_classes) of a batch of equal-length clips (B, n): the mean of
@@ -254,18 +259,44 @@ class _Weights:
 
 def _centering(n: int) -> np.ndarray:
     """x @ C subtracts each row's mean."""
-    return (np.eye(n) - 1.0 / n).astype(np.float32)
+    return np.eye(n) - 1.0 / n
 
 
-def _norm(c: np.ndarray, eps_n: float) -> np.ndarray:
-    """What LayerNorm divides a centred row by (over sqrt(n)): c / sqrt(mean(c^2) + eps) =
-    c * sqrt(n) / sqrt(sum(c^2) + n * eps); sqrt(n) lives in the weights. Shape (..., 1)."""
-    return np.sqrt(np.vecdot(c, c)[..., None] + eps_n)
+class _Tiled:
+    """A vector (or small array) applied in place to arrays of its trailing shape. For small
+    arrays (a chunk's few steps) it keeps a copy broadcast to each shape it meets: an add or
+    multiply of equal shapes costs a third of a broadcasting one. Bigger arrays (batches) take
+    the broadcasting call."""
+    TILE_MAX = 2048  # elements: a few KB per shape, and a few shapes per stream
+
+    def __init__(self, b: np.ndarray):
+        self.b = np.ascontiguousarray(b, dtype=np.float32)
+        self._tiles: dict[tuple, np.ndarray] = {}
+
+    def _tile(self, shape: tuple) -> np.ndarray:
+        tile = self._tiles.get(shape)
+        if tile is None:
+            if math.prod(shape) > self.TILE_MAX:
+                return self.b
+            tile = self._tiles[shape] = np.ascontiguousarray(np.broadcast_to(self.b, shape))
+        return tile
+
+    def add_to(self, y: np.ndarray) -> np.ndarray:
+        y += self._tile(y.shape)
+        return y
+
+    def multiply(self, y: np.ndarray) -> np.ndarray:
+        y *= self._tile(y.shape)
+        return y
 
 
-def _scale(c: np.ndarray, eps_n: float) -> np.ndarray:
-    """A centred row divided by its standard deviation, as LayerNorm does (times sqrt(n))."""
-    return c / _norm(c, eps_n)
+def _layer_norm(c: np.ndarray, eps_n: np.float32) -> np.ndarray:
+    """LayerNorm, but for its affine, of centred rows c, over sqrt(n) (LayerNorm's weight, times
+    sqrt(n), makes up for it): c / sqrt(sum(c^2) + n * eps). A new array."""
+    norm = np.vecdot(c, c)
+    norm += eps_n
+    np.sqrt(norm, out=norm)
+    return np.divide(c, norm[..., None])
 
 
 class _Frontend:
@@ -274,36 +305,46 @@ class _Frontend:
         H = int(model["width"])
         self.gabor = model["frontend"] == "gabor"
         if self.gabor:
-            self.half = n = int(model["frontend_filters"])
-            self.w = weights.get("frontend.weight", (2 * n, self.kernel)).T.copy()
+            n = int(model["frontend_filters"])
+            w = weights.get("frontend.weight", (2 * n, self.kernel)).T
+            self.w = np.stack((w[:, :n], w[:, n:]))  # the filters' two quadratures, as blocks
             self.proj_w = weights.get("frontend.proj.weight", (H, n)).T.copy()
-            self.proj_b = weights.get("frontend.proj.bias", (H,))
+            self.b = _Tiled(weights.get("frontend.proj.bias", (H,)))
         elif model["frontend"] == "linear":
             self.w = weights.get("frontend.weight", (H, self.kernel)).T.copy()
-            self.b = weights.get("frontend.bias", (H,))
+            self.b = _Tiled(weights.get("frontend.bias", (H,)))
         else:
             raise ValueError(f"unknown front end {model['frontend']!r}")
 
     def __call__(self, audio: np.ndarray, steps: int) -> np.ndarray:
-        """audio (..., L) -> (..., steps, H)."""
-        audio = np.ascontiguousarray(audio)
-        frames = np.lib.stride_tricks.as_strided(
-            audio, audio.shape[:-1] + (steps, self.kernel),
-            audio.strides[:-1] + (self.stride * audio.itemsize, audio.itemsize), writeable=False)
-        y = np.ascontiguousarray(frames) @ self.w
+        """audio (..., L), C-contiguous float32 -> (..., steps, H)."""
+        # The overlapping frames as a view (np.ndarray over the buffer: as_strided's Python
+        # wrapper costs more than the rest of a 32-ms chunk's front end), then one copy that
+        # BLAS can take.
+        frames = np.ascontiguousarray(np.ndarray(audio.shape[:-1] + (steps, self.kernel), np.float32, audio,
+                                                 strides=audio.strides[:-1] + (4 * self.stride, 4)))
         if not self.gabor:
-            return y + self.b
+            return self.b.add_to(frames @ self.w)
+        y = frames[..., None, :, :] @ self.w  # (..., 2, steps, filters): contiguous halves
         y *= y
-        power = y[..., :self.half] + y[..., self.half:]
-        power += 1e-6
-        return np.log(power) @ self.proj_w + self.proj_b
+        power = np.add(y[..., 0, :, :], y[..., 1, :, :])
+        power += _TINY
+        np.log(power, out=power)
+        return self.b.add_to(power @ self.proj_w)
 
 
 class _Layer:
+    """One layer, its weights rearranged for few NumPy calls, each on contiguous arrays (NumPy
+    calls on strided views, such as a wide matmul's column blocks, cost 2-3 times as much).
+    LayerNorm's centring is folded into the matmul before it; the minGRU's gates come from one
+    tanh; GELU's erf from a table (`_one_plus_erf`)."""
+
     def __init__(self, model: Mapping, eps: float, weights: _Weights, prefix: str, max_steps: int):
         H = int(model["width"])
-        self.centre = centre = _centering(H)
-        self.eps_n = H * eps  # every LayerNorm's eps, as _norm takes it (times n)
+        centre = _centering(H)
+        root_h = math.sqrt(H)
+        self.centre = centre.astype(np.float32)
+        self.eps_n = np.float32(H * eps)  # every LayerNorm's eps, as _layer_norm takes it (times n)
         self.delay = bool(model["use_delay"])
         self.window = int(model["delay_window"])
         if self.delay:
@@ -312,80 +353,98 @@ class _Layer:
             # round to the same delay); Gaussian taps (an ablation) fill the window.
             taps = max(1, int((kernel != 0).sum(1).max()))
             order = np.argsort(kernel == 0, axis=1, kind="stable")[:, :taps]  # non-zero first
-            self.tap_w = np.take_along_axis(kernel, order, 1).T[:, None, :].astype(np.float32)  # (taps, 1, H)
+            self.tap_w = _Tiled(np.take_along_axis(kernel, order, 1).T[:, None, :])  # (taps, 1, H)
             self.tap_index = order.T * H + np.arange(H)  # (taps, H): into (window-1+T, H).ravel()
             self.row_offsets = np.arange(max_steps)[:, None] * H
             self._tap_indices: dict[int, np.ndarray] = {}
-            self.delay_g = weights.get(prefix + "delay_norm.weight", (H,)) * np.float32(math.sqrt(H))
-            self.delay_b = weights.get(prefix + "delay_norm.bias", (H,))
+            self.delay_g = _Tiled(weights.get(prefix + "delay_norm.weight", (H,)) * root_h)
+            self.delay_b = _Tiled(weights.get(prefix + "delay_norm.bias", (H,)))
         self.mingru = bool(model["use_mingru"])
         if self.mingru:
-            # The candidate columns negated: one exp of [k | -v] gives the keep gate
-            # 1 - z = 1 / (1 + exp(k)) and sigmoid(v) = 1 / (1 + exp(-v)) together.
-            sign = np.concatenate([np.ones(H), -np.ones(H)]).astype(np.float32)
-            self.gate_w = weights.get(prefix + "mingru.weight", (2 * H, H)).T * sign
-            self.gate_b = weights.get(prefix + "mingru.bias", (2 * H,)) * sign
-            self.out_w = weights.get(prefix + "mingru_out.weight", (H, H)).T @ centre  # output already centred
-            self.out_b = weights.get(prefix + "mingru_out.bias", (H,)) @ centre
-            self.out_g = weights.get(prefix + "mingru_norm.weight", (H,)) * np.float32(math.sqrt(H))
-            self.out_b2 = weights.get(prefix + "mingru_norm.bias", (H,))
-        # LayerNorm's affine folded into fc1; fc1 emits u = y / sqrt(2), so
-        # GELU(y) = y * (1 + erf(u)) / 2 = u * (1 + erf(u)) / sqrt(2), and the 1/sqrt(2) is in fc2.
+            # Blocks [k / 2, v / 2, v + 1/2] (x @ blocks makes each a contiguous array):
+            # z = sigmoid(k) = (1 + tanh(k / 2)) / 2 and sigmoid(v) come from one tanh, and
+            # g(v) = max(v + 1/2, sigmoid(v)).
+            w = weights.get(prefix + "mingru.weight", (2 * H, H)).T
+            b = weights.get(prefix + "mingru.bias", (2 * H,))
+            self.gate_w = np.stack((w[:, :H] / 2, w[:, H:] / 2, w[:, H:]))
+            self.gate_b = _Tiled(np.stack((b[:H] / 2, b[H:] / 2, b[H:] + 0.5))[:, None, :])
+            self.out_w = (weights.get(prefix + "mingru_out.weight", (H, H), np.float64).T @ centre).astype(np.float32)
+            self.out_b = _Tiled(weights.get(prefix + "mingru_out.bias", (H,), np.float64) @ centre)
+            self.out_g = _Tiled(weights.get(prefix + "mingru_norm.weight", (H,)) * root_h)
+            self.out_b2 = _Tiled(weights.get(prefix + "mingru_norm.bias", (H,)))
+        # The MLP: LayerNorm's affine folded into fc1, which emits u = y / sqrt(2), so
+        # GELU(y) = y * (1 + erf(u)) / 2 = u * (1 + erf(u)) / sqrt(2), and 1/sqrt(2) goes into
+        # fc2. The final LayerNorm normalises x + fc2(.), whose centred form is the centred x
+        # plus fc2's output centred.
         w1 = weights.get(prefix + "mlp.fc1.weight", (2 * H, H), np.float64).T
         gamma = weights.get(prefix + "mlp_norm.weight", (H,), np.float64)
         beta = weights.get(prefix + "mlp_norm.bias", (H,), np.float64)
-        self.fc1_w = (gamma[:, None] * w1 * math.sqrt(H / 2)).astype(np.float32)
-        self.fc1_b = ((beta @ w1 + weights.get(prefix + "mlp.fc1.bias", (2 * H,), np.float64))
+        self.fc1_w = (centre @ (gamma[:, None] * w1 * root_h) / math.sqrt(2)).astype(np.float32)
+        self.fc1_b = _Tiled((beta @ w1 + weights.get(prefix + "mlp.fc1.bias", (2 * H,), np.float64)) / math.sqrt(2))
+        self.fc2_w = (weights.get(prefix + "mlp.fc2.weight", (H, 2 * H), np.float64).T @ centre
                       / math.sqrt(2)).astype(np.float32)
-        # One matmul gives the centred input c and c's fc1 projection before LayerNorm's scale.
-        self.centre_fc1 = np.concatenate((centre, centre @ self.fc1_w), axis=1)
-        # ... and the final LayerNorm's centring: it centres x + fc2(.), and x comes centred.
-        self.fc2_w = weights.get(prefix + "mlp.fc2.weight", (H, 2 * H)).T @ centre / np.float32(math.sqrt(2))
-        self.fc2_b = weights.get(prefix + "mlp.fc2.bias", (H,)) @ centre
-        self.norm_g = weights.get(prefix + "norm.weight", (H,)) * np.float32(math.sqrt(H))
-        self.norm_b = weights.get(prefix + "norm.bias", (H,))
+        self.fc2_b = _Tiled(weights.get(prefix + "mlp.fc2.bias", (H,), np.float64) @ centre)
+        self.norm_g = _Tiled(weights.get(prefix + "norm.weight", (H,)) * root_h)
+        self.norm_b = _Tiled(weights.get(prefix + "norm.bias", (H,)))
 
     def __call__(self, x: np.ndarray, state: LayerState) -> tuple[np.ndarray, LayerState]:
-        """x (..., T, H) -> (..., T, H)."""
-        T, H = x.shape[-2:]
+        """x (..., T, H) -> (..., T, H); x is not changed."""
+        T = x.shape[-2]
         line, h = state.line, state.hidden
         if self.delay:
             xs = np.concatenate((line, x), axis=-2)
-            flat = xs.reshape(xs.shape[:-2] + (-1,))
             index = self._tap_indices.get(T)
             if index is None:  # a chunk's steps take a few values: each index is made once
                 index = self._tap_indices[T] = (self.row_offsets[:T] + self.tap_index[:, None, :]).ravel()
-            taps = flat.take(index, axis=-1).reshape(x.shape[:-2] + self.tap_w.shape[:1] + x.shape[-2:])
-            d = np.add.reduce(taps * self.tap_w, axis=-3)
-            line = xs[..., T:, :]
-            x = x + _scale(d @ self.centre, self.eps_n) * self.delay_g + self.delay_b
+            taps = xs.reshape(xs.shape[:-2] + (-1,)).take(index, axis=-1)
+            taps = taps.reshape(x.shape[:-2] + self.tap_w.b.shape[:1] + x.shape[-2:])  # tap-major
+            d = np.add.reduce(self.tap_w.multiply(taps), axis=-3)
+            y = self.delay_b.add_to(self.delay_g.multiply(_layer_norm(d @ self.centre, self.eps_n)))
+            y += x
+            x, line = y, xs[..., T:, :]
         if self.mingru:
-            k_minus_v = x @ self.gate_w + self.gate_b
-            s = 1.0 / (1.0 + np.exp(k_minus_v))  # [1 - z | sigmoid(v)]
-            keep = s[..., :H]
-            g = np.maximum(0.5 - k_minus_v[..., H:], s[..., H:])
-            hs = _recurrence(keep, (1.0 - keep) * g, h)
+            a = self.gate_b.add_to(x[..., None, :, :] @ self.gate_w)  # k/2, v/2, v + 1/2
+            half = np.tanh(a[..., :2, :, :])
+            half *= _HALF  # tanh(k/2) / 2, tanh(v/2) / 2
+            z, g = half[..., 0, :, :], half[..., 1, :, :]
+            keep = np.subtract(_HALF, z)  # 1 - z
+            z += _HALF
+            g += _HALF  # sigmoid(v)
+            np.maximum(g, a[..., 2, :, :], out=g)
+            z *= g  # z g(v): what each step adds
+            hs = _recurrence(keep, z, h)
             h = hs[..., -1, :]
-            x = x + _scale(hs @ self.out_w + self.out_b, self.eps_n) * self.out_g + self.out_b2
-        c_fc1 = x @ self.centre_fc1
-        c = c_fc1[..., :H]
-        u = c_fc1[..., H:] / _norm(c, self.eps_n) + self.fc1_b
-        m = (u * _one_plus_erf(u)) @ self.fc2_w + self.fc2_b
-        return _scale(c + m, self.eps_n) * self.norm_g + self.norm_b, LayerState(line, h)
+            y = _layer_norm(self.out_b.add_to(hs @ self.out_w), self.eps_n)
+            y = self.out_b2.add_to(self.out_g.multiply(y))
+            y += x
+            x = y
+        c = x @ self.centre
+        norm = np.vecdot(c, c)
+        norm += self.eps_n
+        np.sqrt(norm, out=norm)
+        u = self.fc1_b.add_to(np.divide(x @ self.fc1_w, norm[..., None]))
+        position = np.multiply(u, _ERF_STEPS)
+        position += _ERF_OFFSET
+        m = _one_plus_erf(position)
+        m *= u
+        y = m @ self.fc2_w
+        y += c
+        y = _layer_norm(self.fc2_b.add_to(y), self.eps_n)
+        return self.norm_b.add_to(self.norm_g.multiply(y)), LayerState(line, h)
 
 
-def _one_plus_erf(u: np.ndarray) -> np.ndarray:
-    """1 + erf(u) for float32 u, within 5e-7 (float32 rounding included)."""
-    t = u * _ERF_SCALE  # u's position on the table's grid
-    t += _ERF_OFFSET
-    np.maximum(t, _ZERO, out=t)  # two ufuncs cost less than np.clip's Python wrapper
-    np.minimum(t, _ERF_LAST, out=t)
-    whole = np.floor(t)
-    t -= whole  # the fraction of a grid step (float - float: float - int would run in float64)
+def _one_plus_erf(position: np.ndarray) -> np.ndarray:
+    """1 + erf(u) for float32 u, within 5e-7 (float32 rounding included), given u's position on
+    the table's grid, u * ERF_STEPS_PER_UNIT + ERF_RANGE * ERF_STEPS_PER_UNIT, which is
+    overwritten. Positions off the table read its ends (take's mode="clip"), where erf is +-1
+    to 2e-17 and the slope 0; u is bounded by the weights (a LayerNorm's output through fc1), so
+    its position fits an integer."""
+    fraction, whole = np.modf(position, out=(position, None))  # whole as float: trunc toward 0
     i = whole.astype(np.intp)
-    t *= _ERF_SLOPE.take(i)
-    t += _ERF_TABLE.take(i)
-    return t
+    result = _ERF_SLOPE.take(i, mode="clip")
+    result *= fraction  # below the table, a negative fraction of the flat first step
+    result += _ERF_TABLE.take(i, mode="clip")
+    return result
 
 
 def _recurrence(a: np.ndarray, b: np.ndarray, h: np.ndarray) -> np.ndarray:

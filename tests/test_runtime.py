@@ -215,8 +215,10 @@ def test_a_newer_file_version_names_both_versions(engine_file, tmp_path):
 def test_the_engines_erf_is_within_5e7_of_erf_everywhere():
     import math
 
-    from kws.runtime import _one_plus_erf
+    from kws.runtime import ERF_RANGE, ERF_STEPS_PER_UNIT, _one_plus_erf
 
-    u = np.concatenate([np.linspace(-9, 9, 100_001), [-6, 6, np.float32(5.9999)]]).astype(np.float32)
-    expected = np.array([1 + math.erf(float(x)) for x in u])
-    assert np.abs(_one_plus_erf(u) - expected).max() < 5e-7
+    u = np.concatenate([np.linspace(-9, 9, 100_001), [-6, 6, np.float32(5.9999), -1e4, 1e4]])
+    expected = np.array([1 + math.erf(x) for x in u])
+    # the table position as fc1 emits it, in float32
+    position = (u * ERF_STEPS_PER_UNIT + ERF_RANGE * ERF_STEPS_PER_UNIT).astype(np.float32)
+    assert np.abs(_one_plus_erf(position) - expected).max() < 5e-7
