@@ -133,7 +133,8 @@ class Detector:
         starts from the same state), an empty score window, time 0."""
         self.state = self.engine.start_state()
         n = len(self.labels)
-        self._recent = np.zeros((self.window_steps - 1, n))  # last W-1 logits, oldest first
+        self._recent = np.zeros((self.window_steps, n))  # last W logits, oldest first
+        self._window_sum = np.zeros(n)  # their sum
         self._steps = 0
         self._samples = 0
         self._quiet_until = self.window_steps - 1  # first step that may fire: the window is full
@@ -182,21 +183,25 @@ class Detector:
         At the start of a stream the window holds only the steps seen so far."""
         W, n = self.window_steps, len(logits)
         seq = np.concatenate((self._recent, logits))  # rows not yet seen are zeros: they add nothing
-        # The first window summed, then each next one by the row it gains and the row it loses:
-        # a running sum over the new steps only, not over the whole buffer (a 32-ms chunk has 3).
-        window_sums = np.empty((n, seq.shape[1]))
-        np.add.reduce(seq[:W], axis=0, out=window_sums[0])
-        if n > 1:
-            np.cumsum(seq[W:] - seq[:n - 1], axis=0, out=window_sums[1:])
-            window_sums[1:] += window_sums[0]
-        if self._steps + 1 >= W:
-            means = window_sums / W
-        else:
-            means = window_sums / np.minimum(np.arange(self._steps + 1, self._steps + n + 1), W)[:, None]
+        # Each new step's window sum: the last one's, plus the row it gains, minus the row it
+        # loses. Summed afresh once per window, so rounding cannot build up over an endless stream.
+        sums = np.subtract(seq[W:], seq[:n])
+        np.add.accumulate(sums, axis=0, out=sums)
+        sums += self._window_sum
         self._recent = seq[n:]
+        if (self._steps + n) // W > self._steps // W:
+            self._window_sum = np.add.reduce(self._recent, axis=0)
+        else:
+            self._window_sum = sums[-1]
+        if self._steps + 1 >= W:
+            means = sums * (1.0 / W)
+        else:
+            means = sums / np.minimum(np.arange(self._steps + 1, self._steps + n + 1), W)[:, None]
         # ufunc reductions: the ndarray methods' Python wrappers cost as much as the work here
-        e = np.exp(means - np.maximum.reduce(means, axis=1, keepdims=True))
-        return e / np.add.reduce(e, axis=1, keepdims=True)
+        means -= np.maximum.reduce(means, axis=1, keepdims=True)
+        e = np.exp(means, out=means)
+        e /= np.add.reduce(e, axis=1, keepdims=True)
+        return e
 
     def flush(self) -> list[Detection]:
         """End the stream: feed silence until a word at the very end has passed through the
@@ -217,7 +222,7 @@ class Detector:
         detections = []
         above = probs >= self._thresholds
         previous = -1
-        for i in np.logical_or.reduce(above, axis=1).nonzero()[0]:
+        for i in dict.fromkeys(above.nonzero()[0].tolist()):  # the steps with a word above, in order
             if i > previous + 1:
                 self._below_every_threshold(first_step + previous + 1, detections)
             previous = i
