@@ -438,11 +438,12 @@ def _one_plus_erf(position: np.ndarray) -> np.ndarray:
     the table's grid, u * ERF_STEPS_PER_UNIT + ERF_RANGE * ERF_STEPS_PER_UNIT, which is
     overwritten. Positions off the table read its ends (take's mode="clip"), where erf is +-1
     to 2e-17 and the slope 0; u is bounded by the weights (a LayerNorm's output through fc1), so
-    its position fits an integer."""
-    fraction, whole = np.modf(position, out=(position, None))  # whole as float: trunc toward 0
-    i = whole.astype(np.intp)
+    its position fits a 32-bit integer."""
+    whole = np.floor(position)
+    position -= whole  # the fraction of a grid step
+    i = whole.astype(np.int32)  # vectorised, where a conversion to intp is not
     result = _ERF_SLOPE.take(i, mode="clip")
-    result *= fraction  # below the table, a negative fraction of the flat first step
+    result *= position
     result += _ERF_TABLE.take(i, mode="clip")
     return result
 
