@@ -35,7 +35,7 @@ from kws.stream import Detector
 
 from app.bus import DetectionBus
 from app.live import LiveListener, start_listener
-from app.batcher import ClipBatcher
+from app.batcher import ClipBatcher, reuse_freed_memory
 from app.predict import (DETECT_ABOVE_S, clip_for_classifier, decode_upload, prediction,
                          streaming_detections)
 from app.schemas import (Detections, DetectorSettings, Error, Health, Listener, MemoryHistory,
@@ -242,6 +242,7 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         blas_threads = threadpool_limits(settings.threads, user_api="blas")
+        reuse_freed_memory()
         bus = DetectionBus(asyncio.get_running_loop(), settings.detections_kept)
         service = Service(settings, engine or load_engine(settings.model), bus, requests)
         if settings.listen:
