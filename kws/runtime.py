@@ -74,7 +74,7 @@ _ONE_PLUS_ERF = 1.0 + np.array([math.erf(u) for u in _ERF_GRID])
 _ERF_TABLE = _ONE_PLUS_ERF[:-1].astype(np.float32)
 _ERF_SLOPE = np.diff(_ONE_PLUS_ERF).astype(np.float32)  # per grid step
 # float32 scalars made once: a Python number costs a conversion on every call
-_HALF, _TINY = np.float32(0.5), np.float32(1e-6)
+_ONE, _HALF, _TINY = np.float32(1), np.float32(0.5), np.float32(1e-6)
 _ERF_STEPS, _ERF_OFFSET = np.float32(ERF_STEPS_PER_UNIT), np.float32(ERF_RANGE * ERF_STEPS_PER_UNIT)
 
 
@@ -274,19 +274,19 @@ class _Tiled:
         self._tiles: dict[tuple, np.ndarray] = {}
 
     def _tile(self, shape: tuple) -> np.ndarray:
-        tile = self._tiles.get(shape)
-        if tile is None:
-            if math.prod(shape) > self.TILE_MAX:
-                return self.b
-            tile = self._tiles[shape] = np.ascontiguousarray(np.broadcast_to(self.b, shape))
+        if math.prod(shape) > self.TILE_MAX:
+            return self.b
+        tile = self._tiles[shape] = np.ascontiguousarray(np.broadcast_to(self.b, shape))
         return tile
 
     def add_to(self, y: np.ndarray) -> np.ndarray:
-        y += self._tile(y.shape)
+        tile = self._tiles.get(y.shape)
+        y += self._tile(y.shape) if tile is None else tile
         return y
 
     def multiply(self, y: np.ndarray) -> np.ndarray:
-        y *= self._tile(y.shape)
+        tile = self._tiles.get(y.shape)
+        y *= self._tile(y.shape) if tile is None else tile
         return y
 
 
@@ -362,8 +362,8 @@ class _Layer:
         self.mingru = bool(model["use_mingru"])
         if self.mingru:
             # Blocks [k / 2, v / 2, v + 1/2] (x @ blocks makes each a contiguous array):
-            # z = sigmoid(k) = (1 + tanh(k / 2)) / 2 and sigmoid(v) come from one tanh, and
-            # g(v) = max(v + 1/2, sigmoid(v)).
+            # z = sigmoid(k) and sigmoid(v) come from one tanh, as sigmoid(x) =
+            # (1 + tanh(x / 2)) / 2, and g(v) = max(v + 1/2, sigmoid(v)).
             w = weights.get(prefix + "mingru.weight", (2 * H, H)).T
             b = weights.get(prefix + "mingru.bias", (2 * H,))
             self.gate_w = np.stack((w[:, :H] / 2, w[:, H:] / 2, w[:, H:]))
@@ -404,12 +404,11 @@ class _Layer:
             x, line = y, xs[..., T:, :]
         if self.mingru:
             a = self.gate_b.add_to(x[..., None, :, :] @ self.gate_w)  # k/2, v/2, v + 1/2
-            half = np.tanh(a[..., :2, :, :])
-            half *= _HALF  # tanh(k/2) / 2, tanh(v/2) / 2
-            z, g = half[..., 0, :, :], half[..., 1, :, :]
-            keep = np.subtract(_HALF, z)  # 1 - z
-            z += _HALF
-            g += _HALF  # sigmoid(v)
+            s = np.tanh(a[..., :2, :, :])
+            s *= _HALF
+            s += _HALF  # sigmoid of k and v
+            z, g = s[..., 0, :, :], s[..., 1, :, :]
+            keep = np.subtract(_ONE, z)
             np.maximum(g, a[..., 2, :, :], out=g)
             z *= g  # z g(v): what each step adds
             hs = _recurrence(keep, z, h)
