@@ -151,7 +151,10 @@ class TrainingBatches:
     `speech_negatives` is the fraction of background examples that hold speech which must not
     fire: about half of them the end of a clip in the context then a target of noise alone (a
     word just ended), the others a target second that starts with only the tail of a word
-    (`word_tail`). No background example's target ever holds a whole word.
+    (`word_tail`). No background example's target ever holds a whole word. `sentence_negatives`
+    is the fraction of background examples cut from `sentences`, running speech without any
+    keyword (kws.speech.training_sentences); with it, a fifth of the words' contexts are also
+    the end of a sentence, as when a keyword follows talk.
 
     Augmentations for new voices and rooms, each the share of examples it touches (0: off, and
     then it draws nothing, so seeded batches stay as they were): `vtlp` warps a word's frequency
@@ -164,11 +167,19 @@ class TrainingBatches:
                  synth_labels: list[int], noise: list[np.ndarray], n_classes: int,
                  background: int, seed: int = 0, context_s: float = 0.5,
                  real_weight: float = 4.0, background_weight: float = 2.0,
-                 speech_negatives: float = 0.0, vtlp: float = 0.0, reverb: float = 0.0, masks: float = 0.0):
+                 speech_negatives: float = 0.0, vtlp: float = 0.0, reverb: float = 0.0, masks: float = 0.0,
+                 sentences: list[np.ndarray] | None = None, sentence_negatives: float = 0.0):
         for name, value in {"speech_negatives": speech_negatives, "vtlp": vtlp, "reverb": reverb,
-                            "masks": masks}.items():
+                            "masks": masks, "sentence_negatives": sentence_negatives}.items():
             if not 0.0 <= value <= 1.0:
                 raise DataError(f"{name} is a fraction from 0 to 1, not {value}")
+        if speech_negatives + sentence_negatives > 1.0:
+            raise DataError(f"speech_negatives and sentence_negatives share the background examples: "
+                            f"together at most 1, not {speech_negatives + sentence_negatives:g}")
+        if sentence_negatives > 0 and not sentences:
+            raise DataError("sentence_negatives needs sentences to cut them from")
+        self.sentences = [s for s in (sentences or []) if len(s)]
+        self.sentence_negatives = sentence_negatives
         self.vtlp, self.reverb, self.masks = vtlp, reverb, masks
         self.clips = np.concatenate([real, synth]) if len(synth) else real
         self.is_synth = np.r_[np.zeros(len(real), bool), np.ones(len(synth), bool)]
@@ -199,6 +210,8 @@ class TrainingBatches:
         kind = self.rng.random()
         if kind < 0.4:  # the end of another word, as when keywords follow each other
             return self._clip_end()
+        if self.sentence_negatives > 0 and kind < 0.6:  # the end of a sentence: a keyword after talk
+            return self._sentence_window(self.context, end=True)
         return np.zeros(self.context, np.float32)  # noise is added to the whole example below
 
     def _clip_end(self) -> np.ndarray:
@@ -219,14 +232,27 @@ class TrainingBatches:
         x[self.context:self.context + len(tail)] = tail * 10 ** (self.rng.uniform(-10, 5) / 20)
         return x
 
+    def _sentence_window(self, length: int, end: bool = False) -> np.ndarray:
+        """`length` samples of a random sentence at -40 to -15 dBFS: any stretch of it, with
+        silence where the window overhangs it, or with `end` the last samples of its speech."""
+        speech = self.sentences[self.rng.randrange(len(self.sentences))]
+        level = 10 ** (self.rng.uniform(-40, -15) / 20) / (float(np.sqrt(np.mean(speech ** 2))) + 1e-8)
+        padded = np.pad(speech, (length, length))
+        start = len(speech) if end else self.rng.randrange(len(speech) + length)
+        return (padded[start:start + length] * level).astype(np.float32)
+
     def example(self) -> tuple[np.ndarray, int]:
         label = int(self.np_rng.choice(len(self.class_p), p=self.class_p))
         total = self.context + CLIP_SAMPLES
         if label == self.background:
             x = np.zeros(total, np.float32)
-            # No draw at all when the option is off: the seeded batches stay as they were.
-            if self.speech_negatives > 0 and self.rng.random() < self.speech_negatives:
-                x = self._speech_negative()
+            # No draw at all when the options are off: the seeded batches stay as they were.
+            if self.speech_negatives > 0 or self.sentence_negatives > 0:
+                kind = self.rng.random()
+                if kind < self.speech_negatives:
+                    x = self._speech_negative()
+                elif kind < self.speech_negatives + self.sentence_negatives:
+                    x = self._sentence_window(total)
         else:
             target = self._speech(label) * 10 ** (self.rng.uniform(-12, 8) / 20)
             if self.vtlp > 0 and self.rng.random() < self.vtlp:

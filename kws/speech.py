@@ -1,5 +1,5 @@
 """Speech that must not fire: sentences without any of the 35 keywords, rendered by the offline
-TTS engines (espeak-ng, flite) for `kws eval-stream`'s streams.
+TTS engines (espeak-ng, flite), for `kws eval-stream`'s streams and as training's negatives.
 
 A sentence is drawn from VOCABULARY by a seed: its words, its engine, voice and speed. The
 vocabulary is everyday English without the 35 words and without their homophones ("to", "for",
@@ -7,10 +7,14 @@ vocabulary is everyday English without the 35 words and without their homophones
 ("bad", "dawn", "lift", "happen") stay in, as they are what a user will say. Renders are cached
 in a folder (WAV, named by a hash of what made them), so a stream is rebuilt without the engines
 after the first time, and the same seed gives the same audio.
+
+Training draws its sentences from TRAINING_VOCABULARY, which shares no word with VOCABULARY:
+the speech of the evaluation streams stays words the model never heard as negatives.
 """
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,31 @@ window winter with woman wonder wood word work world would year you young your
 bat bet bid bud dawn dig lift loft map gone ban heaven
 """.split())
 
+TRAINING_VOCABULARY = tuple("""
+ability above accept across act add afraid age ago agree air allow alone along already
+although amount angry animal answer appear apple area arm army arrive art attack aunt autumn baby
+bake ball band base basket bath beach bean bear beat beautiful become bell belong bench beside
+bicycle bill biscuit blanket blood board boat body bone border borrow bottle bottom bowl box brain
+branch bread break breakfast breath brick bridge bright broad brother brush bucket build burn bus
+busy butter button cake camera camp candle cap captain card carpet castle catch cause ceiling chair
+chalk cheap cheese chicken chief church circle class clever climb clock cloth cloud coat coffee coin
+collect colour corner cotton cough count cousin cover cow crack cream crowd cry curtain cut daughter
+deep desk dinner dish doctor dollar drawer dress dry dust ear east edge egg empty enemy engine exam
+explain fail farm fat fear feather fence fever film finger flag floor flower fog fork fresh fruit
+fun funny gate gift glove goat gold grass guest guitar hair hammer hat heavy hill hole holiday honey
+hospital hungry hurry ice island jacket jam job joke juice jump kettle key kick kitchen knee knife
+ladder lake lamp language lemon lesson library lip lock lunch machine market meat medicine meet
+metal middle mirror moon mountain mouse mouth mud nail narrow neck needle nest news noon nose ocean
+office oil onion orange oven pack pain paint pair pan pants path pay peace pen pencil pepper piano
+pick pie pig pillow pink pipe pizza plate pocket police pool potato pull purple push rabbit radio
+rice rich ring roof rope rose rubber rule salt sand sauce scarf shadow shake shape sheep shelf shirt
+shoe shop shoulder silver sister skirt sky sleep slow smile smoke snake snow soap sock soft soup
+space spoon square stairs stamp station steam stick stone storm string student sugar suit swim tail
+tea teacher tent thick thin thumb ticket tiger toast tomato tongue tool tooth towel toy train truck
+umbrella uncle valley village wait wash wheel wide wife wild wing wire wolf yard yellow
+""".split())
+TRAINING_SENTENCES = 1000  # about 35 minutes of speech
+
 # Homophones and near-homophones of the keywords, left out of the vocabulary on purpose.
 KEYWORD_SOUNDS = frozenset({"to", "too", "for", "fore", "know", "won", "write", "rite", "ate",
                             "wright", "sicks", "nein"})
@@ -59,11 +88,11 @@ WORDS_PER_SENTENCE = (3, 8)  # about 1-3 s of speech
 SPEECH = "_speech_"  # the label of a stream placement that holds non-keyword speech
 
 
-def sentence(seed: int) -> Render:
-    """The sentence and the way it is spoken for `seed`."""
+def sentence(seed: int, vocabulary: tuple[str, ...] = VOCABULARY) -> Render:
+    """The sentence of words from `vocabulary` and the way it is spoken for `seed`."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(WORDS_PER_SENTENCE[0], WORDS_PER_SENTENCE[1] + 1))
-    text = " ".join(VOCABULARY[i] for i in rng.integers(len(VOCABULARY), size=n))
+    text = " ".join(vocabulary[i] for i in rng.integers(len(vocabulary), size=n))
     engine = sorted(ENGINE_SETTINGS)[int(rng.integers(len(ENGINE_SETTINGS)))]
     voices, variants, rates = ENGINE_SETTINGS[engine]
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
@@ -74,10 +103,10 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kws" / "speech"
 
 
-def spoken(seed: int, cache: Path) -> np.ndarray:
-    """Float32 16-kHz audio of `sentence(seed)`, leading and trailing silence trimmed, rendered
-    once and then read from `cache`."""
-    r = sentence(seed)
+def spoken(seed: int, cache: Path, vocabulary: tuple[str, ...] = VOCABULARY) -> np.ndarray:
+    """Float32 16-kHz audio of `sentence(seed, vocabulary)`, leading and trailing silence
+    trimmed, rendered once and then read from `cache`."""
+    r = sentence(seed, vocabulary)
     key = hashlib.sha256(repr(r).encode()).hexdigest()[:16]
     path = Path(cache) / f"{key}.wav"
     if path.is_file():
@@ -90,3 +119,11 @@ def spoken(seed: int, cache: Path) -> np.ndarray:
     os.replace(tmp, path)
     return audio
 
+
+
+def training_sentences(cache: Path, count: int = TRAINING_SENTENCES) -> list[np.ndarray]:
+    """`count` sentences of TRAINING_VOCABULARY (seeds 0, 1, ...), rendered into `cache` once."""
+    from tqdm import tqdm
+    return [spoken(seed, cache, TRAINING_VOCABULARY)
+            for seed in tqdm(range(count), desc="training sentences", unit="sentence",
+                             mininterval=0.5 if sys.stderr.isatty() else 30)]

@@ -28,6 +28,7 @@ from kws.data import (BACKGROUND, LABELS, TrainingBatches, load_clips, read_nois
                       read_synth)
 from kws.errors import KwsError
 from kws.model import MGRADE, ModelConfig, preset, read_checkpoint, save_model
+from kws.speech import default_cache, training_sentences
 from kws.teacher import EMBEDDING_DIM, aligned_steps, embedding_count, load_teacher
 
 
@@ -47,6 +48,7 @@ class TrainConfig:
     rounded_fraction: float = 0.1  # the last steps train on integer delays, as inference reads them
     background_weight: float = 2.0  # how often background is drawn, against 1 for each word
     speech_negatives: float = 0.0  # share of background examples holding a word's end or tail
+    sentence_negatives: float = 0.0  # share of background examples cut from keyword-free TTS sentences
     vtlp: float = 0.0  # share of word examples with a warped frequency axis (new vocal tracts)
     reverb: float = 0.0  # share of examples in a synthetic room (RT60 0.1-0.8 s)
     masks: float = 0.0  # share of examples with a silenced time span and frequency band
@@ -150,10 +152,12 @@ def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
                            seed=cfg.seed * 100003 + epoch * 101 + rank, context_s=context_s,
                            background_weight=cfg.background_weight,
                            speech_negatives=cfg.speech_negatives, vtlp=cfg.vtlp, reverb=cfg.reverb,
-                           masks=cfg.masks)
+                           masks=cfg.masks, sentences=d["sentences"], sentence_negatives=cfg.sentence_negatives)
 
 
-def load_training_data(data: Path, synth: Path | None, log) -> dict:
+def load_training_data(data: Path, synth: Path | None, log, sentences: bool = False) -> dict:
+    """Clips, noise and validation clips; with `sentences`, the keyword-free TTS sentences
+    (rendered into kws.speech's cache the first time, a few minutes)."""
     real = read_split(data, "training")
     synth_clips = read_synth(synth) if synth else []
     valid = read_split(data, "validation")
@@ -164,6 +168,7 @@ def load_training_data(data: Path, synth: Path | None, log) -> dict:
         "real": load_clips(real), "real_labels": [index[c.label] for c in real],
         "synth": load_clips(synth_clips), "synth_labels": [index[c.label] for c in synth_clips],
         "noise": read_noise(data, "training"),
+        "sentences": training_sentences(default_cache()) if sentences else [],
         "valid": load_clips(valid), "valid_labels": np.array([index[c.label] for c in valid]),
         "counts": {w: {"real": sum(c.label == w for c in real),
                        "synthetic": sum(c.label == w for c in synth_clips)} for w in LABELS[:-1]},
@@ -191,6 +196,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
         if not (math.isfinite(value) and value >= 0):
             raise KwsError(f"{flag} must be 0 or more, not {value}")
     fractions = {"--speech-negatives": (cfg.speech_negatives, 0.0, 1.0, True),
+                 "--sentence-negatives": (cfg.sentence_negatives, 0.0, 1.0, True),
                  "--vtlp": (cfg.vtlp, 0.0, 1.0, True), "--reverb": (cfg.reverb, 0.0, 1.0, True),
                  "--masks": (cfg.masks, 0.0, 1.0, True),
                  "--label-smoothing": (cfg.label_smoothing, 0.0, 1.0, False),
@@ -199,6 +205,9 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
         if not (low <= value < high or (high_ok and value == high)):
             raise KwsError(f"{flag} is a fraction from {low:g} to {high:g}{'' if high_ok else ' (not included)'}, "
                            f"not {value}")
+    if cfg.speech_negatives + cfg.sentence_negatives > 1.0:
+        raise KwsError(f"--speech-negatives and --sentence-negatives share the background examples: "
+                       f"together at most 1, not {cfg.speech_negatives + cfg.sentence_negatives:g}")
     for flag, value in {"--distill-repr": cfg.distill_repr, "--distill-logits": cfg.distill_logits}.items():
         if not (math.isfinite(value) and value >= 0):
             raise KwsError(f"{flag} is a loss weight, 0 (off) or more, not {value}")
@@ -264,7 +273,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     run_dir = Path(run_dir or out.with_suffix(".run"))
     torch.manual_seed(cfg.seed)
 
-    d = load_training_data(data, synth, log)
+    d = load_training_data(data, synth, log, sentences=cfg.sentence_negatives > 0)
     model = MGRADE(model_cfg).to(device)
     if init is not None:  # fine-tune: start from a trained model's weights, not at random
         try:

@@ -331,6 +331,83 @@ def test_a_speech_negative_share_outside_0_to_1_is_a_data_error(training_arrays,
         batches(training_arrays, speech_negatives=bad)
 
 
+# ----------------------------------------------------------------------------- sentence negatives
+
+SENTENCE_HZ, WORD_HZ = 1000.0, 440.0
+
+
+def sentence_batches(sentence_negatives, speech_negatives=0.0, seed=0, n=800, background_weight=9.0):
+    """Examples of one word (a 440-Hz tone burst) with all-zero noise and one 'sentence', 2 s of a
+    1000-Hz tone, so that every sound in an example says where it came from."""
+    clips = np.stack([tone_burst(), tone_burst(0.25, 0.75)])
+    sentence = (0.2 * np.sin(2 * np.pi * SENTENCE_HZ * np.arange(32000) / 16000)).astype(np.float32)
+    b = TrainingBatches(clips, [0, 0], clips[:0], [], [np.zeros(3 * 16000, np.float32)], len(LABELS), BG,
+                        seed=seed, background_weight=background_weight, speech_negatives=speech_negatives,
+                        sentences=[sentence], sentence_negatives=sentence_negatives)
+    x, y = b.batch(n)
+    return x.numpy(), y.numpy()
+
+
+def dominant_hz(x: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(x))
+    return float(np.argmax(spectrum) * 16000 / len(x))
+
+
+@pytest.mark.parametrize("fraction", [0.3, 1.0])
+def test_sentence_negatives_fill_their_share_of_background_examples_with_a_stretch_of_a_sentence(fraction):
+    x, y = sentence_batches(fraction, seed=3)
+    background = x[y == BG]
+    heard = np.abs(background).max(axis=1) > 1e-6
+    assert len(background) > 600
+    assert heard.mean() == pytest.approx(fraction, abs=0.075)  # about 4 standard deviations
+    for row in background[heard][:50]:
+        assert dominant_hz(row) == pytest.approx(SENTENCE_HZ, abs=20)  # the sentence, not a word
+        loud = row[np.abs(row) > 1e-6]
+        dbfs = 20 * np.log10(np.sqrt(np.mean(loud ** 2)))
+        assert -41 < dbfs < -14  # at -40 to -15 dBFS
+
+
+def test_speech_and_sentence_negatives_split_the_background_examples_between_them():
+    x, y = sentence_batches(0.5, speech_negatives=0.5, seed=6)
+    background = x[y == BG]
+    assert (np.abs(background).max(axis=1) > 1e-6).all()  # together they take every one
+    hz = np.array([dominant_hz(row) for row in background])
+    sentences = np.abs(hz - SENTENCE_HZ) < 20
+    words = np.abs(hz - WORD_HZ) < 20  # a word's end or tail (a very short tail may read neither)
+    assert sentences.mean() == pytest.approx(0.5, abs=0.075)
+    assert words.mean() == pytest.approx(0.5, abs=0.075)
+
+
+def test_with_sentence_negatives_a_fifth_of_the_words_follow_the_end_of_a_sentence():
+    x, y = sentence_batches(0.5, seed=8, background_weight=1.0)
+    ctx = 8000
+    words = x[y != BG]
+    after_talk = [row for row in words if np.abs(row[:ctx]).max() > 1e-6
+                  and dominant_hz(row[:ctx]) == pytest.approx(SENTENCE_HZ, abs=20)]
+    assert len(after_talk) / len(words) == pytest.approx(0.2, abs=0.07)
+    for row in after_talk:  # the sentence's very end, right before the word's second
+        assert np.abs(row[ctx - 40:ctx]).max() > 1e-6
+
+
+def test_sentences_given_but_off_leave_the_seeded_batches_as_they_were(training_arrays):
+    sentence = np.ones(16000, np.float32) * 0.1
+    default = batches(training_arrays, seed=11, synth=3, background_weight=6.0, speech_negatives=0.6).batch(32)
+    off = batches(training_arrays, seed=11, synth=3, background_weight=6.0, speech_negatives=0.6,
+                  sentences=[sentence], sentence_negatives=0.0).batch(32)
+    assert np.array_equal(default[0].numpy(), off[0].numpy()) and default[1].tolist() == off[1].tolist()
+
+
+def test_speech_and_sentence_negatives_above_1_together_are_refused(training_arrays):
+    with pytest.raises(DataError, match="together at most 1"):
+        batches(training_arrays, speech_negatives=0.6, sentences=[np.ones(100, np.float32)],
+                sentence_negatives=0.5)
+
+
+def test_sentence_negatives_without_sentences_are_refused(training_arrays):
+    with pytest.raises(DataError, match="needs sentences"):
+        batches(training_arrays, sentence_negatives=0.5)
+
+
 # ----------------------------------------------------------------------------- augmentations
 
 def tone(freq: float, n: int = 16000) -> np.ndarray:

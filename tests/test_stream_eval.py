@@ -12,7 +12,8 @@ from kws.cli import main
 from kws.data import read_noise, read_split
 from kws.stream import Detection
 from kws.data import WORDS
-from kws.speech import KEYWORD_SOUNDS, SPEECH, VOCABULARY, sentence, spoken
+from kws.speech import (KEYWORD_SOUNDS, SPEECH, TRAINING_VOCABULARY, VOCABULARY, sentence, spoken,
+                        training_sentences)
 from kws.stream_eval import (Placement, det_image, operating_point, score, stream_slots,
                              word_bounds, write_png)
 
@@ -143,6 +144,17 @@ def test_sentences_hold_no_keyword_and_are_the_same_for_the_same_seed(tmp_path):
     assert 0.5 < len(audio) / 16000 < 6 and rms(audio) > 0.01
     assert np.array_equal(spoken(5, tmp_path), audio)  # read back from the cache
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_training_sentences_hold_no_keyword_and_no_word_of_the_streams_sentences(tmp_path):
+    assert not set(TRAINING_VOCABULARY) & (set(WORDS) | KEYWORD_SOUNDS)
+    assert not set(TRAINING_VOCABULARY) & set(VOCABULARY)  # what streams hold stays unheard
+    audio = training_sentences(tmp_path, count=3)
+    assert len(audio) == 3 and all(rms(a) > 0.01 for a in audio)
+    for seed in range(3):
+        assert all(w in TRAINING_VOCABULARY for w in sentence(seed, TRAINING_VOCABULARY).word.split())
+    assert len(list(tmp_path.iterdir())) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(training_sentences(tmp_path, count=3), audio))
 
 
 def read_png(data: bytes) -> tuple[np.ndarray, dict]:

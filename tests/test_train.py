@@ -185,6 +185,23 @@ def test_speech_negatives_are_off_unless_asked_for_and_kws_train_passes_them(spe
     assert read_checkpoint(tmp_path / "b.pt")[2]["train"]["speech_negatives"] == 0.6
 
 
+def test_sentence_negatives_are_off_unless_asked_for_and_kws_train_passes_the_sentences(
+        speech_commands, tmp_path, monkeypatch):
+    assert TrainConfig().sentence_negatives == 0.0
+    rendered = [np.full(8000, 0.1, np.float32)]
+    monkeypatch.setattr(kws.train, "training_sentences", lambda cache: rendered)  # no TTS in this test
+    shares, sentences = batches_option(monkeypatch, "sentence_negatives"), []
+    monkeypatch.setattr(kws.train.TrainingBatches, "_sentence_window",
+                        lambda self, n, end=False: sentences.append(self.sentences) or np.zeros(n, np.float32))
+    common = ["train", "--data", str(speech_commands.root), "--epochs", "1", "--examples-per-epoch", "32",
+              "--batch-size", "32", "--warmup-steps", "1", *TINY_SET]
+    assert main([*common, "--out", str(tmp_path / "a.pt")]) == 0
+    assert not sentences
+    assert main([*common, "--out", str(tmp_path / "b.pt"), "--sentence-negatives", "0.9"]) == 0
+    assert shares == [0.0, 0.9] and sentences and all(s == rendered for s in sentences)
+    assert read_checkpoint(tmp_path / "b.pt")[2]["train"]["sentence_negatives"] == 0.9
+
+
 def test_augmentations_are_off_by_default_and_kws_train_passes_them(speech_commands, tmp_path, monkeypatch):
     assert (TrainConfig().vtlp, TrainConfig().reverb, TrainConfig().masks) == (0.0, 0.0, 0.0)
     seen = {name: batches_option(monkeypatch, name) for name in ("vtlp", "reverb", "masks")}
@@ -409,6 +426,8 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--examples-per-epoch", "4", "--batch-size", "8"],
     ["--speech-negatives", "1.5"],
     ["--speech-negatives", "-0.1"],
+    ["--sentence-negatives", "1.5"],
+    ["--speech-negatives", "0.6", "--sentence-negatives", "0.5"],  # they share the background examples
     ["--lr", "0"],
     ["--lr", "-0.001"],
     ["--lr", "nan"],
