@@ -18,9 +18,9 @@ import numpy as np
 _STOP = object()
 # glibc's malloc gives a freed block of 128 KB or more back to the system at once (munmap, or a
 # trim of the heap's top), so the arrays of every batch (hundreds of KB each) were page-faulted
-# in afresh: in this VM that made the erf lookups of a batch of four 1-s clips 2.3 times slower,
-# and /predict 11% slower (`kws bench http`). Blocks under MMAP_ABOVE_BYTES now come from the
-# heap, and up to KEEP_FREED_BYTES of free heap is kept for the next batch.
+# in afresh, which is slow in a VM: on the development machine, the table lookups of a batch
+# were several times slower than the same lookups repeated. Blocks under MMAP_ABOVE_BYTES now
+# come from the heap, and up to KEEP_FREED_BYTES of free heap is kept for the next batch.
 MMAP_ABOVE_BYTES = 16 << 20
 KEEP_FREED_BYTES = 64 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
