@@ -160,7 +160,7 @@ def register(sub):
     p.add_argument("--threshold", type=argument(parse_threshold),
                    help="detection probability for the listener and long /predict clips, as in "
                    f"`kws listen` ($KWS_THRESHOLD, default {DEFAULT_THRESHOLD}; per word: "
-                   "yes=0.9,no=0.7)")
+                   "yes=0.98,no=0.99)")
     p.add_argument("--words", type=argument(parse_words), help="report only these words, comma "
                    "separated ($KWS_WORDS, default: all 35)")
     p.add_argument("--workers", type=int, help="threads that decode uploads ($KWS_WORKERS, default 2)")

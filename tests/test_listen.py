@@ -126,7 +126,7 @@ def test_a_44k_stereo_file_gives_the_words_of_the_16k_mono_file(shipped_model_pa
 def test_listen_help_shows_the_real_default_threshold(capsys):
     with pytest.raises(SystemExit):
         main(["listen", "--help"])
-    assert f"(default {DEFAULT_THRESHOLD})" in " ".join(capsys.readouterr().out.split())
+    assert f"(default {DEFAULT_THRESHOLD}:" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("clip", KEYWORD_CLIPS)
