@@ -290,13 +290,19 @@ class _Tiled:
         return y
 
 
-def _layer_norm(c: np.ndarray, eps_n: np.float32) -> np.ndarray:
-    """LayerNorm, but for its affine, of centred rows c, over sqrt(n) (LayerNorm's weight, times
-    sqrt(n), makes up for it): c / sqrt(sum(c^2) + n * eps). A new array."""
+def _row_norm(c: np.ndarray, eps_n: np.float32) -> np.ndarray:
+    """What LayerNorm divides centred rows c by, over sqrt(n): sqrt(sum(c^2) + n * eps), shape
+    (..., 1)."""
     norm = np.vecdot(c, c)
     norm += eps_n
     np.sqrt(norm, out=norm)
-    return np.divide(c, norm[..., None])
+    return norm[..., None]
+
+
+def _layer_norm(c: np.ndarray, eps_n: np.float32) -> np.ndarray:
+    """LayerNorm, but for its affine, of centred rows c, over sqrt(n) (LayerNorm's weight, times
+    sqrt(n), makes up for it). A new array."""
+    return np.divide(c, _row_norm(c, eps_n))
 
 
 class _Frontend:
@@ -418,10 +424,7 @@ class _Layer:
             y += x
             x = y
         c = x @ self.centre
-        norm = np.vecdot(c, c)
-        norm += self.eps_n
-        np.sqrt(norm, out=norm)
-        u = self.fc1_b.add_to(np.divide(x @ self.fc1_w, norm[..., None]))
+        u = self.fc1_b.add_to(np.divide(x @ self.fc1_w, _row_norm(c, self.eps_n)))
         position = np.multiply(u, _ERF_STEPS)
         position += _ERF_OFFSET
         m = _one_plus_erf(position)
