@@ -176,9 +176,9 @@ class TrainingBatches:
         if speech_negatives + sentence_negatives > 1.0:
             raise DataError(f"speech_negatives and sentence_negatives share the background examples: "
                             f"together at most 1, not {speech_negatives + sentence_negatives:g}")
-        if sentence_negatives > 0 and not sentences:
-            raise DataError("sentence_negatives needs sentences to cut them from")
         self.sentences = [s for s in (sentences or []) if len(s)]
+        if sentence_negatives > 0 and not self.sentences:
+            raise DataError("sentence_negatives needs sentences to cut them from")
         self.sentence_negatives = sentence_negatives
         self.vtlp, self.reverb, self.masks = vtlp, reverb, masks
         self.clips = np.concatenate([real, synth]) if len(synth) else real
