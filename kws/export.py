@@ -1,12 +1,15 @@
 """`kws export CHECKPOINT OUT`: the torch-free model file that `kws listen`, `kws serve` and
-`kws info` load (OUT.npz, format: kws.runtime), or an ONNX graph of one streaming step with
-its state as explicit inputs and outputs (OUT.onnx), for C++, phones and browsers.
+`kws info` load (OUT.npz, format: kws.runtime), an ONNX graph of one streaming step with
+its state as explicit inputs and outputs (OUT.onnx), for C++, phones and browsers, or a copy
+of the checkpoint (OUT.pt). `--thresholds` sets the model's per-word detection thresholds
+(what `kws eval-stream --choose-thresholds` chose on validation streams) in whichever it writes:
+the Detector's defaults wherever the model goes.
 
 The ONNX graph takes `audio`, exactly `steps` x stride new samples (batch 1), and the state:
 `audio_state` (the last frontend_kernel - stride samples), then per layer `line_i` (delay line)
 and `hidden_i` (minGRU). It returns `logits` (1, steps, classes) and the new state under the
-same names + "_out". Its metadata (`kws.labels`, `kws.stride`, `kws.steps`, `kws.start_state`:
-JSON) holds what a caller needs, the start state being what `clip_context_s` of silence leaves.
+same names + "_out". Its metadata (`kws.labels`, `kws.stride`, `kws.steps`, `kws.thresholds`,
+`kws.start_state`: JSON) holds what a caller needs, the start state being what `clip_context_s` of silence leaves.
 The shapes are fixed, so tracing `model.stream` records exactly one path: the delay taps and
 the step-by-step recurrence for `steps` steps.
 
@@ -102,7 +105,7 @@ def export_onnx(model, out, steps: int = ONNX_STEPS):
     proto = onnx.load(str(out))
     onnx.helper.set_model_props(proto, {
         "kws.labels": json.dumps(list(model.cfg.labels)), "kws.stride": str(model.cfg.stride),
-        "kws.steps": str(steps),
+        "kws.steps": str(steps), "kws.thresholds": json.dumps(model.thresholds),
         "kws.start_state": json.dumps({n: t[0].tolist() for n, t in zip(names, start)})})
     onnx.save(proto, str(out))
 
@@ -132,13 +135,27 @@ class OnnxStream:
         return outputs[0][0], dict(zip(self.names, outputs[1:]))
 
 
-def export(checkpoint, out, steps: int = ONNX_STEPS) -> float:
-    """Write `out` (.npz, or .onnx) from `checkpoint`; returns the checked difference in logits."""
+def export(checkpoint, out, steps: int = ONNX_STEPS, thresholds: dict | None = None) -> float:
+    """Write `out` (.npz, .onnx, or .pt) from `checkpoint`, with `thresholds` as the model's
+    per-word detection thresholds if given (else the checkpoint's own, if it has them); returns
+    the checked difference in logits."""
     from kws.cli import load
-    from kws.runtime import load_engine, save_engine
+    from kws.labels import threshold_problem
+    from kws.runtime import StreamEngine, load_engine, save_engine
 
-    model = load(checkpoint)
-    if Path(out).suffix == ".onnx":
+    model = load(checkpoint)  # first: without torch, this is the error that says how to get it
+    if thresholds is not None:
+        problem = threshold_problem(thresholds, model.cfg.labels)
+        if problem:
+            raise KwsError(problem)
+        model.thresholds = dict(thresholds)
+    if Path(out).suffix == ".pt":
+        from kws.model import read_checkpoint, save_model
+
+        meta = read_checkpoint(checkpoint)[2]
+        save_model(model, out, {**meta, "thresholds": model.thresholds})
+        difference = stream_difference(model, StreamEngine.from_model(load(out)), check_audio())
+    elif Path(out).suffix == ".onnx":
         export_onnx(model, out, steps)
         stream = OnnxStream(out)
         difference = stream_difference(model, stream, check_audio(), stream.samples_per_call)
@@ -152,9 +169,12 @@ def export(checkpoint, out, steps: int = ONNX_STEPS) -> float:
 
 
 def run(args):
+    from kws.stream import read_thresholds
+
     if args.steps < 1:
         raise KwsError(f"--steps must be positive, got {args.steps}")
-    difference = export(args.checkpoint, args.out, args.steps)
+    thresholds = read_thresholds(args.thresholds) if args.thresholds else None
+    difference = export(args.checkpoint, args.out, args.steps, thresholds)
     print(f"kws export: wrote {args.out} (logits within {difference:.1e} of the checkpoint's)",
           file=sys.stderr)
 
@@ -164,10 +184,15 @@ def register(sub):
 
     p = sub.add_parser("export", help=COMMANDS["export"][1],
                        description="Write the torch-free model file of a checkpoint (OUT.npz: "
-                       "named arrays and a JSON config, read without pickle), or one streaming "
-                       "step as ONNX with explicit state inputs and outputs (OUT.onnx).")
+                       "named arrays and a JSON config, read without pickle), one streaming "
+                       "step as ONNX with explicit state inputs and outputs (OUT.onnx), or a "
+                       "copy of the checkpoint (OUT.pt), each with the model's per-word "
+                       "detection thresholds.")
     p.add_argument("checkpoint", help="PyTorch checkpoint (.pt) from kws train")
-    p.add_argument("out", help="file to write: .npz (what kws listen/serve load) or .onnx")
+    p.add_argument("out", help="file to write: .npz (what kws listen/serve load), .onnx, or .pt")
+    p.add_argument("--thresholds", metavar="JSON", help="the per-word detection thresholds to "
+                   "store as the model's defaults (a file kws eval-stream --choose-thresholds "
+                   "wrote); without it, the checkpoint's own, if it has them")
     p.add_argument("--steps", type=int, default=ONNX_STEPS,
                    help=f"ONNX: model steps per call, fixed in the graph ({ONNX_STEPS})")
     p.set_defaults(func=run)

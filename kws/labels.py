@@ -15,3 +15,16 @@ WELL_COVERED = ("bed", "cat", "happy", "down", "go", "left", "right", "up", "eig
                 "one", "zero", "yes", "no", "on", "off", "stop")
 # The v2 benchmark's 12-class protocol: ten words, the other 25 as unknown, and silence.
 CORE_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
+def threshold_problem(thresholds, labels) -> str | None:
+    """What is wrong with a {word: probability} map of detection thresholds for a model with
+    these labels (words only, each a probability), or None when it is fine."""
+    if not isinstance(thresholds, dict):
+        return f"thresholds must map words to probabilities, not {type(thresholds).__name__}"
+    for word, t in thresholds.items():
+        if word not in labels or word == BACKGROUND:
+            return f"threshold for {word!r}, which is not one of the model's words"
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            return f"threshold for {word!r} is {t!r}; thresholds are probabilities in [0, 1]"
+    return None

@@ -367,11 +367,13 @@ def register(sub):
     p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--rate", type=positive(int), help="device sample rate in Hz "
                    "(default: 16000 if the device takes it, else its default rate)")
-    p.add_argument("--threshold", type=argument(parse_threshold), help="detection probability, "
-                   f"one for all words (default {DEFAULT_THRESHOLD}: at most about one false alarm "
-                   "an hour on validation streams; lower hears more words and fires more often, "
-                   "0.98 about 70%% of them at 5 an hour) or per word (yes=0.98,no=0.99; words "
-                   "not named keep the default)")
+    p.add_argument("--threshold", type=argument(parse_threshold), help="detection probability: "
+                   "one for all words, per word (yes=0.98,no=0.99; words not named keep their "
+                   "default), or a JSON file of per-word thresholds. Default: the model's own "
+                   "per-word thresholds, chosen on validation streams for the most words heard "
+                   "with at most one false alarm an hour (`kws info` lists them), and "
+                   f"{DEFAULT_THRESHOLD} for a word without one. Lower hears more words and "
+                   "fires more often.")
     p.add_argument("--words", type=argument(parse_words),
                    help="report only these words, comma separated (default: all 35)")
     p.add_argument("--input", metavar="FILE", help="stream this audio file instead of a device")

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kws.errors import KwsError
+from kws.labels import threshold_problem
 
 CHECKPOINT_FORMAT = "kws-mgrade"
 CHECKPOINT_VERSION = 1
@@ -346,6 +347,10 @@ class MGRADE(nn.Module):
         self.frontend = Frontend(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
         self.decoder = nn.Linear(cfg.width, cfg.n_classes)
+        # Per-word detection thresholds chosen for these weights on validation streams (`kws
+        # eval-stream --choose-thresholds`; kept in the checkpoint's meta): the Detector's
+        # defaults. Empty for a model not tuned, which then uses kws.stream.DEFAULT_THRESHOLD.
+        self.thresholds: dict[str, float] = {}
         self._primed, self._primed_key = None, None
 
     # -- whole sequences (training, evaluation)
@@ -456,6 +461,8 @@ class MGRADE(nn.Module):
         put("decoder.bias", self.decoder.bias)
         description = {"model": asdict(self.cfg), "layer_norm_eps": eps.pop(),
                        "parameters": parameter_count(self)}
+        if self.thresholds:
+            description["thresholds"] = dict(self.thresholds)
         return description, arrays
 
     # -- training helpers
@@ -602,7 +609,7 @@ def _weight_mismatch(model: MGRADE, state_dict: dict) -> str:
 
 def load_model(path: "str | Path") -> MGRADE:
     """A ready-to-run model in eval mode (integer delays) from a checkpoint file."""
-    cfg, state_dict, _ = read_checkpoint(path)
+    cfg, state_dict, meta = read_checkpoint(path)
     try:
         model = MGRADE(cfg)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -611,4 +618,9 @@ def load_model(path: "str | Path") -> MGRADE:
     if mismatch:
         raise CheckpointError(f"{path}: weights do not match its config: {mismatch}")
     model.load_state_dict(state_dict)
+    thresholds = meta.get("thresholds", {})
+    problem = threshold_problem(thresholds, cfg.labels)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    model.thresholds = dict(thresholds)
     return model.eval()

@@ -5,9 +5,9 @@
 
 The file is a NumPy `.npz` archive read with `allow_pickle=False`: plain arrays named like the
 model's layers (Linear weights are (out, in), as in PyTorch), plus `config`, a JSON text that
-holds the model's config, the file format's name and version, and the checkpoint's parameter
-count. NumPy reads it with nothing else installed; safetensors would add a dependency for the
-same result on a 1-MB file.
+holds the model's config, the file format's name and version, the checkpoint's parameter
+count, and the model's per-word detection thresholds when it has them. NumPy reads it with
+nothing else installed; safetensors would add a dependency for the same result on a 1-MB file.
 
 Arrays (H = width, F = front-end filters, K = frontend_kernel, W = delay_window, C = classes):
 frontend.weight (2F or H, K) [+ frontend.bias (H,) for the linear front end];
@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from kws.errors import KwsError
+from kws.labels import threshold_problem
 
 FORMAT = "kws-engine"
 VERSION = 1
@@ -107,7 +108,8 @@ class StreamState:
 
 class StreamEngine:
     """An MGRADE model in NumPy. `description`: {"model": the model's config, "layer_norm_eps",
-    "parameters": the checkpoint's count}; `arrays`: the named arrays (see the module's
+    "parameters": the checkpoint's count, and "thresholds" when the model has its own per-word
+    detection thresholds}; `arrays`: the named arrays (see the module's
     docstring), as `MGRADE.inference_arrays()` gives them. The engine's arrays are read-only,
     so any number of streams share it, each with its own StreamState."""
 
@@ -120,6 +122,12 @@ class StreamEngine:
         self.width = int(model["width"])
         self.history = int(model["frontend_kernel"]) - self.stride
         self.parameters = int(description["parameters"])
+        # the model's per-word detection thresholds (MGRADE.thresholds): the Detector's defaults
+        thresholds = description.get("thresholds", {})
+        problem = threshold_problem(thresholds, self.labels)
+        if problem:
+            raise ValueError(problem)
+        self.thresholds = dict(thresholds)
         weights = _Weights(arrays)
         with np.errstate(**QUIET):
             self.frontend = _Frontend(model, weights)

@@ -159,8 +159,9 @@ def register(sub):
                    "listener in real time instead of a device ($KWS_LISTEN_INPUT)")
     p.add_argument("--threshold", type=argument(parse_threshold),
                    help="detection probability for the listener and long /predict clips, as in "
-                   f"`kws listen` ($KWS_THRESHOLD, default {DEFAULT_THRESHOLD}; per word: "
-                   "yes=0.98,no=0.99)")
+                   "`kws listen` ($KWS_THRESHOLD; default: the model's own per-word "
+                   f"thresholds, {DEFAULT_THRESHOLD} for a word without one; per word: "
+                   "yes=0.98,no=0.99; or a JSON file of them)")
     p.add_argument("--words", type=argument(parse_words), help="report only these words, comma "
                    "separated ($KWS_WORDS, default: all 35)")
     p.add_argument("--workers", type=int, help="threads that decode uploads ($KWS_WORKERS, default 2)")

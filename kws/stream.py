@@ -38,8 +38,10 @@ a stream starts from the state 0.5 s of silence leaves.
 substitutions and false alarms in the last ten minutes no worse than in the first ten).
 """
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -74,7 +76,9 @@ class Detector:
 
     engine: the StreamEngine to run (`kws.runtime.load_engine`), or a torch MGRADE in eval mode
     (evaluation has one at hand), whose engine is built from it. threshold: one probability
-    for every word, or {word: probability} (words not named keep DEFAULT_THRESHOLD).
+    for every word, or {word: probability}; a word not given one keeps its default: the model's
+    own threshold for it (`engine.thresholds`, chosen on validation streams), else
+    DEFAULT_THRESHOLD.
     words: report only these (default: every label but the background).
     peak_wait_s: how long after crossing its threshold a word may still be rising before it is
     reported (its peak score so far).
@@ -102,7 +106,8 @@ class Detector:
             words = list(words)
             self._check_labels(words, "--words")
             candidates = [w for w in candidates if w in words]
-        per_label = dict.fromkeys(candidates, DEFAULT_THRESHOLD)
+        own = self.engine.thresholds
+        per_label = {w: own.get(w, DEFAULT_THRESHOLD) for w in candidates}
         if isinstance(threshold, dict):
             self._check_labels(threshold, "threshold")
             per_label.update((w, float(t)) for w, t in threshold.items() if w in per_label)
@@ -277,8 +282,10 @@ class _Candidate:
 
 
 def parse_threshold(text: str) -> "float | dict[str, float]":
-    """'0.8' for every word, or 'yes=0.9,no=0.7' per word (what --threshold and KWS_THRESHOLD
-    take); the Detector checks the words and the range."""
+    """'0.8' for every word, 'yes=0.9,no=0.7' per word, or a JSON file of per-word thresholds
+    (what --threshold and KWS_THRESHOLD take); the Detector checks the words and the range."""
+    if text.endswith(".json"):
+        return read_thresholds(text)
     try:
         if "=" not in text:
             return float(text)
@@ -286,6 +293,23 @@ def parse_threshold(text: str) -> "float | dict[str, float]":
     except ValueError:
         raise KwsError(f"{text!r}: give a probability like 0.8, "
                        f"or per word like yes=0.9,no=0.7") from None
+
+
+def read_thresholds(path: "str | Path") -> dict[str, float]:
+    """The per-word thresholds of a JSON file as `kws eval-stream --choose-thresholds` writes
+    it: {"thresholds": {word: probability}, ...}."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise KwsError(f"cannot read thresholds from {path}: {e.strerror}") from None
+    except ValueError:
+        raise KwsError(f"{path} is not a JSON file") from None
+    thresholds = data.get("thresholds") if isinstance(data, dict) else None
+    if not isinstance(thresholds, dict) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) for t in thresholds.values()):
+        raise KwsError(f'{path} holds no per-word thresholds: expected {{"thresholds": '
+                       f'{{"yes": 0.9, ...}}}}, as kws eval-stream --choose-thresholds writes')
+    return {w: float(t) for w, t in thresholds.items()}
 
 
 def parse_words(text: str) -> list[str]:

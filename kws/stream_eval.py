@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import resource
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ DET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0
                   0.98, 0.985, 0.99, 0.993, 0.995, 0.997, 0.999)
 MAX_FALSE_ALARMS_PER_HOUR = 1.0  # the limits a default threshold must meet (validation streams)
 MAX_SUBSTITUTION_RATE = 0.05
+# --choose-thresholds: each scored word's threshold is one of these; a substitution costs as
+# much as this many hits, and a false alarm each of these prices in turn (see choose_thresholds).
+CHOICE_GRID = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.993, 0.995, 0.997, 0.999)
+SUBSTITUTION_PRICE = 2.0
+FALSE_ALARM_PRICES = (1, 2, 3, 5, 8, 12, 20, 30, 50, 100, 200)
 MEMORY_TOLERANCE_BYTES = 5 * 2**20
 SUMMARY_KEYS = ("recall", "substitution_rate", "false_alarms_per_hour", "keywords",
                 "latency_ms_median")
@@ -321,6 +327,41 @@ def operating_point(points: list[dict], max_false_alarms_per_hour: float = MAX_F
     return max(ok, key=lambda p: (p["recall"], p["threshold"])) if ok else None
 
 
+def choose_thresholds(model, runs: list[StreamRun], words, window_s: float, refractory_s: float,
+                      peak_wait_s: float, grid=CHOICE_GRID,
+                      max_false_alarms_per_hour: float = MAX_FALSE_ALARMS_PER_HOUR,
+                      max_substitution_rate: float = MAX_SUBSTITUTION_RATE) -> dict | None:
+    """Per-word thresholds for `words` with the highest recall within both limits on the runs,
+    or None when no set meets them.
+
+    Each word is replayed alone at every threshold of `grid`: its hits, the substitutions it
+    makes on the other words, its false alarms. For each price of a false alarm (in hits,
+    FALSE_ALARM_PRICES), every word takes the threshold that maximises hits - price x false
+    alarms - SUBSTITUTION_PRICE x substitutions (the higher threshold on a tie). Each such set
+    is then replayed with all words together, as `kws listen` runs them, and the set with the
+    highest recall within the limits is returned, with its pooled rates."""
+    def replayed(threshold, only=None) -> Tally:
+        return sum((score(replay(model, run, only or words, threshold, window_s, refractory_s,
+                                 peak_wait_s), run.placements, words, run.seconds)
+                    for run in runs), Tally())
+
+    alone = {w: {t: replayed(t, [w]) for t in grid} for w in words}
+    best = None
+    for price in FALSE_ALARM_PRICES:
+        def value(t: Tally) -> float:
+            return (t.hits - price * (t.false_alarms_speech + t.false_alarms_noise)
+                    - SUBSTITUTION_PRICE * t.substitutions)
+
+        chosen = {w: max(grid, key=lambda t: (value(alone[w][t]), t)) for w in words}
+        summary = replayed(chosen).summary()
+        if (summary["false_alarms_per_hour"] <= max_false_alarms_per_hour
+                and summary["substitution_rate"] <= max_substitution_rate
+                and (best is None or summary["recall"] > best["recall"])):
+            best = {"thresholds": chosen, "false_alarm_price": price,
+                    **{k: summary[k] for k in DET_KEYS + ("latency_ms_p90", "recall_per_word")}}
+    return best
+
+
 def clip_accuracy(model, clips, seed: int, batch: int = 64) -> dict:
     """Clip accuracy (mean-logit readout over each clip's own steps) with the stream state
     reset before every clip to the state a stream starts in (`model.primed_state`, what
@@ -445,9 +486,10 @@ def _state_max(detector: Detector) -> float:
 
 def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], words, threshold,
              window_s: list[float], refractory_s: float, peak_wait_s: float,
-             det_png: Path | None, speech_cache: Path | None) -> dict:
+             det_png: Path | None, speech_cache: Path | None, choose: bool = False) -> dict:
     """One stream per seed through a Detector with the first readout window, scored together;
-    the DET curve and operating point of every window in `window_s`, from the same logits."""
+    the DET curve and operating point of every window in `window_s`, from the same logits;
+    with `choose`, per-word thresholds for the first window (`choose_thresholds`)."""
     clips = read_split(data, split)
     noise = read_noise(data, split)
     runs = []
@@ -464,9 +506,10 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
         points = det_curve(model, runs, words, w, refractory_s, peak_wait_s)
         readouts.append({"window_s": w, "operating_point": operating_point(points),
                          "det_curve": points})
+    used = Detector(model, threshold=threshold, words=words).thresholds
     result.update({
         "split": split, "minutes": sum(r.seconds for r in runs) / 60, "seeds": list(seeds),
-        "threshold": threshold if threshold is not None else DEFAULT_THRESHOLD,
+        "threshold": used.popitem()[1] if len(set(used.values())) == 1 else used,
         "window_s": window_s[0], "refractory_s": refractory_s, "peak_wait_s": peak_wait_s,
         "words": list(words),
         "real_time_factor": sum(r.compute_seconds for r in runs) / sum(r.seconds for r in runs),
@@ -479,6 +522,9 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
     })
     if len(readouts) > 1:
         result["readouts"] = readouts
+    if choose:
+        result["chosen_thresholds"] = choose_thresholds(model, runs, words, window_s[0],
+                                                        refractory_s, peak_wait_s)
     result.update(clip_accuracy(model, clips, seeds[0]))
     if det_png:
         write_png(det_png, det_image(result["det_curve"], result),
@@ -549,10 +595,16 @@ def _describe(p: dict) -> str:
             f"false alarms/hour {p['false_alarms_per_hour']:.2f}")
 
 
+def _thresholds_text(threshold) -> str:
+    if isinstance(threshold, dict):
+        return "per word (" + ", ".join(f"{w} {t:g}" for w, t in threshold.items()) + ")"
+    return f"{threshold:g}"
+
+
 def _print_report(r: dict):
     print(f"streams: {r['minutes']:.1f} min of the {r['split']} split (seeds "
           f"{', '.join(map(str, r['seeds']))}), {r['keywords']} keywords, threshold "
-          f"{r['threshold']}, window {r['window_s']} s, refractory {r['refractory_s']} s, "
+          f"{_thresholds_text(r['threshold'])}, window {r['window_s']} s, refractory {r['refractory_s']} s, "
           f"peak wait {r['peak_wait_s']} s")
     print(f"keywords: {r['hits']} hits ({r['recall']:.1%}), {r['substitutions']} substitutions "
           f"({r['substitution_rate']:.1%}), {r['misses']} misses")
@@ -569,6 +621,10 @@ def _print_report(r: dict):
         best = readout["operating_point"]
         print(f"window {readout['window_s']:g} s, best within {limits}: "
               + (f"threshold {best['threshold']}: {_describe(best)}" if best else "none"))
+    if "chosen_thresholds" in r:
+        chosen = r["chosen_thresholds"]
+        print(f"per-word thresholds, best within {limits}: "
+              + (f"{_thresholds_text(chosen['thresholds'])}: {_describe(chosen)}" if chosen else "none"))
     print(f"clip accuracy over {r['clips']} clips: state reset {r['clip_accuracy_reset']:.1%}, "
           f"carried {r['clip_accuracy_carried']:.1%}")
     if "det_png" in r:
@@ -603,11 +659,34 @@ def eval_stream(args) -> int:
         else:
             _print_long_run(result)
         return 0 if result["passed"] else 1
-    result = evaluate(**common, det_png=Path(args.det_png) if args.det_png else None)
+    result = evaluate(**common, det_png=Path(args.det_png) if args.det_png else None,
+                      choose=bool(args.choose_thresholds))
     if args.json:
         print(json.dumps(result))
     else:
         _print_report(result)
+    if args.choose_thresholds:
+        return _write_thresholds(args.choose_thresholds, result, args.model or "the shipped model")
+    return 0
+
+
+def _write_thresholds(path: str, result: dict, model: str) -> int:
+    """The chosen per-word thresholds, with what they were chosen on and what they gave there,
+    as `--threshold FILE` and `kws export --thresholds FILE` read them; 1 when none met the limits."""
+    chosen = result["chosen_thresholds"]
+    if chosen is None:
+        print(f"kws eval-stream: no per-word thresholds on the grid meet the limits; "
+              f"{path} not written", file=sys.stderr)
+        return 1
+    record = {"thresholds": chosen["thresholds"], "model": model,
+              "chosen_on": {k: result[k] for k in ("split", "minutes", "seeds", "words", "window_s",
+                                                   "refractory_s", "peak_wait_s", "limits")},
+              "result": {k: v for k, v in chosen.items() if k != "thresholds"}}
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"kws eval-stream: per-word thresholds written to {path}", file=sys.stderr)
     return 0
 
 
@@ -638,8 +717,10 @@ def register(sub):
                    help="one stream per seed, scored together, e.g. 0,1,2 (0)")
     p.add_argument("--words", type=argument(parse_words),
                    help="keywords, comma separated (default: the 17 well-covered words)")
-    p.add_argument("--threshold", type=argument(parse_threshold), help=f"detection probability "
-                   f"(default {DEFAULT_THRESHOLD}), or per word: yes=0.9,no=0.7")
+    p.add_argument("--threshold", type=argument(parse_threshold), help="detection probability "
+                   "for every word, per word (yes=0.9,no=0.7), or a JSON file of per-word "
+                   "thresholds (default: the model's own, chosen on validation streams; "
+                   f"{DEFAULT_THRESHOLD} for a model without them)")
     p.add_argument("--window-s", type=argument(_numbers(float, "seconds (> 0)")),
                    default=[DEFAULT_WINDOW_S], help=f"seconds of logits averaged into a score "
                    f"({DEFAULT_WINDOW_S:g}); more than one, e.g. 1,0.5: the first runs, each "
@@ -651,6 +732,10 @@ def register(sub):
                    "(default ~/.cache/kws/speech)")
     p.add_argument("--det-png", default="det.png", help="where to draw the DET curve "
                    "(default det.png; '' for none)")
+    p.add_argument("--choose-thresholds", metavar="JSON", help="also choose per-word thresholds "
+                   "for the scored words: the highest recall within the limits (1 false alarm "
+                   "per keyword-free hour, 5%% substitutions) on these streams (use the "
+                   "validation split); write them to JSON, for --threshold and kws export")
     p.add_argument("--long-run-check", action="store_true", help="instead: check that memory "
                    "stays flat and detection does not degrade over --minutes (use >= 60)")
     p.add_argument("--compare-minutes", type=positive(float), default=10.0,

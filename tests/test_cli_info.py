@@ -50,6 +50,18 @@ def test_text_names_the_config_and_sizes(model_file, capsys):
         assert key in out
 
 
+def test_info_lists_the_models_own_thresholds(model_file, capsys, tmp_path):
+    path, model = model_file
+    assert main(["info", "--model", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["thresholds"] == {}
+    (tmp_path / "t.json").write_text(json.dumps({"thresholds": {"no": 0.97}}))
+    assert main(["export", str(path), str(tmp_path / "tuned.npz"), "--thresholds", str(tmp_path / "t.json")]) == 0
+    assert main(["info", "--model", str(tmp_path / "tuned.npz"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["thresholds"] == {"no": 0.97}
+    assert main(["info", "--model", str(tmp_path / "tuned.npz")]) == 0
+    assert "thresholds: no 0.97" in capsys.readouterr().out
+
+
 def test_model_from_environment_variable(model_file, capsys, monkeypatch):
     path, model = model_file
     monkeypatch.setenv("KWS_MODEL", str(path))

@@ -123,10 +123,12 @@ def test_a_44k_stereo_file_gives_the_words_of_the_16k_mono_file(shipped_model_pa
     assert found["stereo"] == words
 
 
-def test_listen_help_shows_the_real_default_threshold(capsys):
+def test_listen_help_says_the_default_is_the_models_own_thresholds_then_the_real_constant(capsys):
     with pytest.raises(SystemExit):
         main(["listen", "--help"])
-    assert f"(default {DEFAULT_THRESHOLD}:" in " ".join(capsys.readouterr().out.split())
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Default: the model's own per-word thresholds" in help_text
+    assert f"{DEFAULT_THRESHOLD} for a word without one" in help_text
 
 
 @pytest.mark.parametrize("clip", KEYWORD_CLIPS)

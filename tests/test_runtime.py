@@ -163,6 +163,41 @@ def test_export_writes_a_file_that_streams_as_the_checkpoint(kind, tmp_path, cap
     np.testing.assert_allclose(got, reference_logits(model, audio), atol=2e-5, rtol=1e-4)
 
 
+def test_export_stores_per_word_thresholds_that_travel_from_checkpoint_to_model_file(tmp_path, capsys):
+    from kws.model import read_checkpoint, save_model
+    from kws.stream import DEFAULT_THRESHOLD, Detector
+
+    save_model(small_model("edge", seed=11), tmp_path / "m.pt", {"history": []})
+    (tmp_path / "t.json").write_text(json.dumps({"thresholds": {"yes": 0.9}}))
+    assert load_model(tmp_path / "m.pt").thresholds == {}
+    # into a copy of the checkpoint (its meta kept), then on into the model file by default
+    assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "tuned.pt"),
+                 "--thresholds", str(tmp_path / "t.json")]) == 0
+    assert load_model(tmp_path / "tuned.pt").thresholds == {"yes": 0.9}
+    assert read_checkpoint(tmp_path / "tuned.pt")[2]["history"] == []
+    assert main(["export", str(tmp_path / "tuned.pt"), str(tmp_path / "tuned.npz")]) == 0
+    engine = load_engine(tmp_path / "tuned.npz")
+    assert engine.thresholds == {"yes": 0.9}
+    assert Detector(engine).thresholds == {"yes": 0.9, "no": DEFAULT_THRESHOLD}
+    # straight into a model file
+    assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "m.npz"),
+                 "--thresholds", str(tmp_path / "t.json")]) == 0
+    assert load_engine(tmp_path / "m.npz").thresholds == {"yes": 0.9}
+
+
+@pytest.mark.parametrize("thresholds, words", [
+    ({"banana": 0.9}, "not one of the model's words"), ({"yes": 1.5}, "probabilities in"),
+    ({"_background_": 0.5}, "not one of the model's words")])
+def test_export_refuses_thresholds_that_do_not_fit_the_model(tmp_path, capsys, thresholds, words):
+    from kws.model import save_model
+
+    save_model(small_model("edge"), tmp_path / "m.pt")
+    (tmp_path / "t.json").write_text(json.dumps({"thresholds": thresholds}))
+    assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "m.npz"),
+                 "--thresholds", str(tmp_path / "t.json")]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "m.npz").exists()
+
+
 @pytest.fixture
 def engine_file(tmp_path):
     description, arrays = small_model("edge").inference_arrays()
@@ -191,7 +226,9 @@ def test_a_missing_damaged_or_foreign_file_is_one_clear_error(engine_file, tmp_p
     (lambda d, a: a.update({"extra": np.zeros(1)}), "unexpected array"),
     (lambda d, a: a["decoder.weight"].__setitem__((0, 0), np.nan), "not finite"),
     (lambda d, a: d["model"].update(width=32), "the config needs"),
-], ids=["missing", "shape", "unexpected", "nan", "config"])
+    (lambda d, a: d.update(thresholds={"yes": 2.0}), "probabilities in"),
+    (lambda d, a: d.update(thresholds=[0.9]), "must map words"),
+], ids=["missing", "shape", "unexpected", "nan", "config", "threshold", "thresholds"])
 def test_a_file_whose_arrays_do_not_fit_its_config_is_refused(engine_file, tmp_path, change, words):
     _, description, arrays = engine_file
     description, arrays = json.loads(json.dumps(description)), {k: v.copy() for k, v in arrays.items()}

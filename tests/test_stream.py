@@ -1,5 +1,7 @@
 """The streaming Detector: smoothing, thresholds, refractory period, chunking, long streams."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from conftest import noisy_bursts
 from kws.data import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import MGRADE, load_model, preset
-from kws.stream import Detector, detect
+from kws.stream import DEFAULT_THRESHOLD, Detector, detect, parse_threshold
 
 STRIDE = 160
 STEPS_PER_S = 100
@@ -24,6 +26,7 @@ class ScriptedModel:
     carried), so it exercises the Detector alone."""
 
     labels, stride = LABELS, STRIDE
+    thresholds = {}  # no per-word thresholds of its own: DEFAULT_THRESHOLD for every word
 
     def start_state(self):
         return [np.zeros(0, np.float32)]  # no memory: silence leaves nothing behind
@@ -86,6 +89,41 @@ def test_per_word_thresholds_apply_to_their_word_only():
                    (BACKGROUND, 1.5))
     found = detect(ScriptedModel(), audio, threshold={"yes": 0.99, "no": 0.3})
     assert [d.label for d in found] == ["no"]
+
+
+class TunedScriptedModel(ScriptedModel):
+    thresholds = {"yes": 0.5}  # as a model file with per-word thresholds of its own carries them
+
+
+def test_a_models_own_thresholds_are_the_default_and_a_given_threshold_overrides_them():
+    # "yes" held 0.7 s of a 1-s window peaks near 0.86: under DEFAULT_THRESHOLD, over 0.5
+    audio = script((BACKGROUND, 1.5), ("yes", 0.7), (BACKGROUND, 1.5), ("no", 0.7),
+                   (BACKGROUND, 1.5))
+    assert [d.label for d in detect(ScriptedModel(), audio)] == []
+    assert [d.label for d in detect(TunedScriptedModel(), audio)] == ["yes"]
+    assert Detector(TunedScriptedModel()).thresholds["yes"] == 0.5
+    assert Detector(TunedScriptedModel()).thresholds["no"] == DEFAULT_THRESHOLD
+    assert [d.label for d in detect(TunedScriptedModel(), audio, threshold=0.95)] == []
+    # a per-word map overrides only the words it names
+    assert [d.label for d in detect(TunedScriptedModel(), audio, threshold={"no": 0.5})] == ["yes", "no"]
+
+
+def test_a_thresholds_file_is_read_as_per_word_thresholds(tmp_path):
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({"thresholds": {"yes": 0.9, "no": 0.75}, "command": "kws ..."}))
+    assert parse_threshold(str(path)) == {"yes": 0.9, "no": 0.75}
+    assert parse_threshold("0.8") == 0.8 and parse_threshold("yes=0.9") == {"yes": 0.9}
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read thresholds"), ("{not json", "not a JSON file"),
+    ('{"yes": 0.9}', "no per-word thresholds"), ('{"thresholds": {"yes": "high"}}', "no per-word thresholds")])
+def test_a_missing_or_malformed_thresholds_file_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "thresholds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(KwsError, match=message):
+        parse_threshold(str(path))
 
 
 def test_refractory_period_suppresses_a_second_word_right_after_a_detection():

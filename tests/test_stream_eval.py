@@ -14,8 +14,9 @@ from kws.stream import Detection
 from kws.data import WORDS
 from kws.speech import (KEYWORD_SOUNDS, SPEECH, TRAINING_VOCABULARY, VOCABULARY, sentence, spoken,
                         training_sentences)
-from kws.stream_eval import (Placement, det_image, operating_point, score, stream_slots,
-                             word_bounds, write_png)
+from kws.labels import BACKGROUND, LABELS
+from kws.stream_eval import (CHOICE_GRID, Placement, StreamRun, choose_thresholds, det_curve, det_image,
+                             operating_point, score, stream_slots, word_bounds, write_png)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,45 @@ def test_the_operating_point_is_the_best_recall_within_both_limits():
                            max_substitution_rate=0.0) is None
 
 
+class RecordedLogits:
+    """A stand-in engine for replays, which read only recorded logits."""
+    labels, stride, thresholds = LABELS, 160, {}
+
+    def start_state(self):
+        return None
+
+
+def held(segments) -> np.ndarray:
+    """Per-step logits (100 a second) from (label, seconds) pairs: 8 for the label, 0 elsewhere."""
+    steps = [LABELS.index(label) for label, s in segments for _ in range(round(100 * s))]
+    return 8.0 * np.eye(len(LABELS), dtype=np.float32)[steps]
+
+
+def test_chosen_thresholds_keep_each_words_hits_and_drop_its_false_alarms():
+    # Held 0.7 s of the 1-s window, a word's score peaks near 0.86; 0.75 s near 0.91; 0.85 s
+    # near 0.96. "yes" needs a low threshold; "no" fires on keyword-free audio at 0.91, so its
+    # threshold must sit between that and its spoken 0.96.
+    segments = [(BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 3.0), ("no", 0.85),
+                (BACKGROUND, 3.0), ("no", 0.75), (BACKGROUND, 3.0)]
+    placements = [Placement("yes", 2.0, 2.7), Placement("no", 5.7, 6.55)]
+    logits = held(segments)
+    run = StreamRun([], placements, len(logits) / 100, logits, 0.0)
+    chosen = choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05)
+    assert chosen["thresholds"] == {"yes": 0.8, "no": 0.95}
+    assert chosen["recall"] == 1.0 and chosen["false_alarms_per_hour"] == 0
+    assert chosen["recall_per_word"] == {"no": 1.0, "yes": 1.0}
+    # With one global threshold no setting has both words and no false alarm.
+    points = det_curve(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05)
+    assert max(p["recall"] for p in points if p["false_alarms_per_hour"] == 0) == 0.5
+
+
+def test_no_thresholds_are_chosen_when_no_set_meets_the_limits():
+    # a false alarm that outscores every threshold of the grid
+    logits = held([(BACKGROUND, 2.0), ("yes", 1.0), (BACKGROUND, 3.0)])
+    run = StreamRun([], [], len(logits) / 100, logits, 0.0)
+    assert choose_thresholds(RecordedLogits(), [run], ["yes"], 1.0, 1.0, 0.05) is None
+
+
 def test_sentences_hold_no_keyword_and_are_the_same_for_the_same_seed(tmp_path):
     assert not set(VOCABULARY) & set(WORDS)
     assert not set(VOCABULARY) & KEYWORD_SOUNDS
@@ -245,6 +285,29 @@ def test_eval_stream_prints_each_error_type_for_a_reader(dataset, tiny_edge_mode
     for words in ("hits", "substitutions", "misses", "false alarms", "on speech", "on noise",
                   "latency after the word's end: median", "best within <= 1 false alarms/hour"):
         assert words in out, out
+
+
+def test_chosen_thresholds_are_written_for_threshold_and_export_to_read(dataset, tiny_edge_model_path,
+                                                                       tmp_path, capsys):
+    chosen_file = tmp_path / "thresholds.json"
+    args = ["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset),
+            "--minutes", "0.3", "--words", "yes,no,up", "--speech-cache", str(tmp_path),
+            "--det-png", "", "--json"]
+    assert main(args + ["--choose-thresholds", str(chosen_file)]) == 0
+    chosen = json.loads(capsys.readouterr().out)["chosen_thresholds"]
+    record = json.loads(chosen_file.read_text())
+    assert record["thresholds"] == chosen["thresholds"]
+    assert set(record["thresholds"]) == {"yes", "no", "up"}
+    assert set(record["thresholds"].values()) <= set(CHOICE_GRID)
+    assert record["chosen_on"]["split"] == "testing" and record["chosen_on"]["seeds"] == [0]
+    assert record["result"]["recall"] == chosen["recall"]
+    assert record["model"] == str(tiny_edge_model_path)
+    # read back: the same streams at those thresholds give what the choice reported
+    assert main(args + ["--threshold", str(chosen_file)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["threshold"] == record["thresholds"] or set(record["thresholds"].values()) == {result["threshold"]}
+    assert result["recall"] == chosen["recall"]
+    assert result["false_alarms_per_hour"] == pytest.approx(chosen["false_alarms_per_hour"])
 
 
 def test_long_run_check_reports_memory_and_start_versus_end(dataset, tiny_edge_model_path, capsys,
