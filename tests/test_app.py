@@ -4,6 +4,7 @@ format and every kind of bad input, the size limit enforced while reading, auth,
 nothing here depends on a trained model's accuracy."""
 
 import io
+import json
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from app.main import create_app
 from app.schemas import Error, Prediction, Stats
 from app.settings import Settings
 from kws.audio import AudioError, decode, fit_length, load_audio
+from kws.cli import main
 from kws.data import LABELS
 from kws.model import (MGRADE, load_model, parameter_bytes, parameter_count, preset, save_model,
                        state_bytes)
@@ -430,6 +432,15 @@ def test_health_shows_the_threshold_and_words_the_service_was_given(model_path):
     with client_for(settings) as client:
         assert client.get("/health").json()["detector"] == {
             "threshold": {"yes": DEFAULT_THRESHOLD, "no": 0.6}, "words": ["yes", "no"]}
+
+
+def test_the_service_uses_and_shows_the_models_own_thresholds(model_path, tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps({"thresholds": {"yes": 0.9}}))
+    assert main(["export", str(model_path), str(tmp_path / "tuned.npz"),
+                 "--thresholds", str(tmp_path / "t.json")]) == 0
+    with client_for(Settings(model=tmp_path / "tuned.npz", words=("yes", "no"))) as client:
+        assert client.get("/health").json()["detector"] == {
+            "threshold": {"yes": 0.9, "no": DEFAULT_THRESHOLD}, "words": ["yes", "no"]}
 
 
 def test_dashboard_page_is_served_without_external_resources(client):
