@@ -263,14 +263,22 @@ def play_through_worker(engine, path: str, chunk_s: float, fast: bool = False) -
     return detector.time_s, worker.compute_seconds, worker.compute_cpu_seconds
 
 
-def paced_run(engine, audio: np.ndarray, chunk: int, period_s: float) -> tuple[float, float]:
+def paced_run(engine, audio: np.ndarray, chunk: int, period_s: float,
+              spin: bool = False) -> tuple[float, float]:
     """(seconds, CPU seconds) a Detector spends on `audio` fed in blocks of `chunk` samples in
     one thread that sleeps `period_s` before each block, as the live worker waits for the
     next one: what waiting alone costs (caches and branch predictors are cold when the thread
-    wakes), without the live path's threads, queue and resampler."""
+    wakes), without the live path's threads, queue and resampler. With `spin`, the thread
+    busy-waits instead, keeping its core: what remains is what the machine forgets while time
+    passes, not what sleeping costs."""
     detector, wall, cpu = Detector(engine), 0.0, 0.0
     for start in range(0, len(audio), chunk):
-        time.sleep(period_s)
+        if spin:
+            until = time.perf_counter() + period_s
+            while time.perf_counter() < until:
+                pass
+        else:
+            time.sleep(period_s)
         t0, c0 = time.perf_counter(), time.thread_time()
         detector.process(audio[start:start + chunk])
         wall += time.perf_counter() - t0
@@ -290,11 +298,13 @@ def bench_live(args) -> int:
         audio_s, compute_s, compute_cpu_s = play_through_worker(engine, wav, chunk_s)
         chunk = round(SAMPLE_RATE * chunk_s)
         paced_s, paced_cpu_s = paced_run(engine, audio, chunk, chunk_s)
+        spun_s, spun_cpu_s = paced_run(engine, audio, chunk, chunk_s, spin=True)
         cpu = {}
         bench = interleaved_median_seconds({"bench": streaming_run(engine, audio, chunk)}, args.repeats, cpu)
         used = machine()
     result = {"machine": used, "audio_seconds": audio_s, "rate": args.rate, "chunk_ms": args.chunk_ms,
               "rtf_live": compute_s / audio_s, "rtf_paced": paced_s / args.seconds,
+              "rtf_spun": spun_s / args.seconds, "cpu_rtf_spun": spun_cpu_s / args.seconds,
               "rtf_bench": bench["bench"] / args.seconds, "cpu_rtf_live": compute_cpu_s / audio_s,
               "cpu_rtf_paced": paced_cpu_s / args.seconds, "cpu_rtf_bench": cpu["bench"] / args.seconds}
     result["live_over_bench"] = result["rtf_live"] / result["rtf_bench"]
@@ -312,6 +322,9 @@ def bench_live(args) -> int:
     print(f"a Detector alone, sleeping {args.chunk_ms:g} ms before each block: "
           f"{result['rtf_paced']:.4f} (in CPU time {result['cpu_rtf_paced']:.4f}); in CPU time, "
           f"live / paced = {result['cpu_live_over_paced']:.2f}: what the live path adds to waiting")
+    print(f"the same, busy-waiting {args.chunk_ms:g} ms instead of sleeping: {result['rtf_spun']:.4f} "
+          f"(in CPU time {result['cpu_rtf_spun']:.4f}): the cost of time passing between blocks, "
+          f"without sleep and wake-up")
     return 0
 
 

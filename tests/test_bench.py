@@ -51,7 +51,8 @@ def test_bench_live_plays_the_file_through_the_worker_beside_the_bench(tiny_edge
     assert 0 < result["rtf_live"] < 1000 and 0 < result["rtf_bench"] < 1000
     assert result["live_over_bench"] == pytest.approx(result["rtf_live"] / result["rtf_bench"])
     assert 0 < result["cpu_rtf_live"] < 1000 and 0 < result["cpu_rtf_bench"] < 1000
-    assert 0 < result["rtf_paced"] < 1000
+    assert 0 < result["rtf_paced"] < 1000 and 0 < result["rtf_spun"] < 1000
+    assert 0 < result["cpu_rtf_spun"] <= result["rtf_spun"] * 1.5
     assert result["cpu_live_over_paced"] == pytest.approx(result["cpu_rtf_live"] / result["cpu_rtf_paced"])
 
 
