@@ -9,8 +9,8 @@ The ONNX graph takes `audio`, exactly `steps` x stride new samples (batch 1), an
 `audio_state` (the last frontend_kernel - stride samples), then per layer `line_i` (delay line)
 and `hidden_i` (minGRU). It returns `logits` (1, steps, classes) and the new state under the
 same names + "_out". Its metadata (`kws.labels`, `kws.stride`, `kws.steps`, `kws.thresholds`,
-`kws.start_state`: JSON) holds what a caller needs, the start state being what `clip_context_s` of silence leaves.
-The shapes are fixed, so tracing `model.stream` records exactly one path: the delay taps and
+`kws.start_state`: JSON) holds what a caller needs, the start state being what
+`clip_context_s` of silence leaves. The shapes are fixed, so tracing `model.stream` records exactly one path: the delay taps and
 the step-by-step recurrence for `steps` steps.
 
 The export checks itself: the file is read back (the ONNX one by onnxruntime) and must give
