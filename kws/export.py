@@ -10,8 +10,8 @@ The ONNX graph takes `audio`, exactly `steps` x stride new samples (batch 1), an
 and `hidden_i` (minGRU). It returns `logits` (1, steps, classes) and the new state under the
 same names + "_out". Its metadata (`kws.labels`, `kws.stride`, `kws.steps`, `kws.thresholds`,
 `kws.start_state`: JSON) holds what a caller needs, the start state being what
-`clip_context_s` of silence leaves. The shapes are fixed, so tracing `model.stream` records exactly one path: the delay taps and
-the step-by-step recurrence for `steps` steps.
+`clip_context_s` of silence leaves. The shapes are fixed, so tracing `model.stream` records
+exactly one path: the delay taps and the step-by-step recurrence for `steps` steps.
 
 The export checks itself: the file is read back (the ONNX one by onnxruntime) and must give
 the checkpoint's `model.stream` logits on a few seconds of seeded test audio within
