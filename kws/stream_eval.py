@@ -40,6 +40,7 @@ import torch
 from kws.audio import SAMPLE_RATE, load_audio
 from kws.data import WELL_COVERED, read_noise, read_split, word_bounds
 from kws.errors import KwsError
+from kws.runtime import StreamEngine
 from kws.speech import SPEECH, default_cache, spoken
 from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_PEAK_WAIT_S, DEFAULT_REFRACTORY_S,
                         DEFAULT_THRESHOLD, DEFAULT_WINDOW_S, Detection, Detector,
@@ -492,9 +493,12 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
     with `choose`, per-word thresholds for the first window (`choose_thresholds`)."""
     clips = read_split(data, split)
     noise = read_noise(data, split)
+    # One engine for every stream and replay: building it from the torch model costs a pass
+    # over the weights and the start state's half second of silence.
+    engine = StreamEngine.from_model(model)
     runs = []
     for seed in seeds:
-        detector = Detector(model, threshold=threshold, words=words, window_s=window_s[0],
+        detector = Detector(engine, threshold=threshold, words=words, window_s=window_s[0],
                             refractory_s=refractory_s, peak_wait_s=peak_wait_s)
         runs.append(run_stream(detector, stream_slots(clips, noise, minutes * 60, seed,
                                                       speech_cache=speech_cache),
@@ -503,10 +507,10 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
     result = sum(tallies, Tally()).summary()
     readouts = []
     for w in window_s:
-        points = det_curve(model, runs, words, w, refractory_s, peak_wait_s)
+        points = det_curve(engine, runs, words, w, refractory_s, peak_wait_s)
         readouts.append({"window_s": w, "operating_point": operating_point(points),
                          "det_curve": points})
-    used = Detector(model, threshold=threshold, words=words).thresholds
+    used = detector.thresholds
     result.update({
         "split": split, "minutes": sum(r.seconds for r in runs) / 60, "seeds": list(seeds),
         "threshold": used.popitem()[1] if len(set(used.values())) == 1 else used,
@@ -523,7 +527,7 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
     if len(readouts) > 1:
         result["readouts"] = readouts
     if choose:
-        result["chosen_thresholds"] = choose_thresholds(model, runs, words, window_s[0],
+        result["chosen_thresholds"] = choose_thresholds(engine, runs, words, window_s[0],
                                                         refractory_s, peak_wait_s)
     result.update(clip_accuracy(model, clips, seeds[0]))
     if det_png:
