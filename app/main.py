@@ -350,7 +350,8 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
         service cannot take work now."""
         problem = service.problem()
         return Health(status="degraded" if problem else "ok", detail=problem,
-                      model=service.settings.model.name, listener=service.listener_state(),
+                      model=service.settings.model.name, model_license=service.engine.license,
+                      listener=service.listener_state(),
                       detector=service.detector_settings)
 
     dashboard_html = DASHBOARD.read_text()

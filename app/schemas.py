@@ -89,6 +89,7 @@ class Health(BaseModel):
         description="degraded: the service cannot take work now (see detail)")
     detail: str | None = Field(None, description="why the service is degraded")
     model: str = Field(description="file name of the checkpoint being served")
+    model_license: str = Field(description="licence of the served model's weights (SPDX id)")
     listener: Listener
     detector: DetectorSettings
 

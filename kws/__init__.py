@@ -9,6 +9,9 @@ __version__ = "0.1.0"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL_NAME = "mgrade-edge.npz"  # torch-free, written by `kws export` from the checkpoint
 DEFAULT_CHECKPOINT_NAME = "mgrade-edge.pt"
+# The licence of a model's weights (an SPDX id) unless the model file names another: the
+# project's own. A model distilled from a teacher takes the teacher's (kws.teacher).
+PROJECT_LICENSE = "MIT"
 
 
 def default_model_path() -> Path:

@@ -9,7 +9,7 @@ The ONNX graph takes `audio`, exactly `steps` x stride new samples (batch 1), an
 `audio_state` (the last frontend_kernel - stride samples), then per layer `line_i` (delay line)
 and `hidden_i` (minGRU). It returns `logits` (1, steps, classes) and the new state under the
 same names + "_out". Its metadata (`kws.labels`, `kws.stride`, `kws.steps`, `kws.thresholds`,
-`kws.start_state`: JSON) holds what a caller needs, the start state being what
+`kws.license`, `kws.start_state`: JSON) holds what a caller needs, the start state being what
 `clip_context_s` of silence leaves. The shapes are fixed, so tracing `model.stream` records
 exactly one path: the delay taps and the step-by-step recurrence for `steps` steps.
 
@@ -106,6 +106,7 @@ def export_onnx(model, out, steps: int = ONNX_STEPS):
     onnx.helper.set_model_props(proto, {
         "kws.labels": json.dumps(list(model.cfg.labels)), "kws.stride": str(model.cfg.stride),
         "kws.steps": str(steps), "kws.thresholds": json.dumps(model.thresholds),
+        "kws.license": model.license,
         "kws.start_state": json.dumps({n: t[0].tolist() for n, t in zip(names, start)})})
     onnx.save(proto, str(out))
 
@@ -153,7 +154,7 @@ def export(checkpoint, out, steps: int = ONNX_STEPS, thresholds: dict | None = N
         from kws.model import read_checkpoint, save_model
 
         meta = read_checkpoint(checkpoint)[2]
-        save_model(model, out, {**meta, "thresholds": model.thresholds})
+        save_model(model, out, {**meta, "thresholds": model.thresholds, "license": model.license})
         difference = stream_difference(model, StreamEngine.from_model(load(out)), check_audio())
     elif Path(out).suffix == ".onnx":
         export_onnx(model, out, steps)

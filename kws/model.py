@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kws import PROJECT_LICENSE
 from kws.errors import KwsError
 from kws.labels import threshold_problem
 
@@ -351,6 +352,8 @@ class MGRADE(nn.Module):
         # eval-stream --choose-thresholds`; kept in the checkpoint's meta): the Detector's
         # defaults. Empty for a model not tuned, which then uses kws.stream.DEFAULT_THRESHOLD.
         self.thresholds: dict[str, float] = {}
+        # The licence of these weights (an SPDX id; kept in the checkpoint's meta).
+        self.license = PROJECT_LICENSE
         self._primed, self._primed_key = None, None
 
     # -- whole sequences (training, evaluation)
@@ -460,7 +463,7 @@ class MGRADE(nn.Module):
         put("decoder.weight", self.decoder.weight)
         put("decoder.bias", self.decoder.bias)
         description = {"model": asdict(self.cfg), "layer_norm_eps": eps.pop(),
-                       "parameters": parameter_count(self)}
+                       "parameters": parameter_count(self), "license": self.license}
         if self.thresholds:
             description["thresholds"] = dict(self.thresholds)
         return description, arrays
@@ -623,4 +626,8 @@ def load_model(path: "str | Path") -> MGRADE:
     if problem:
         raise CheckpointError(f"{path}: {problem}")
     model.thresholds = dict(thresholds)
+    license = meta.get("license", PROJECT_LICENSE)
+    if not isinstance(license, str) or not license:
+        raise CheckpointError(f"{path}: its licence is not a name ({license!r})")
+    model.license = license
     return model.eval()

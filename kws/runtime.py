@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kws import PROJECT_LICENSE
 from kws.errors import KwsError
 from kws.labels import threshold_problem
 
@@ -108,8 +109,9 @@ class StreamState:
 
 class StreamEngine:
     """An MGRADE model in NumPy. `description`: {"model": the model's config, "layer_norm_eps",
-    "parameters": the checkpoint's count, and "thresholds" when the model has its own per-word
-    detection thresholds}; `arrays`: the named arrays (see the module's
+    "parameters": the checkpoint's count, "license": its weights' licence (SPDX id; the
+    project's if absent), and "thresholds" when the model has its own per-word detection
+    thresholds}; `arrays`: the named arrays (see the module's
     docstring), as `MGRADE.inference_arrays()` gives them. The engine's arrays are read-only,
     so any number of streams share it, each with its own StreamState."""
 
@@ -128,6 +130,9 @@ class StreamEngine:
         if problem:
             raise ValueError(problem)
         self.thresholds = dict(thresholds)
+        self.license = description.get("license", PROJECT_LICENSE)
+        if not isinstance(self.license, str) or not self.license:
+            raise ValueError(f"the model's licence is not a name ({self.license!r})")
         weights = _Weights(arrays)
         with np.errstate(**QUIET):
             self.frontend = _Frontend(model, weights)

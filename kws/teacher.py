@@ -35,6 +35,9 @@ MEL_HOP, MEL_WINDOW = 160, 512  # samples: one mel frame per 10 ms, from 32 ms o
 FRAMES_PER_EMBEDDING, FRAMES_BETWEEN = 76, 8
 CONTEXT_SAMPLES = SAMPLE_RATE // 2  # the student's default context before each clip
 TEACHER_FORMAT = "kws-teacher"
+# openWakeWord's README puts its pre-trained models under CC BY-NC-SA 4.0; weights distilled from
+# them take that licence too (the model card's licence section says why), never the project's.
+TEACHER_LICENSE = "CC-BY-NC-SA-4.0"
 
 
 def _model_files() -> tuple[Path, Path]:

@@ -29,7 +29,7 @@ from kws.data import (BACKGROUND, LABELS, TrainingBatches, load_clips, read_nois
 from kws.errors import KwsError
 from kws.model import MGRADE, ModelConfig, preset, read_checkpoint, save_model
 from kws.speech import default_cache, training_sentences
-from kws.teacher import EMBEDDING_DIM, aligned_steps, embedding_count, load_teacher
+from kws.teacher import EMBEDDING_DIM, TEACHER_LICENSE, aligned_steps, embedding_count, load_teacher
 
 
 @dataclass
@@ -276,10 +276,14 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     d = load_training_data(data, synth, log, sentences=cfg.sentence_negatives > 0)
     model = MGRADE(model_cfg).to(device)
     if init is not None:  # fine-tune: start from a trained model's weights, not at random
+        _, init_weights, init_meta = read_checkpoint(init)
         try:
-            model.load_state_dict(read_checkpoint(init)[1])
+            model.load_state_dict(init_weights)
         except RuntimeError as e:
             raise KwsError(f"--init {init} does not fit these settings ({str(e).splitlines()[0]})") from None
+        model.license = init_meta.get("license", model.license)  # a fine-tune keeps its origin's terms
+    if distilling:
+        model.license = TEACHER_LICENSE
     student = Student(model, project=cfg.distill_repr > 0).to(device)
     optimizer = make_optimizer(student, cfg)
     total_steps = steps_per_epoch * cfg.epochs
@@ -396,7 +400,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                                 "seconds": time.time() - run_started})
                 log(f"epoch {epoch + 1}: validation accuracy {val:.4f}")
                 meta = {"train": asdict(cfg), "history": history, "data_counts": d["counts"],
-                        "device": str(device), "world_size": world}
+                        "device": str(device), "world_size": world, "license": model.license}
                 if val > best:
                     best = val
                     save_model(model, out, meta)

@@ -443,6 +443,15 @@ def test_the_service_uses_and_shows_the_models_own_thresholds(model_path, tmp_pa
             "threshold": {"yes": 0.9, "no": DEFAULT_THRESHOLD}, "words": ["yes", "no"]}
 
 
+def test_health_names_the_licence_of_the_served_weights(model_path, tmp_path):
+    with client_for(Settings(model=model_path)) as client:
+        assert client.get("/health").json()["model_license"] == "MIT"
+    save_model(load_model(model_path), tmp_path / "d.pt", {"license": "CC-BY-NC-SA-4.0"})
+    assert main(["export", str(tmp_path / "d.pt"), str(tmp_path / "d.npz")]) == 0
+    with client_for(Settings(model=tmp_path / "d.npz")) as client:
+        assert client.get("/health").json()["model_license"] == "CC-BY-NC-SA-4.0"
+
+
 def test_dashboard_page_is_served_without_external_resources(client):
     response = client.get("/")
     assert response.status_code == 200 and "text/html" in response.headers["content-type"]

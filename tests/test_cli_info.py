@@ -62,6 +62,15 @@ def test_info_lists_the_models_own_thresholds(model_file, capsys, tmp_path):
     assert "thresholds: no 0.97" in capsys.readouterr().out
 
 
+def test_info_names_the_licence_of_the_weights(model_file, capsys, tmp_path):
+    path, model = model_file
+    assert main(["info", "--model", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["license"] == "MIT"
+    save_model(model, tmp_path / "distilled.pt", {"license": "CC-BY-NC-SA-4.0"})
+    assert main(["info", "--model", str(tmp_path / "distilled.pt")]) == 0
+    assert "license: CC-BY-NC-SA-4.0" in capsys.readouterr().out
+
+
 def test_model_from_environment_variable(model_file, capsys, monkeypatch):
     path, model = model_file
     monkeypatch.setenv("KWS_MODEL", str(path))

@@ -12,7 +12,8 @@ import kws.train
 from kws.data import LABELS
 from kws.errors import KwsError
 from kws.model import read_checkpoint
-from kws.teacher import EMBEDDING_DIM, aligned_steps, embedding_count, embedding_end_sample
+from kws import PROJECT_LICENSE
+from kws.teacher import EMBEDDING_DIM, TEACHER_LICENSE, aligned_steps, embedding_count, embedding_end_sample
 from kws.train import TrainConfig, distillation_losses, train
 
 TINY_DISTIL = TrainConfig(epochs=1, examples_per_epoch=16, batch_size=8, warmup_steps=1, seed=1,
@@ -162,6 +163,23 @@ def test_distillation_moves_the_student_toward_the_teacher(speech_commands, tmp_
             probabilities = torch.softmax(model.eval().classify(torch.randn(16, 16000) * 0.1), -1)
         shares[name] = float(probabilities[:, 0].mean())
     assert shares["distilled"] > 3 * shares["plain"], shares
+
+
+def test_a_distilled_model_and_its_fine_tunes_carry_the_teachers_licence(speech_commands, tmp_path, monkeypatch):
+    monkeypatch.setattr(kws.train, "load_teacher", lambda path, threads: StandInTeacher())
+    plain = TrainConfig(epochs=1, examples_per_epoch=16, batch_size=8, warmup_steps=1, seed=1)
+    train(plain, speech_commands.root, tmp_path / "plain.pt", overrides=TINY_MODEL, log=quiet)
+    train(TINY_DISTIL, speech_commands.root, tmp_path / "distilled.pt", overrides=TINY_MODEL,
+          teacher=tmp_path / "teacher.pt", log=quiet)
+    train(plain, speech_commands.root, tmp_path / "tuned.pt", overrides=TINY_MODEL,
+          init=tmp_path / "distilled.pt", log=quiet)
+    train(plain, speech_commands.root, tmp_path / "tuned-plain.pt", overrides=TINY_MODEL,
+          init=tmp_path / "plain.pt", log=quiet)
+    licences = {name: read_checkpoint(tmp_path / f"{name}.pt")[2]["license"]
+                for name in ("plain", "distilled", "tuned", "tuned-plain")}
+    assert TEACHER_LICENSE != PROJECT_LICENSE
+    assert licences == {"plain": PROJECT_LICENSE, "distilled": TEACHER_LICENSE,
+                        "tuned": TEACHER_LICENSE, "tuned-plain": PROJECT_LICENSE}
 
 
 @pytest.mark.parametrize("settings, message", [

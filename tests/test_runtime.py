@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import noisy_bursts
-from kws import default_checkpoint_path, default_model_path
+from kws import PROJECT_LICENSE, default_checkpoint_path, default_model_path
 from kws.cli import main
 from kws.model import MGRADE, load_model, preset
 from kws.runtime import EngineFileError, StreamEngine, load_engine, save_engine
@@ -183,6 +183,30 @@ def test_export_stores_per_word_thresholds_that_travel_from_checkpoint_to_model_
     assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "m.npz"),
                  "--thresholds", str(tmp_path / "t.json")]) == 0
     assert load_engine(tmp_path / "m.npz").thresholds == {"yes": 0.9}
+
+
+def test_the_weights_licence_travels_from_checkpoint_to_every_exported_file(tmp_path, capsys):
+    from kws.export import OnnxStream
+    from kws.model import save_model
+
+    save_model(small_model("edge"), tmp_path / "plain.pt")
+    assert load_model(tmp_path / "plain.pt").license == PROJECT_LICENSE
+    save_model(small_model("edge"), tmp_path / "m.pt", {"license": "CC-BY-NC-SA-4.0"})
+    assert load_model(tmp_path / "m.pt").license == "CC-BY-NC-SA-4.0"
+    for suffix in (".pt", ".npz", ".onnx"):
+        assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / f"out{suffix}")]) == 0
+    assert load_model(tmp_path / "out.pt").license == "CC-BY-NC-SA-4.0"
+    assert load_engine(tmp_path / "out.npz").license == "CC-BY-NC-SA-4.0"
+    meta = OnnxStream(tmp_path / "out.onnx").session.get_modelmeta().custom_metadata_map
+    assert meta["kws.license"] == "CC-BY-NC-SA-4.0"
+
+
+def test_a_checkpoint_whose_licence_is_not_a_name_is_refused(tmp_path):
+    from kws.model import CheckpointError, save_model
+
+    save_model(small_model("edge"), tmp_path / "m.pt", {"license": 3})
+    with pytest.raises(CheckpointError, match="licence"):
+        load_model(tmp_path / "m.pt")
 
 
 @pytest.mark.parametrize("thresholds, words", [
