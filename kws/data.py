@@ -161,6 +161,9 @@ class TrainingBatches:
     axis by 0.9-1.1 (vocal-tract length perturbation, Jaitly & Hinton 2013), `reverb` puts the
     example in a synthetic room (RT60 0.1-0.8 s), `masks` silences one span of up to 50 ms of
     the target and one band of up to 500 Hz (SpecAugment's masks, on the waveform).
+    `noise_onsets` makes the noise of an example 10-40 dB quieter before or after a random
+    sample: noise that starts or stops (a tap, a fan, the next room), which a stream holds and
+    an example of steady noise never does.
     """
 
     def __init__(self, real: np.ndarray, real_labels: list[int], synth: np.ndarray,
@@ -168,9 +171,11 @@ class TrainingBatches:
                  background: int, seed: int = 0, context_s: float = 0.5,
                  real_weight: float = 4.0, background_weight: float = 2.0,
                  speech_negatives: float = 0.0, vtlp: float = 0.0, reverb: float = 0.0, masks: float = 0.0,
-                 sentences: list[np.ndarray] | None = None, sentence_negatives: float = 0.0):
+                 sentences: list[np.ndarray] | None = None, sentence_negatives: float = 0.0,
+                 noise_onsets: float = 0.0):
         for name, value in {"speech_negatives": speech_negatives, "vtlp": vtlp, "reverb": reverb,
-                            "masks": masks, "sentence_negatives": sentence_negatives}.items():
+                            "masks": masks, "sentence_negatives": sentence_negatives,
+                            "noise_onsets": noise_onsets}.items():
             if not 0.0 <= value <= 1.0:
                 raise DataError(f"{name} is a fraction from 0 to 1, not {value}")
         if speech_negatives + sentence_negatives > 1.0:
@@ -180,7 +185,7 @@ class TrainingBatches:
         if sentence_negatives > 0 and not self.sentences:
             raise DataError("sentence_negatives needs sentences to cut them from")
         self.sentence_negatives = sentence_negatives
-        self.vtlp, self.reverb, self.masks = vtlp, reverb, masks
+        self.vtlp, self.reverb, self.masks, self.noise_onsets = vtlp, reverb, masks, noise_onsets
         self.clips = np.concatenate([real, synth]) if len(synth) else real
         self.is_synth = np.r_[np.zeros(len(real), bool), np.ones(len(synth), bool)]
         labels = np.r_[np.asarray(real_labels, int), np.asarray(synth_labels, int)]
@@ -262,6 +267,8 @@ class TrainingBatches:
             x = reverberate(x, synthetic_rir(self.rng.uniform(0.1, 0.8), self.np_rng))
         if label == self.background or self.rng.random() < 0.85:
             noise = noise_segment(self.noise, total, self.rng)
+            if self.noise_onsets > 0 and self.rng.random() < self.noise_onsets:
+                noise = self._onset(noise)
             speech_rms = float(np.sqrt(np.mean(x[self.context:] ** 2)) + 1e-8)
             if label == self.background:  # from near silence up to loud noise
                 level = 10 ** (self.rng.uniform(-70, -10) / 20)
@@ -271,6 +278,17 @@ class TrainingBatches:
         if self.masks > 0 and self.rng.random() < self.masks:
             x = self._mask(x)
         return np.clip(x, -1, 1), label
+
+    def _onset(self, noise: np.ndarray) -> np.ndarray:
+        """`noise` 10-40 dB quieter before a random sample (it starts there) or after it (stops)."""
+        at = self.rng.randrange(1, len(noise))
+        quieter = np.float32(10 ** (-self.rng.uniform(10, 40) / 20))
+        noise = noise.copy()
+        if self.rng.random() < 0.5:
+            noise[:at] *= quieter
+        else:
+            noise[at:] *= quieter
+        return noise
 
     def _mask(self, x: np.ndarray) -> np.ndarray:
         low = self.rng.uniform(0, SAMPLE_RATE / 2 - 500)

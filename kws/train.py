@@ -52,6 +52,7 @@ class TrainConfig:
     vtlp: float = 0.0  # share of word examples with a warped frequency axis (new vocal tracts)
     reverb: float = 0.0  # share of examples in a synthetic room (RT60 0.1-0.8 s)
     masks: float = 0.0  # share of examples with a silenced time span and frequency band
+    noise_onsets: float = 0.0  # share of noisy examples whose noise starts or stops within them
     seed: int = 0
     checkpoint_minutes: float = 10.0  # also save the run state this often within an epoch
     # Distillation from a teacher (kws teacher train; --teacher FILE): loss weights, 0 = off.
@@ -152,7 +153,8 @@ def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
                            seed=cfg.seed * 100003 + epoch * 101 + rank, context_s=context_s,
                            background_weight=cfg.background_weight,
                            speech_negatives=cfg.speech_negatives, vtlp=cfg.vtlp, reverb=cfg.reverb,
-                           masks=cfg.masks, sentences=d["sentences"], sentence_negatives=cfg.sentence_negatives)
+                           masks=cfg.masks, sentences=d["sentences"], sentence_negatives=cfg.sentence_negatives,
+                           noise_onsets=cfg.noise_onsets)
 
 
 def load_training_data(data: Path, synth: Path | None, log, sentences: bool = False) -> dict:
@@ -198,7 +200,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
     fractions = {"--speech-negatives": (cfg.speech_negatives, 0.0, 1.0, True),
                  "--sentence-negatives": (cfg.sentence_negatives, 0.0, 1.0, True),
                  "--vtlp": (cfg.vtlp, 0.0, 1.0, True), "--reverb": (cfg.reverb, 0.0, 1.0, True),
-                 "--masks": (cfg.masks, 0.0, 1.0, True),
+                 "--masks": (cfg.masks, 0.0, 1.0, True), "--noise-onsets": (cfg.noise_onsets, 0.0, 1.0, True),
                  "--label-smoothing": (cfg.label_smoothing, 0.0, 1.0, False),
                  "--rounded-fraction": (cfg.rounded_fraction, 0.0, 1.0, False)}
     for flag, (value, low, high, high_ok) in fractions.items():

@@ -464,7 +464,25 @@ def test_reverberation_keeps_the_level_and_smears_a_click_over_the_room():
     assert np.abs(y[1000 + 4000:1000 + 6000]).max() > 1e-4  # still ringing 250 ms later
 
 
-@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks"])
+def largest_level_step_db(x: np.ndarray, frame: int = 800) -> float:
+    """The largest difference in dB between the mean power before and after a frame boundary."""
+    power = np.mean(x[: len(x) // frame * frame].reshape(-1, frame).astype(np.float64) ** 2, axis=1) + 1e-12
+    return max(abs(10 * np.log10(power[:k].mean() / power[k:].mean())) for k in range(1, len(power)))
+
+
+def test_noise_onsets_make_the_noise_start_or_stop_within_an_example(training_arrays):
+    """Background examples are noise alone: steady without the option, with a step of 10-40 dB
+    (measured in 50-ms frames, so a little less) at a random point with it."""
+    options = dict(seed=6, background_weight=1000.0, context_s=0.5)
+    steady, _ = batches(training_arrays, **options).batch(24)
+    stepped, labels = batches(training_arrays, noise_onsets=1.0, **options).batch(24)
+    assert (labels == BG).all()
+    steps = [largest_level_step_db(x) for x in stepped.numpy() if np.abs(x).max() > 1e-3]
+    assert len(steps) > 12 and min(steps) > 6.0
+    assert max(largest_level_step_db(x) for x in steady.numpy() if np.abs(x).max() > 1e-3) < 3.0
+
+
+@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets"])
 def test_each_augmentation_is_off_by_default_and_changes_the_examples_when_on(training_arrays, option):
     plain_a, plain_b = batches(training_arrays, seed=4), batches(training_arrays, seed=4, **{option: 0.0})
     xa, ya = plain_a.batch(16)
@@ -483,7 +501,7 @@ def test_a_masked_example_has_a_silent_span_in_its_target(training_arrays):
         assert zero_runs.max() - 1 >= 160  # at least 10 ms of exact silence
 
 
-@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks"])
+@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets"])
 def test_augmentation_shares_outside_0_to_1_are_refused(training_arrays, option):
     with pytest.raises(DataError, match=option):
         batches(training_arrays, **{option: 1.5})

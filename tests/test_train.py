@@ -203,12 +203,13 @@ def test_sentence_negatives_are_off_unless_asked_for_and_kws_train_passes_the_se
 
 
 def test_augmentations_are_off_by_default_and_kws_train_passes_them(speech_commands, tmp_path, monkeypatch):
-    assert (TrainConfig().vtlp, TrainConfig().reverb, TrainConfig().masks) == (0.0, 0.0, 0.0)
-    seen = {name: batches_option(monkeypatch, name) for name in ("vtlp", "reverb", "masks")}
+    names = ("vtlp", "reverb", "masks", "noise_onsets")
+    assert all(getattr(TrainConfig(), name) == 0.0 for name in names)
+    seen = {name: batches_option(monkeypatch, name) for name in names}
     code = main(["train", "--data", str(speech_commands.root), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
                  "--examples-per-epoch", "8", "--batch-size", "8", "--warmup-steps", "1",
-                 "--vtlp", "0.3", "--reverb", "0.4", "--masks", "0.5", *TINY_SET])
-    assert code == 0 and seen == {"vtlp": [0.3], "reverb": [0.4], "masks": [0.5]}
+                 "--vtlp", "0.3", "--reverb", "0.4", "--masks", "0.5", "--noise-onsets", "0.6", *TINY_SET])
+    assert code == 0 and seen == {"vtlp": [0.3], "reverb": [0.4], "masks": [0.5], "noise_onsets": [0.6]}
 
 
 # ----------------------------------------------------------------------------- a tiny run
@@ -446,6 +447,7 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--vtlp", "1.5"],
     ["--reverb", "-0.1"],
     ["--masks", "2"],
+    ["--noise-onsets", "1.5"],
     ["--distill-share", "0"],
     ["--distill-temperature", "0"],
     ["--distill-repr", "-1"],
