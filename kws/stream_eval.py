@@ -57,12 +57,13 @@ MAX_LATENCY_S = 1.0
 FADE_S = 0.01
 DET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7,
                   0.75, 0.8, 0.825, 0.85, 0.875, 0.9, 0.925, 0.94, 0.95, 0.96, 0.965, 0.97, 0.975,
-                  0.98, 0.985, 0.99, 0.993, 0.995, 0.997, 0.999)
+                  0.98, 0.985, 0.99, 0.993, 0.995, 0.997, 0.999, 0.9995, 0.9998, 0.9999)
 MAX_FALSE_ALARMS_PER_HOUR = 1.0  # the limits a default threshold must meet (validation streams)
 MAX_SUBSTITUTION_RATE = 0.05
 # --choose-thresholds: each scored word's threshold is one of these; a substitution costs as
 # much as this many hits, and a false alarm each of these prices in turn (see choose_thresholds).
-CHOICE_GRID = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.993, 0.995, 0.997, 0.999)
+# The top of both grids is for confident models (a distilled one): their limit can lie above 0.999.
+CHOICE_GRID = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.993, 0.995, 0.997, 0.999, 0.9995, 0.9998)
 SUBSTITUTION_PRICE = 2.0
 FALSE_ALARM_PRICES = (1, 2, 3, 5, 8, 12, 20, 30, 50, 100, 200)
 MEMORY_TOLERANCE_BYTES = 5 * 2**20
