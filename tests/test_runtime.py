@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import noisy_bursts
-from kws import PROJECT_LICENSE, default_checkpoint_path, default_model_path
+from kws import MODELS_DIR, PROJECT_LICENSE
 from kws.cli import main
 from kws.model import MGRADE, load_model, preset
 from kws.runtime import EngineFileError, StreamEngine, load_engine, save_engine
@@ -133,10 +133,15 @@ def test_the_engine_refuses_a_model_in_training_mode():
 
 # ----------------------------------------------------------------------------- the model file
 
-def test_the_shipped_file_gives_the_shipped_checkpoints_stream_within_1e4():
-    """models/mgrade-edge.npz is what `kws export` makes of models/mgrade-edge.pt."""
-    model = load_model(default_checkpoint_path())
-    engine = load_engine(default_model_path())
+@pytest.mark.parametrize("name, license", [("mgrade-edge", PROJECT_LICENSE),
+                                           ("mgrade-edge-distilled", "CC-BY-NC-SA-4.0")])
+def test_each_shipped_file_gives_its_checkpoints_stream_within_1e4_under_its_licence(name, license):
+    """models/NAME.npz is what `kws export` makes of models/NAME.pt; the default is the
+    project's own, the opt-in distilled model carries its teacher's licence in both files."""
+    model = load_model(MODELS_DIR / f"{name}.pt")
+    engine = load_engine(MODELS_DIR / f"{name}.npz")
+    assert model.license == engine.license == license
+    assert engine.thresholds == model.thresholds and engine.thresholds  # chosen on validation streams
     audio = noisy_bursts(4.0, seed=10)
     expected = reference_logits(model, audio)
     for sizes in [(512,), (160, 7, 4000)]:
