@@ -3,7 +3,8 @@
 AdamW (weight decay on matrices only, a higher learning rate for tap positions), warmup then
 cosine decay, DCLS sigma annealing then a final phase on the rounded (integer) delays, gradient
 clipping, class-balanced augmented batches, a checkpoint every epoch and every few minutes
-(Ctrl-C or SIGTERM saves one too), --resume, best-on-validation selection. Runs on a GPU when
+(Ctrl-C or SIGTERM saves one too), --resume, best-on-validation selection among the epochs of
+the rounded-delay phase. Runs on a GPU when
 present and under `torchrun` (DistributedDataParallel; gloo on CPUs, nccl on GPUs).
 """
 
@@ -403,7 +404,9 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                 log(f"epoch {epoch + 1}: validation accuracy {val:.4f}")
                 meta = {"train": asdict(cfg), "history": history, "data_counts": d["counts"],
                         "device": str(device), "world_size": world, "license": model.license}
-                if val > best:
+                # With a rounded-delay phase, only its epochs may be kept: the saved model must
+                # be the one trained on the integer delays inference reads.
+                if val > best and (history[-1]["rounded_delays"] or rounded_from >= total_steps):
                     best = val
                     save_model(model, out, meta)
                     log(f"  saved best model to {out}")
@@ -473,7 +476,7 @@ def register(sub):
     p = sub.add_parser("train", help="train an mGRADE keyword model")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
     p.add_argument("--synth", help="synthetic speech folder made by `kws data synth`")
-    p.add_argument("--out", required=True, help="where to save the best model")
+    p.add_argument("--out", required=True, help="where to save the best model (of the rounded-delay phase)")
     p.add_argument("--run-dir", help="per-epoch training state for --resume (default: OUT.run/)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's last epoch")
     p.add_argument("--init", metavar="MODEL", help="start from this model's weights (fine-tuning)")
