@@ -89,14 +89,14 @@ def info(args):
     if args.json:
         print(json.dumps(info))
         return
-    cfg, thresholds, license = info.pop("config"), info.pop("thresholds"), info.pop("license")
+    cfg, thresholds, weights_license = info.pop("config"), info.pop("thresholds"), info.pop("license")
     for key, value in cfg.items():
         if key != "labels":
             print(f"{key:>18}: {value}")
     print(f"{'labels':>18}: {len(cfg['labels'])} ({', '.join(cfg['labels'])})")
     print(f"{'thresholds':>18}: " + (", ".join(f"{w} {t:g}" for w, t in thresholds.items())
                                      if thresholds else "none of its own (the default for every word)"))
-    print(f"{'license':>18}: {license}")
+    print(f"{'license':>18}: {weights_license}")
     for key, value in info.items():
         print(f"{key:>18}: {value:,}")
 

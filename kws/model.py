@@ -626,8 +626,8 @@ def load_model(path: "str | Path") -> MGRADE:
     if problem:
         raise CheckpointError(f"{path}: {problem}")
     model.thresholds = dict(thresholds)
-    license = meta.get("license", PROJECT_LICENSE)
-    if not isinstance(license, str) or not license:
-        raise CheckpointError(f"{path}: its licence is not a name ({license!r})")
-    model.license = license
+    weights_license = meta.get("license", PROJECT_LICENSE)
+    if not isinstance(weights_license, str) or not weights_license:
+        raise CheckpointError(f"{path}: its licence is not a name ({weights_license!r})")
+    model.license = weights_license
     return model.eval()

@@ -111,9 +111,9 @@ class StreamEngine:
     """An MGRADE model in NumPy. `description`: {"model": the model's config, "layer_norm_eps",
     "parameters": the checkpoint's count, "license": its weights' licence (SPDX id; the
     project's if absent), and "thresholds" when the model has its own per-word detection
-    thresholds}; `arrays`: the named arrays (see the module's
-    docstring), as `MGRADE.inference_arrays()` gives them. The engine's arrays are read-only,
-    so any number of streams share it, each with its own StreamState."""
+    thresholds}; `arrays`: the named arrays (see the module's docstring), as
+    `MGRADE.inference_arrays()` gives them. The engine's arrays are read-only, so any number of
+    streams share it, each with its own StreamState."""
 
     def __init__(self, description: Mapping, arrays: Mapping[str, np.ndarray]):
         self.description = dict(description)
