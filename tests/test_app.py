@@ -418,7 +418,7 @@ def test_metrics_give_the_stats_in_prometheus_format(client):
 
 def test_health_is_ok_and_names_the_model_and_the_detector_settings(client, model_path):
     assert client.get("/health").json() == {
-        "status": "ok", "detail": None, "model": "small.pt",
+        "status": "ok", "detail": None, "model": "small.pt", "model_license": "MIT",
         "listener": {"state": "off", "detail": None},
         "detector": {"threshold": DEFAULT_THRESHOLD,
                      "words": [w for w in LABELS if w != "_background_"]}}
