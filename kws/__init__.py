@@ -14,6 +14,11 @@ DEFAULT_CHECKPOINT_NAME = "mgrade-edge.pt"
 PROJECT_LICENSE = "MIT"
 
 
+def license_problem(value) -> str | None:
+    """What is wrong with a model file's licence entry, or None when it names one."""
+    return None if isinstance(value, str) and value else f"its licence is not a name ({value!r})"
+
+
 def default_model_path() -> Path:
     """$KWS_MODEL if set, else the shipped model file that inference loads (kws.runtime): in the
     repository's models/ (a clone, `pip install -e`), or where `pip install .` put it."""

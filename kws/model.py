@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kws import PROJECT_LICENSE
+from kws import PROJECT_LICENSE, license_problem
 from kws.errors import KwsError
 from kws.labels import threshold_problem
 
@@ -626,8 +626,8 @@ def load_model(path: "str | Path") -> MGRADE:
     if problem:
         raise CheckpointError(f"{path}: {problem}")
     model.thresholds = dict(thresholds)
-    weights_license = meta.get("license", PROJECT_LICENSE)
-    if not isinstance(weights_license, str) or not weights_license:
-        raise CheckpointError(f"{path}: its licence is not a name ({weights_license!r})")
-    model.license = weights_license
+    model.license = meta.get("license", PROJECT_LICENSE)
+    problem = license_problem(model.license)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return model.eval()

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kws import PROJECT_LICENSE
+from kws import PROJECT_LICENSE, license_problem
 from kws.errors import KwsError
 from kws.labels import threshold_problem
 
@@ -131,8 +131,9 @@ class StreamEngine:
             raise ValueError(problem)
         self.thresholds = dict(thresholds)
         self.license = description.get("license", PROJECT_LICENSE)
-        if not isinstance(self.license, str) or not self.license:
-            raise ValueError(f"the model's licence is not a name ({self.license!r})")
+        problem = license_problem(self.license)
+        if problem:
+            raise ValueError(problem)
         weights = _Weights(arrays)
         with np.errstate(**QUIET):
             self.frontend = _Frontend(model, weights)

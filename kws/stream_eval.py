@@ -84,7 +84,8 @@ def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))) + 1e-8)
 
 
-def _noise(noise: list[np.ndarray], length: int, rng: np.random.Generator) -> np.ndarray:
+def noise_piece(noise: list[np.ndarray], length: int, rng: np.random.Generator) -> np.ndarray:
+    """`length` samples of a random noise recording at unit RMS, faded in and out."""
     recording = noise[rng.integers(len(noise))]
     if len(recording) <= length:
         recording = np.tile(recording, length // len(recording) + 1)
@@ -110,7 +111,7 @@ def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int,
     cache = speech_cache or default_cache()
     while made < total:
         length = min(int(rng.uniform(*SLOT_S) * SAMPLE_RATE), total - made)
-        background = _noise(noise, length, rng)
+        background = noise_piece(noise, length, rng)
         kind = rng.random()
         if kind < KEYWORD_FREE_SLOTS or length < 2 * SAMPLE_RATE:
             yield np.clip(background * 10 ** (rng.uniform(*QUIET_DBFS) / 20), -1, 1), []
