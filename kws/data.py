@@ -5,7 +5,6 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -142,12 +141,6 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return x.square().mean(-1, keepdim=True).add(1e-10).sqrt()
 
 
-class Batch(NamedTuple):
-    audio: torch.Tensor  # (B, samples)
-    labels: torch.Tensor  # (B,)
-    keyword_free: torch.Tensor  # (B,) bool: no word anywhere in the example, context included
-
-
 class TrainingBatches:
     """Endless, seeded, class-balanced augmented batches for streaming-ready training.
 
@@ -233,17 +226,16 @@ class TrainingBatches:
         tail = np.pad(tail, (self.context - len(tail), 0))  # a context longer than a clip
         return tail * 10 ** (self.rng.uniform(-10, 5) / 20)
 
-    def _speech_negative(self) -> tuple[np.ndarray, bool]:
-        """A background example (before noise) that holds speech the model must not fire on, and
-        whether all of it is keyword-free (not so when a whole word may end in its context)."""
+    def _speech_negative(self) -> np.ndarray:
+        """A background example (before noise) that holds speech the model must not fire on."""
         x = np.zeros(self.context + CLIP_SAMPLES, np.float32)
         if self.context > 0 and self.rng.random() < 0.5:  # a word just ended before the target
             x[:self.context] = self._clip_end()
-            return x, False
+            return x
         clip = self.clips[self.np_rng.choice(len(self.clips))]
         tail = word_tail(clip, self.rng.uniform(*WORD_TAIL_FRACTION))
         x[self.context:self.context + len(tail)] = tail * 10 ** (self.rng.uniform(-10, 5) / 20)
-        return x, True
+        return x
 
     def _sentence_window(self, length: int, end: bool = False) -> np.ndarray:
         """`length` samples of a random sentence at -40 to -15 dBFS: any stretch of it, with
@@ -254,20 +246,16 @@ class TrainingBatches:
         start = len(speech) if end else self.rng.randrange(len(speech) + length)
         return (padded[start:start + length] * level).astype(np.float32)
 
-    def example(self) -> tuple[np.ndarray, int, bool]:
-        """(audio, label, keyword_free): keyword_free when no word of the labels is in any of the
-        example, context included (noise, sentences, a word's tail), so that every window of it
-        must read background."""
+    def example(self) -> tuple[np.ndarray, int]:
         label = int(self.np_rng.choice(len(self.class_p), p=self.class_p))
         total = self.context + CLIP_SAMPLES
-        keyword_free = label == self.background
         if label == self.background:
             x = np.zeros(total, np.float32)
             # No draw at all when the options are off: the seeded batches stay as they were.
             if self.speech_negatives > 0 or self.sentence_negatives > 0:
                 kind = self.rng.random()
                 if kind < self.speech_negatives:
-                    x, keyword_free = self._speech_negative()
+                    x = self._speech_negative()
                 elif kind < self.speech_negatives + self.sentence_negatives:
                     x = self._sentence_window(total)
         else:
@@ -289,7 +277,7 @@ class TrainingBatches:
             x = x + noise * (level / (np.sqrt(np.mean(noise ** 2)) + 1e-8))
         if self.masks > 0 and self.rng.random() < self.masks:
             x = self._mask(x)
-        return np.clip(x, -1, 1), label, keyword_free
+        return np.clip(x, -1, 1), label
 
     def _onset(self, noise: np.ndarray) -> np.ndarray:
         """`noise` 10-40 dB quieter before a random sample (it starts there) or after it (stops)."""
@@ -320,9 +308,9 @@ class TrainingBatches:
         self.rng.setstate((version, tuple(internal), gauss))
         self.np_rng.bit_generator.state = saved["numpy"]
 
-    def batch(self, size: int) -> Batch:
-        xs, ys, free = zip(*(self.example() for _ in range(size)))
-        return Batch(torch.from_numpy(np.stack(xs)), torch.tensor(ys), torch.tensor(free))
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(self.example() for _ in range(size)))
+        return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
 
 
 STFT_SIZE, STFT_HOP = 512, 128  # 32-ms frames, a Hann window's sum of squares is flat at this hop

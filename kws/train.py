@@ -54,7 +54,6 @@ class TrainConfig:
     reverb: float = 0.0  # share of examples in a synthetic room (RT60 0.1-0.8 s)
     masks: float = 0.0  # share of examples with a silenced time span and frequency band
     noise_onsets: float = 0.0  # share of noisy examples whose noise starts or stops within them
-    window_negatives: float = 0.0  # loss weight of a keyword-free example's worst 1-s window, 0 = off
     seed: int = 0
     checkpoint_minutes: float = 10.0  # also save the run state this often within an epoch
     # Distillation from a teacher (kws teacher train; --teacher FILE): loss weights, 0 = off.
@@ -87,33 +86,13 @@ def make_optimizer(model: MGRADE, cfg: TrainConfig) -> torch.optim.AdamW:
     ], lr=cfg.lr, betas=(0.9, 0.98))
 
 
-def target_loss(logits: torch.Tensor, labels: torch.Tensor, context_steps: int, label_smoothing: float = 0.0,
-                keyword_free: torch.Tensor | None = None, window_weight: float = 0.0):
+def target_loss(logits: torch.Tensor, labels: torch.Tensor, context_steps: int, label_smoothing: float = 0.0):
     """(loss, accuracy, clip logits): label-smoothed cross-entropy of the clip readout, the mean
     of the target's per-step logits only (the context before it is skipped), as `classify`
-    reads a clip. logits (B, steps, classes).
-
-    With `window_weight`, each keyword-free example (`keyword_free`, (B,) bool) also pays that
-    weight times the cross-entropy of its worst window: a stream detector reads every window of
-    the clip's length, not only the one that ends with the example, and a false alarm comes
-    from the worst (the max-pooling loss of wake-word training, Sun et al. 2016). Windows start
-    after half the context, so the model has always heard some audio before one."""
+    reads a clip. logits (B, steps, classes)."""
     clip = logits[:, context_steps:].mean(dim=1)
-    loss = F.cross_entropy(clip, labels, label_smoothing=label_smoothing, reduction="none")
-    if window_weight > 0 and keyword_free is not None and bool(keyword_free.any()):
-        windows = sliding_means(logits[keyword_free, context_steps // 2:], logits.shape[1] - context_steps)
-        n, count, classes = windows.shape
-        window_losses = F.cross_entropy(windows.reshape(n * count, classes),
-                                        labels[keyword_free].repeat_interleave(count),
-                                        label_smoothing=label_smoothing, reduction="none").view(n, count)
-        loss = loss.index_add(0, keyword_free.nonzero()[:, 0], window_weight * window_losses.amax(dim=1))
-    return loss.mean(), (clip.argmax(-1) == labels).float().mean(), clip
-
-
-def sliding_means(logits: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, steps - window + 1, classes): the mean of every `window` consecutive steps, in order."""
-    sums = F.pad(logits.cumsum(dim=1), (0, 0, 1, 0))
-    return (sums[:, window:] - sums[:, :-window]) / window
+    loss = F.cross_entropy(clip, labels, label_smoothing=label_smoothing)
+    return loss, (clip.argmax(-1) == labels).float().mean(), clip
 
 
 def distillation_losses(clip_logits: torch.Tensor, projected: torch.Tensor | None, teacher_embeddings,
@@ -232,8 +211,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
     if cfg.speech_negatives + cfg.sentence_negatives > 1.0:
         raise KwsError(f"--speech-negatives and --sentence-negatives share the background examples: "
                        f"together at most 1, not {cfg.speech_negatives + cfg.sentence_negatives:g}")
-    for flag, value in {"--distill-repr": cfg.distill_repr, "--distill-logits": cfg.distill_logits,
-                        "--window-negatives": cfg.window_negatives}.items():
+    for flag, value in {"--distill-repr": cfg.distill_repr, "--distill-logits": cfg.distill_logits}.items():
         if not (math.isfinite(value) and value >= 0):
             raise KwsError(f"{flag} is a loss weight, 0 (off) or more, not {value}")
     if not (math.isfinite(cfg.distill_temperature) and cfg.distill_temperature > 0):
@@ -376,10 +354,9 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(global_step, total_steps, cfg.warmup_steps)
                 at["batches"] = batches.state()  # an interrupted step is redone from here
-                audio, labels, keyword_free = batches.batch(cfg.batch_size)
+                audio, labels = batches.batch(cfg.batch_size)
                 logits, projected = net(audio.to(device))
-                loss, acc, clip = target_loss(logits, labels.to(device), context_steps, cfg.label_smoothing,
-                                              keyword_free.to(device), cfg.window_negatives)
+                loss, acc, clip = target_loss(logits, labels.to(device), context_steps, cfg.label_smoothing)
                 if distilling:  # the teacher hears the student's own augmented examples
                     heard = max(1, round(cfg.distill_share * len(audio)))
                     embeddings, teacher_logits = teacher.targets(audio[:heard].numpy())

@@ -15,7 +15,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import TINY_MODEL, tiny_model, write_speech_commands
 from kws.cli import main
@@ -23,8 +22,8 @@ from kws.data import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import load_model, read_checkpoint
 import kws.train
-from kws.train import (TrainConfig, epoch_batches, load_training_data, lr_factor, make_optimizer, sliding_means,
-                       target_loss, train)
+from kws.train import (TrainConfig, epoch_batches, load_training_data, lr_factor, make_optimizer, target_loss,
+                       train)
 
 # Three epochs of two steps: enough for a schedule, a best model and a resume point.
 TINY_TRAIN = TrainConfig(epochs=3, examples_per_epoch=16, batch_size=8, warmup_steps=2, seed=1)
@@ -66,68 +65,6 @@ def test_the_loss_reads_only_the_steps_after_the_context():
     assert not torch.equal(target_loss(clip_changed, labels, context, 0.05)[0], loss)
 
 
-def test_sliding_means_are_the_mean_of_every_run_of_steps_in_order():
-    torch.manual_seed(2)
-    logits = torch.randn(2, 9, 3)
-    means = sliding_means(logits, 4)
-    assert means.shape == (2, 6, 3)
-    for start in range(6):
-        torch.testing.assert_close(means[:, start], logits[:, start:start + 4].mean(dim=1))
-
-
-def test_window_negatives_add_the_worst_windows_loss_of_keyword_free_examples_only():
-    torch.manual_seed(3)
-    steps, context, bg = 14, 4, 3  # windows of 10 steps, starting at steps 2, 3 and 4
-    logits, labels = torch.randn(3, steps, 4), torch.tensor([bg, bg, 1])
-    free = torch.tensor([True, False, False])
-    plain = target_loss(logits, labels, context, 0.1)[0]
-    assert torch.equal(target_loss(logits, labels, context, 0.1, free, 0.0)[0], plain)
-    per_example = F.cross_entropy(logits[:, context:].mean(1), labels, label_smoothing=0.1, reduction="none")
-    worst = max(F.cross_entropy(logits[0, start:start + 10].mean(0), labels[0], label_smoothing=0.1)
-                for start in (2, 3, 4))
-    loss = target_loss(logits, labels, context, 0.1, free, 0.5)[0]
-    assert float(loss) == pytest.approx(float((per_example.sum() + 0.5 * worst) / 3), rel=1e-6)
-
-
-def test_window_negatives_punish_a_word_early_in_a_keyword_free_example_but_not_in_the_warm_up():
-    steps, context, bg = 150, 50, 35
-    logits = torch.zeros(2, steps, 36)
-    logits[:, :, bg] = 4.0  # background everywhere...
-    early_word = logits.clone()
-    early_word[:, 28:48, 0] = 60.0  # ...but a word at steps 28-48: in windows, not in the clip's
-    in_warm_up = logits.clone()
-    in_warm_up[:, :20, 0] = 50.0  # before half the context: in no window
-    labels, free = torch.full((2,), bg), torch.tensor([True, False])
-
-    def loss(x):
-        return float(target_loss(x, labels, context, 0.0, free, 1.0)[0])
-
-    assert loss(early_word) > loss(logits) + 2.0
-    assert loss(in_warm_up) == pytest.approx(loss(logits))
-    not_free = float(target_loss(early_word, labels, context, 0.0, torch.tensor([False, False]), 1.0)[0])
-    assert not_free == pytest.approx(float(target_loss(logits, labels, context, 0.0)[0]), abs=1e-6)
-
-
-def test_kws_train_passes_window_negatives_and_the_batches_keyword_free_flags(speech_commands, tmp_path,
-                                                                            monkeypatch):
-    seen = []
-
-    def recording_loss(logits, labels, context_steps, label_smoothing, keyword_free, window_weight):
-        seen.append((keyword_free.dtype, keyword_free.tolist(), labels.tolist(), window_weight))
-        return target_loss(logits, labels, context_steps, label_smoothing, keyword_free, window_weight)
-
-    monkeypatch.setattr(kws.train, "target_loss", recording_loss)
-    code = main(["train", "--data", str(speech_commands.root), "--out", str(tmp_path / "m.pt"),
-                 "--epochs", "1", "--examples-per-epoch", "16", "--batch-size", "16", "--warmup-steps", "1",
-                 "--background-weight", "20", "--window-negatives", "0.7", *TINY_SET])
-    assert code == 0 and len(seen) == 1
-    dtype, free, labels, weight = seen[0]
-    assert dtype == torch.bool and weight == 0.7
-    background = LABELS.index(BACKGROUND)
-    assert all(label == background for label, f in zip(labels, free) if f) and any(free)
-    assert read_checkpoint(tmp_path / "m.pt")[2]["train"]["window_negatives"] == 0.7
-
-
 def test_a_tiny_run_on_generated_words_lowers_its_loss_and_beats_chance(tmp_path):
     # Four "words" (tones of different pitch, see conftest) with 12 training clips each.
     fx = write_speech_commands(tmp_path / "sc", counts={w: (12, 4, 0) for w in ("yes", "no", "up", "bed")},
@@ -145,9 +82,9 @@ def test_training_reads_the_loss_after_the_models_context_with_the_label_smoothi
         speech_commands, tmp_path, monkeypatch):
     seen = []
 
-    def recording_loss(logits, labels, context_steps, label_smoothing, keyword_free, window_weight):
+    def recording_loss(logits, labels, context_steps, label_smoothing):
         seen.append((logits.shape[1], context_steps, label_smoothing))
-        return target_loss(logits, labels, context_steps, label_smoothing, keyword_free, window_weight)
+        return target_loss(logits, labels, context_steps, label_smoothing)
 
     monkeypatch.setattr(kws.train, "target_loss", recording_loss)
     contexts = batches_option(monkeypatch, "context_s")
@@ -531,7 +468,6 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--distill-temperature", "0"],
     ["--distill-repr", "-1"],
     ["--distill-repr", "1"],  # a weight without a --teacher
-    ["--window-negatives", "-0.5"],
 ])
 def test_kws_train_with_bad_settings_exits_2_with_one_line_before_loading_data(tmp_path, capsys, bad):
     out = tmp_path / "m.pt"
