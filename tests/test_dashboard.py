@@ -131,7 +131,7 @@ def test_dashboard_shows_level_timeline_peak_scores_detector_and_memory(model_pa
                                      "'listening' && document.getElementById('level').innerText")
             bars = browser.wait_for(
                 "[...document.querySelectorAll('#scores .bar')].map(b => b.dataset.label).join()")
-            memory = browser.evaluate("document.getElementById('memory-facts').innerText")
+            memory = browser.wait_for("document.getElementById('memory-facts').innerText")  # filled by a poll
             browser.screenshot(ARTIFACTS / "dashboard.png")
             time.sleep(2.5)  # no level for two seconds: the input is gone
             gone = browser.evaluate("document.getElementById('level').dataset.state")
