@@ -52,12 +52,11 @@ from kws.runtime import StreamEngine
 
 # A word's threshold when its model has none of its own (the shipped model has one for each of
 # the 17 well-covered words, chosen by `kws eval-stream --choose-thresholds` on 24 validation
-# streams). The rule of the
-# streaming issue, on three 30-minute validation streams (`kws eval-stream --split validation
-# --minutes 30 --seed 0,1,2`, the command's operating_point; the model card has the table): the
-# highest recall with at most 1 false alarm per hour of keyword-free audio and at most 5%
-# substitutions. With the shipped model (trained without label smoothing, so its sure answers
-# lie between 0.99 and 1) that hears 60% of the spoken keywords.
+# streams). The rule of the streaming issue, on three 30-minute validation streams (`kws
+# eval-stream --split validation --minutes 30 --seed 0,1,2`, the command's operating_point; the
+# model card has the table): the highest recall with at most 1 false alarm per hour of
+# keyword-free audio and at most 5% substitutions. With the shipped model (trained without label
+# smoothing, so its sure answers lie between 0.99 and 1) that hears 60% of the spoken keywords.
 DEFAULT_THRESHOLD = 0.993
 DEFAULT_WINDOW_S = 1.0  # logits averaged over the last second: the training clip length
 DEFAULT_REFRACTORY_S = 1.0  # after a detection, silence for this long
