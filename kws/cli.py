@@ -51,6 +51,9 @@ def load(path=None):
     require_torch("reading a PyTorch checkpoint")
     from kws.model import load_model
 
+    if path and Path(path).suffix == ".npz":
+        raise KwsError(f"{path} is a model file for listen, serve and info; this command reads "
+                       f"the PyTorch checkpoint (.pt) it was exported from")
     return load_model(path or default_checkpoint_path())
 
 

@@ -105,6 +105,13 @@ def test_corrupt_model_is_one_error_line(model_file, tmp_path):
     assert_one_error_line(run_kws("info", "--model", str(damaged)), "damaged or not a kws checkpoint")
 
 
+def test_a_model_file_where_a_checkpoint_is_needed_names_the_checkpoint(model_file, tmp_path):
+    engine_file = tmp_path / "small.npz"
+    assert main(["export", str(model_file[0]), str(engine_file)]) == 0
+    assert_one_error_line(run_kws("export", str(engine_file), str(tmp_path / "again.npz")),
+                          str(engine_file), "PyTorch checkpoint (.pt)")
+
+
 def test_foreign_file_is_one_error_line(tmp_path, capsys):
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.ones(2)}, foreign)
