@@ -37,7 +37,7 @@ class Settings:
     detections_kept: int = 1000  # live detections /detections can return
     # The detector of the listener and of long /predict clips, as `kws listen` takes them:
     threshold: float | dict[str, float] | None = None  # None: kws.stream.DEFAULT_THRESHOLD
-    words: tuple[str, ...] | None = None  # None: every word
+    words: tuple[str, ...] | None = None  # None: the model's words (kws.stream.Detector)
 
     def __post_init__(self):
         if self.model is None:

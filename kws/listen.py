@@ -375,7 +375,9 @@ def register(sub):
                    f"{DEFAULT_THRESHOLD} for a word without one. Lower hears more words and "
                    "fires more often.")
     p.add_argument("--words", type=argument(parse_words),
-                   help="report only these words, comma separated (default: all 35)")
+                   help="report only these words, comma separated (default: the words the "
+                   "model has thresholds for, the 17 well-covered ones for the shipped models; "
+                   "the other 18 fire on running speech: name them to add them)")
     p.add_argument("--input", metavar="FILE", help="stream this audio file instead of a device")
     p.add_argument("--fast", action="store_true", help="with --input: as fast as possible, "
                    "not in real time")

@@ -163,7 +163,7 @@ def register(sub):
                    f"thresholds, {DEFAULT_THRESHOLD} for a word without one; per word: "
                    "yes=0.98,no=0.99; or a JSON file of them)")
     p.add_argument("--words", type=argument(parse_words), help="report only these words, comma "
-                   "separated ($KWS_WORDS, default: all 35)")
+                   "separated ($KWS_WORDS, default: the words the model has thresholds for, as in `kws listen`)")
     p.add_argument("--workers", type=int, help="threads that decode uploads ($KWS_WORKERS, default 2)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])

@@ -81,7 +81,10 @@ class Detector:
     for every word, or {word: probability}; a word not given one keeps its default: the model's
     own threshold for it (`engine.thresholds`, chosen on validation streams), else
     DEFAULT_THRESHOLD.
-    words: report only these (default: every label but the background).
+    words: report only these. Default: the words the model has thresholds of its own for (its
+    per-word set, chosen on validation streams; words named in a per-word `threshold` join them),
+    or every label but the background for a model without any. The model's other words fire
+    on running speech at any threshold (see the model card), so they are opt-in.
     peak_wait_s: how long after crossing its threshold a word may still be rising before it is
     reported (its peak score so far).
     """
@@ -104,11 +107,13 @@ class Detector:
     def _threshold_per_label(self, threshold, words) -> np.ndarray:
         """(n_classes,) thresholds; labels that must never fire get infinity."""
         candidates = [label for label in self.labels if label != BACKGROUND]
+        own = self.engine.thresholds
+        if words is None and own:
+            words = [*own, *(threshold if isinstance(threshold, dict) else ())]
         if words is not None:
             words = list(words)
             self._check_labels(words, "--words")
             candidates = [w for w in candidates if w in words]
-        own = self.engine.thresholds
         per_label = {w: own.get(w, DEFAULT_THRESHOLD) for w in candidates}
         if isinstance(threshold, dict):
             self._check_labels(threshold, "threshold")

@@ -183,7 +183,8 @@ def test_export_stores_per_word_thresholds_that_travel_from_checkpoint_to_model_
     assert main(["export", str(tmp_path / "tuned.pt"), str(tmp_path / "tuned.npz")]) == 0
     engine = load_engine(tmp_path / "tuned.npz")
     assert engine.thresholds == {"yes": 0.9}
-    assert Detector(engine).thresholds == {"yes": 0.9, "no": DEFAULT_THRESHOLD}
+    assert Detector(engine).thresholds == {"yes": 0.9}  # the model's words by default
+    assert Detector(engine, words=["yes", "no"]).thresholds == {"yes": 0.9, "no": DEFAULT_THRESHOLD}
     # straight into a model file
     assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "m.npz"),
                  "--thresholds", str(tmp_path / "t.json")]) == 0

@@ -101,11 +101,23 @@ def test_a_models_own_thresholds_are_the_default_and_a_given_threshold_overrides
                    (BACKGROUND, 1.5))
     assert [d.label for d in detect(ScriptedModel(), audio)] == []
     assert [d.label for d in detect(TunedScriptedModel(), audio)] == ["yes"]
-    assert Detector(TunedScriptedModel()).thresholds["yes"] == 0.5
-    assert Detector(TunedScriptedModel()).thresholds["no"] == DEFAULT_THRESHOLD
+    assert Detector(TunedScriptedModel()).thresholds == {"yes": 0.5}
+    assert Detector(TunedScriptedModel(), words=["yes", "no"]).thresholds["no"] == DEFAULT_THRESHOLD
     assert [d.label for d in detect(TunedScriptedModel(), audio, threshold=0.95)] == []
     # a per-word map overrides only the words it names
     assert [d.label for d in detect(TunedScriptedModel(), audio, threshold={"no": 0.5})] == ["yes", "no"]
+
+
+def test_a_model_with_thresholds_of_its_own_reports_only_those_words_unless_asked_for_more():
+    # each word held a whole second scores about 0.99; the model has no threshold of its own
+    # for "no", so it is reported only when --words (or a per-word threshold) names it
+    audio = script((BACKGROUND, 1.5), ("yes", 1.0), (BACKGROUND, 1.5), ("no", 1.0),
+                   (BACKGROUND, 1.5))
+    assert [d.label for d in detect(TunedScriptedModel(), audio)] == ["yes"]
+    assert [d.label for d in detect(TunedScriptedModel(), audio, threshold=0.9)] == ["yes"]
+    assert [d.label for d in detect(TunedScriptedModel(), audio, threshold=0.9,
+                                    words=["yes", "no"])] == ["yes", "no"]
+    assert [d.label for d in detect(ScriptedModel(), audio, threshold=0.9)] == ["yes", "no"]  # no set: every word
 
 
 def test_a_thresholds_file_is_read_as_per_word_thresholds(tmp_path):
