@@ -288,7 +288,8 @@ def listen(args) -> int:
         thread.start()
         if source:
             source.start()
-        print(f"kws listen: listening to {what}; Ctrl-C stops", file=sys.stderr, flush=True)
+        print(f"kws listen: listening to {what} for {', '.join(detector.thresholds)}; "
+              f"Ctrl-C stops", file=sys.stderr, flush=True)
         try:
             while not worker.finished.wait(timeout=0.2):
                 pass

@@ -95,6 +95,14 @@ def test_fast_file_input_gives_the_streaming_paths_detections(tiny_edge_model_pa
     assert "6.0 s of audio" in err and f"{len(lines)} detections" in err
 
 
+def test_listen_names_the_words_it_listens_for(tiny_edge_model_path, tmp_path, capsys):
+    wav = tmp_path / "quiet.wav"
+    sf.write(wav, np.zeros(16000, np.float32), 16000)
+    code, _, err = run_listen(["--model", str(tiny_edge_model_path), "--input", str(wav), "--fast",
+                               "--words", "stop,yes"], capsys)
+    assert code == 0 and "for yes, stop;" in err  # in the model's label order
+
+
 def test_chunk_length_does_not_change_file_detections(tiny_edge_model_path, tmp_path, capsys):
     wav = tmp_path / "bursts.wav"
     sf.write(wav, noisy_bursts(5.0, seed=2), 16000, subtype="FLOAT")
