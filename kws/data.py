@@ -154,7 +154,8 @@ class TrainingBatches:
     (`word_tail`). No background example's target ever holds a whole word. `sentence_negatives`
     is the fraction of background examples cut from `sentences`, running speech without any
     keyword (kws.speech.training_sentences); with it, a fifth of the words' contexts are also
-    the end of a sentence, as when a keyword follows talk.
+    the end of a sentence, as when a keyword follows talk. `near_misses` is the share of those
+    sentences drawn from `near_miss_sentences`, spoken with words that sound like keywords.
 
     Augmentations for new voices and rooms, each the share of examples it touches (0: off, and
     then it draws nothing, so seeded batches stay as they were): `vtlp` warps a word's frequency
@@ -172,10 +173,11 @@ class TrainingBatches:
                  real_weight: float = 4.0, background_weight: float = 2.0,
                  speech_negatives: float = 0.0, vtlp: float = 0.0, reverb: float = 0.0, masks: float = 0.0,
                  sentences: list[np.ndarray] | None = None, sentence_negatives: float = 0.0,
-                 noise_onsets: float = 0.0):
+                 noise_onsets: float = 0.0, near_miss_sentences: list[np.ndarray] | None = None,
+                 near_misses: float = 0.0):
         for name, value in {"speech_negatives": speech_negatives, "vtlp": vtlp, "reverb": reverb,
                             "masks": masks, "sentence_negatives": sentence_negatives,
-                            "noise_onsets": noise_onsets}.items():
+                            "noise_onsets": noise_onsets, "near_misses": near_misses}.items():
             if not 0.0 <= value <= 1.0:
                 raise DataError(f"{name} is a fraction from 0 to 1, not {value}")
         if speech_negatives + sentence_negatives > 1.0:
@@ -185,6 +187,10 @@ class TrainingBatches:
         if sentence_negatives > 0 and not self.sentences:
             raise DataError("sentence_negatives needs sentences to cut them from")
         self.sentence_negatives = sentence_negatives
+        self.near_miss_sentences = [s for s in (near_miss_sentences or []) if len(s)]
+        if near_misses > 0 and not self.near_miss_sentences:
+            raise DataError("near_misses needs near-miss sentences to cut them from")
+        self.near_misses = near_misses
         self.vtlp, self.reverb, self.masks, self.noise_onsets = vtlp, reverb, masks, noise_onsets
         self.clips = np.concatenate([real, synth]) if len(synth) else real
         self.is_synth = np.r_[np.zeros(len(real), bool), np.ones(len(synth), bool)]
@@ -240,7 +246,10 @@ class TrainingBatches:
     def _sentence_window(self, length: int, end: bool = False) -> np.ndarray:
         """`length` samples of a random sentence at -40 to -15 dBFS: any stretch of it, with
         silence where the window overhangs it, or with `end` the last samples of its speech."""
-        speech = self.sentences[self.rng.randrange(len(self.sentences))]
+        # No draw when near misses are off: the seeded batches stay as they were.
+        pool = (self.near_miss_sentences if self.near_misses > 0 and self.rng.random() < self.near_misses
+                else self.sentences)
+        speech = pool[self.rng.randrange(len(pool))]
         level = 10 ** (self.rng.uniform(-40, -15) / 20) / (float(np.sqrt(np.mean(speech ** 2))) + 1e-8)
         padded = np.pad(speech, (length, length))
         start = len(speech) if end else self.rng.randrange(len(speech) + length)

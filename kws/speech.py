@@ -9,7 +9,10 @@ in a folder (WAV, named by a hash of what made them), so a stream is rebuilt wit
 after the first time, and the same seed gives the same audio.
 
 Training draws its sentences from TRAINING_VOCABULARY, which shares no word with VOCABULARY:
-the speech of the evaluation streams stays words the model never heard as negatives.
+the speech of the evaluation streams stays words the model never heard as negatives. Its
+near-miss sentences (NEAR_MISS_VOCABULARY: rhymes and near rhymes of the keywords, "john" for
+"on", "hive" for "five", "gnome" for "no") share no word with either: they teach the model the
+sounds a keyword must not be mistaken for, while the streams' own near misses stay unheard.
 """
 
 import hashlib
@@ -74,6 +77,44 @@ umbrella uncle valley village wait wash wheel wide wife wild wing wire wolf yard
 """.split())
 TRAINING_SENTENCES = 1000  # about 35 minutes of speech
 
+# Words that sound like a keyword (a rhyme, the same vowel or the same onset), grouped by it.
+NEAR_MISS_VOCABULARY = tuple("""
+john don swan lawn pawn con ron yawn upon anon honk bond fond pond
+scoff doff toff moth froth sloth awful boss loss cost toss
+pup pop hop cop sup hub tub pub
+gown clown crown noun drown frown pound
+theft deft chef cleft bereft lent lest
+kite fight height tight bite spite ripe
+yet mess guess chess yeast bless yelp
+gnome note known dough toe row mow sew throw glow nope notion noble
+goal ghost goad
+stock stomp step crop drop plop
+hero zebra nero sierra zeal
+wand none nun bun gun once
+tune tomb tube
+free flee
+pour core war
+fife hive dive chive jive alive vibe thrive strive knives wives pile file
+mix fix picks kicks
+sever level
+bait weight freight crate
+mine pine dine spine wine
+fed shed sled bend beg
+third herd curd nerd
+kit cast cab cot cart
+log frog jog dock
+hippie nappy sappy hobby
+blouse spouse louse
+marvel carving
+shield feeler
+vow wag
+backpack
+hollow swallow fellow
+churn earn fern
+virtual vision
+""".split())
+NEAR_MISS_SENTENCES = 500
+
 # Homophones and near-homophones of the keywords, left out of the vocabulary on purpose.
 KEYWORD_SOUNDS = frozenset({"to", "too", "for", "fore", "know", "won", "write", "rite", "ate",
                             "wright", "sicks", "nein"})
@@ -120,10 +161,11 @@ def spoken(seed: int, cache: Path, vocabulary: tuple[str, ...] = VOCABULARY) -> 
     return audio
 
 
-
-def training_sentences(cache: Path, count: int = TRAINING_SENTENCES) -> list[np.ndarray]:
-    """`count` sentences of TRAINING_VOCABULARY (seeds 0, 1, ...), rendered into `cache` once."""
+def training_sentences(cache: Path, count: int = TRAINING_SENTENCES,
+                       vocabulary: tuple[str, ...] = TRAINING_VOCABULARY) -> list[np.ndarray]:
+    """`count` sentences of `vocabulary` (seeds 0, 1, ...), rendered into `cache` once:
+    TRAINING_VOCABULARY, or NEAR_MISS_VOCABULARY for the near-miss sentences."""
     from tqdm import tqdm
-    return [spoken(seed, cache, TRAINING_VOCABULARY)
+    return [spoken(seed, cache, vocabulary)
             for seed in tqdm(range(count), desc="training sentences", unit="sentence",
                              mininterval=0.5 if sys.stderr.isatty() else 30)]

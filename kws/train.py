@@ -29,7 +29,7 @@ from kws.data import (BACKGROUND, LABELS, TrainingBatches, load_clips, read_nois
                       read_synth)
 from kws.errors import KwsError
 from kws.model import MGRADE, ModelConfig, preset, read_checkpoint, save_model
-from kws.speech import default_cache, training_sentences
+from kws.speech import NEAR_MISS_SENTENCES, NEAR_MISS_VOCABULARY, default_cache, training_sentences
 from kws.teacher import EMBEDDING_DIM, TEACHER_LICENSE, aligned_steps, embedding_count, load_teacher
 
 
@@ -50,6 +50,7 @@ class TrainConfig:
     background_weight: float = 2.0  # how often background is drawn, against 1 for each word
     speech_negatives: float = 0.0  # share of background examples holding a word's end or tail
     sentence_negatives: float = 0.0  # share of background examples cut from keyword-free TTS sentences
+    near_misses: float = 0.0  # share of those sentences spoken with words that sound like keywords
     vtlp: float = 0.0  # share of word examples with a warped frequency axis (new vocal tracts)
     reverb: float = 0.0  # share of examples in a synthetic room (RT60 0.1-0.8 s)
     masks: float = 0.0  # share of examples with a silenced time span and frequency band
@@ -155,12 +156,15 @@ def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
                            background_weight=cfg.background_weight,
                            speech_negatives=cfg.speech_negatives, vtlp=cfg.vtlp, reverb=cfg.reverb,
                            masks=cfg.masks, sentences=d["sentences"], sentence_negatives=cfg.sentence_negatives,
-                           noise_onsets=cfg.noise_onsets)
+                           noise_onsets=cfg.noise_onsets, near_miss_sentences=d["near_miss_sentences"],
+                           near_misses=cfg.near_misses)
 
 
-def load_training_data(data: Path, synth: Path | None, log, sentences: bool = False) -> dict:
-    """Clips, noise and validation clips; with `sentences`, the keyword-free TTS sentences
-    (rendered into kws.speech's cache the first time, a few minutes)."""
+def load_training_data(data: Path, synth: Path | None, log, sentences: bool = False,
+                       near_misses: bool = False) -> dict:
+    """Clips, noise and validation clips; with `sentences`, the keyword-free TTS sentences, with
+    `near_misses` the near-miss ones (rendered into kws.speech's cache the first time, a few
+    minutes)."""
     real = read_split(data, "training")
     synth_clips = read_synth(synth) if synth else []
     valid = read_split(data, "validation")
@@ -172,6 +176,8 @@ def load_training_data(data: Path, synth: Path | None, log, sentences: bool = Fa
         "synth": load_clips(synth_clips), "synth_labels": [index[c.label] for c in synth_clips],
         "noise": read_noise(data, "training"),
         "sentences": training_sentences(default_cache()) if sentences else [],
+        "near_miss_sentences": (training_sentences(default_cache(), NEAR_MISS_SENTENCES, NEAR_MISS_VOCABULARY)
+                                if near_misses else []),
         "valid": load_clips(valid), "valid_labels": np.array([index[c.label] for c in valid]),
         "counts": {w: {"real": sum(c.label == w for c in real),
                        "synthetic": sum(c.label == w for c in synth_clips)} for w in LABELS[:-1]},
@@ -200,6 +206,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
             raise KwsError(f"{flag} must be 0 or more, not {value}")
     fractions = {"--speech-negatives": (cfg.speech_negatives, 0.0, 1.0, True),
                  "--sentence-negatives": (cfg.sentence_negatives, 0.0, 1.0, True),
+                 "--near-misses": (cfg.near_misses, 0.0, 1.0, True),
                  "--vtlp": (cfg.vtlp, 0.0, 1.0, True), "--reverb": (cfg.reverb, 0.0, 1.0, True),
                  "--masks": (cfg.masks, 0.0, 1.0, True), "--noise-onsets": (cfg.noise_onsets, 0.0, 1.0, True),
                  "--label-smoothing": (cfg.label_smoothing, 0.0, 1.0, False),
@@ -211,6 +218,8 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
     if cfg.speech_negatives + cfg.sentence_negatives > 1.0:
         raise KwsError(f"--speech-negatives and --sentence-negatives share the background examples: "
                        f"together at most 1, not {cfg.speech_negatives + cfg.sentence_negatives:g}")
+    if cfg.near_misses > 0 and cfg.sentence_negatives == 0:
+        raise KwsError("--near-misses is a share of the sentence negatives: give --sentence-negatives too")
     for flag, value in {"--distill-repr": cfg.distill_repr, "--distill-logits": cfg.distill_logits}.items():
         if not (math.isfinite(value) and value >= 0):
             raise KwsError(f"{flag} is a loss weight, 0 (off) or more, not {value}")
@@ -276,7 +285,8 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     run_dir = Path(run_dir or out.with_suffix(".run"))
     torch.manual_seed(cfg.seed)
 
-    d = load_training_data(data, synth, log, sentences=cfg.sentence_negatives > 0)
+    d = load_training_data(data, synth, log, sentences=cfg.sentence_negatives > 0,
+                           near_misses=cfg.near_misses > 0)
     model = MGRADE(model_cfg).to(device)
     if init is not None:  # fine-tune: start from a trained model's weights, not at random
         _, init_weights, init_meta = read_checkpoint(init)

@@ -333,17 +333,23 @@ def test_a_speech_negative_share_outside_0_to_1_is_a_data_error(training_arrays,
 
 # ----------------------------------------------------------------------------- sentence negatives
 
-SENTENCE_HZ, WORD_HZ = 1000.0, 440.0
+SENTENCE_HZ, WORD_HZ, NEAR_MISS_HZ = 1000.0, 440.0, 2500.0
 
 
-def sentence_batches(sentence_negatives, speech_negatives=0.0, seed=0, n=800, background_weight=9.0):
-    """Examples of one word (a 440-Hz tone burst) with all-zero noise and one 'sentence', 2 s of a
-    1000-Hz tone, so that every sound in an example says where it came from."""
+def two_seconds_of(hz: float) -> np.ndarray:
+    return (0.2 * np.sin(2 * np.pi * hz * np.arange(32000) / 16000)).astype(np.float32)
+
+
+def sentence_batches(sentence_negatives, speech_negatives=0.0, seed=0, n=800, background_weight=9.0,
+                     near_misses=0.0):
+    """Examples of one word (a 440-Hz tone burst) with all-zero noise, one 'sentence' (2 s of a
+    1000-Hz tone) and one near-miss 'sentence' (2 s of 2500 Hz), so that every sound in an
+    example says where it came from."""
     clips = np.stack([tone_burst(), tone_burst(0.25, 0.75)])
-    sentence = (0.2 * np.sin(2 * np.pi * SENTENCE_HZ * np.arange(32000) / 16000)).astype(np.float32)
     b = TrainingBatches(clips, [0, 0], clips[:0], [], [np.zeros(3 * 16000, np.float32)], len(LABELS), BG,
                         seed=seed, background_weight=background_weight, speech_negatives=speech_negatives,
-                        sentences=[sentence], sentence_negatives=sentence_negatives)
+                        sentences=[two_seconds_of(SENTENCE_HZ)], sentence_negatives=sentence_negatives,
+                        near_miss_sentences=[two_seconds_of(NEAR_MISS_HZ)], near_misses=near_misses)
     x, y = b.batch(n)
     return x.numpy(), y.numpy()
 
@@ -387,6 +393,32 @@ def test_with_sentence_negatives_a_fifth_of_the_words_follow_the_end_of_a_senten
     assert len(after_talk) / len(words) == pytest.approx(0.2, abs=0.07)
     for row in after_talk:  # the sentence's very end, right before the word's second
         assert np.abs(row[ctx - 40:ctx]).max() > 1e-6
+
+
+@pytest.mark.parametrize("share", [0.3, 1.0])
+def test_near_misses_take_their_share_of_the_sentence_negatives(share):
+    x, y = sentence_batches(0.8, seed=4, near_misses=share)
+    background = x[y == BG]
+    heard = background[(np.abs(background) > 1e-6).sum(axis=1) > 1600]  # 0.1 s: enough to tell the tone
+    hz = np.array([dominant_hz(row) for row in heard])
+    near = np.abs(hz - NEAR_MISS_HZ) < 20
+    assert len(heard) > 400 and (near | (np.abs(hz - SENTENCE_HZ) < 20)).all()
+    assert near.mean() == pytest.approx(share, abs=0.08)
+
+
+def test_near_miss_sentences_given_but_off_leave_the_seeded_batches_as_they_were():
+    given = sentence_batches(0.5, seed=9, n=64)  # near-miss sentences given, near_misses 0
+    clips = np.stack([tone_burst(), tone_burst(0.25, 0.75)])
+    without = TrainingBatches(clips, [0, 0], clips[:0], [], [np.zeros(3 * 16000, np.float32)], len(LABELS), BG,
+                              seed=9, background_weight=9.0, sentences=[two_seconds_of(SENTENCE_HZ)],
+                              sentence_negatives=0.5)
+    x, y = without.batch(64)
+    assert np.array_equal(given[0], x.numpy()) and given[1].tolist() == y.tolist()
+
+
+def test_near_misses_without_near_miss_sentences_are_refused(training_arrays):
+    with pytest.raises(DataError, match="needs near-miss sentences"):
+        batches(training_arrays, sentences=[np.ones(100, np.float32)], sentence_negatives=0.5, near_misses=0.5)
 
 
 def test_sentences_given_but_off_leave_the_seeded_batches_as_they_were(training_arrays):

@@ -12,8 +12,8 @@ from kws.cli import main
 from kws.data import read_noise, read_split
 from kws.stream import Detection
 from kws.data import WORDS
-from kws.speech import (KEYWORD_SOUNDS, SPEECH, TRAINING_VOCABULARY, VOCABULARY, sentence, spoken,
-                        training_sentences)
+from kws.speech import (KEYWORD_SOUNDS, NEAR_MISS_VOCABULARY, SPEECH, TRAINING_VOCABULARY, VOCABULARY,
+                        sentence, spoken, training_sentences)
 from kws.labels import BACKGROUND, LABELS
 from kws.stream_eval import (CHOICE_GRID, Placement, StreamRun, choose_thresholds, det_curve, det_image,
                              operating_point, score, stream_slots, word_bounds, write_png)
@@ -195,6 +195,16 @@ def test_training_sentences_hold_no_keyword_and_no_word_of_the_streams_sentences
         assert all(w in TRAINING_VOCABULARY for w in sentence(seed, TRAINING_VOCABULARY).word.split())
     assert len(list(tmp_path.iterdir())) == 3
     assert all(np.array_equal(a, b) for a, b in zip(training_sentences(tmp_path, count=3), audio))
+
+
+def test_near_miss_sentences_share_no_word_with_the_keywords_or_any_other_sentences(tmp_path):
+    assert len(set(NEAR_MISS_VOCABULARY)) == len(NEAR_MISS_VOCABULARY)
+    assert not set(NEAR_MISS_VOCABULARY) & (set(WORDS) | KEYWORD_SOUNDS)
+    assert not set(NEAR_MISS_VOCABULARY) & (set(VOCABULARY) | set(TRAINING_VOCABULARY))
+    audio = training_sentences(tmp_path, count=2, vocabulary=NEAR_MISS_VOCABULARY)
+    assert len(audio) == 2 and all(rms(a) > 0.01 for a in audio)
+    assert all(w in NEAR_MISS_VOCABULARY for w in sentence(1, NEAR_MISS_VOCABULARY).word.split())
+    assert not np.array_equal(audio[0][:8000], training_sentences(tmp_path, count=1)[0][:8000])
 
 
 def read_png(data: bytes) -> tuple[np.ndarray, dict]:

@@ -21,6 +21,7 @@ from kws.cli import main
 from kws.data import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import load_model, read_checkpoint
+from kws.speech import NEAR_MISS_VOCABULARY, TRAINING_VOCABULARY
 import kws.train
 from kws.train import (TrainConfig, epoch_batches, load_training_data, lr_factor, make_optimizer, target_loss,
                        train)
@@ -200,6 +201,26 @@ def test_sentence_negatives_are_off_unless_asked_for_and_kws_train_passes_the_se
     assert main([*common, "--out", str(tmp_path / "b.pt"), "--sentence-negatives", "0.9"]) == 0
     assert shares == [0.0, 0.9] and sentences and all(s == rendered for s in sentences)
     assert read_checkpoint(tmp_path / "b.pt")[2]["train"]["sentence_negatives"] == 0.9
+
+
+def test_near_misses_are_off_unless_asked_for_and_kws_train_passes_the_near_miss_sentences(
+        speech_commands, tmp_path, monkeypatch):
+    assert TrainConfig().near_misses == 0.0
+    rendered = {TRAINING_VOCABULARY: [np.full(8000, 0.1, np.float32)],
+                NEAR_MISS_VOCABULARY: [np.full(8000, 0.2, np.float32)]}
+    asked = []
+    monkeypatch.setattr(kws.train, "training_sentences",  # no TTS in this test
+                        lambda cache, count=1000, vocabulary=TRAINING_VOCABULARY:
+                        asked.append(vocabulary) or rendered[vocabulary])
+    shares, pools = batches_option(monkeypatch, "near_misses"), batches_option(monkeypatch, "near_miss_sentences")
+    common = ["train", "--data", str(speech_commands.root), "--epochs", "1", "--examples-per-epoch", "8",
+              "--batch-size", "8", "--warmup-steps", "1", "--sentence-negatives", "0.5", *TINY_SET]
+    assert main([*common, "--out", str(tmp_path / "a.pt")]) == 0
+    assert asked == [TRAINING_VOCABULARY] and shares == [0.0] and pools == [[]]
+    assert main([*common, "--out", str(tmp_path / "b.pt"), "--near-misses", "0.4"]) == 0
+    assert asked[1:] == [TRAINING_VOCABULARY, NEAR_MISS_VOCABULARY]
+    assert shares[1] == 0.4 and pools[1] == rendered[NEAR_MISS_VOCABULARY]
+    assert read_checkpoint(tmp_path / "b.pt")[2]["train"]["near_misses"] == 0.4
 
 
 def test_augmentations_are_off_by_default_and_kws_train_passes_them(speech_commands, tmp_path, monkeypatch):
@@ -464,6 +485,8 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--reverb", "-0.1"],
     ["--masks", "2"],
     ["--noise-onsets", "1.5"],
+    ["--near-misses", "1.5"],
+    ["--near-misses", "0.5"],  # a share of the sentence negatives, without any
     ["--distill-share", "0"],
     ["--distill-temperature", "0"],
     ["--distill-repr", "-1"],
