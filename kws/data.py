@@ -124,6 +124,7 @@ def noise_segment(noise: list[np.ndarray], length: int, rng: random.Random) -> n
     return fit_length(recording[start:start + length], length)
 
 
+SWITCH_FADE = 160  # samples (10 ms) of fade out and in where the noise switches, as eval-stream's slots meet
 WORD_FLOOR_DB = 20.0  # frames this far below the loudest frame are not the word
 
 
@@ -164,7 +165,10 @@ class TrainingBatches:
     the target and one band of up to 500 Hz (SpecAugment's masks, on the waveform).
     `noise_onsets` makes the noise of an example 10-40 dB quieter before or after a random
     sample: noise that starts or stops (a tap, a fan, the next room), which a stream holds and
-    an example of steady noise never does.
+    an example of steady noise never does. `noise_switches` makes the noise give way, at a
+    random sample, to another stretch of noise (most often another recording) 30 dB quieter to
+    30 dB louder, through a 10-ms fade each way: one sound giving way to another, as where two
+    slots of an evaluation stream meet.
     """
 
     def __init__(self, real: np.ndarray, real_labels: list[int], synth: np.ndarray,
@@ -174,10 +178,11 @@ class TrainingBatches:
                  speech_negatives: float = 0.0, vtlp: float = 0.0, reverb: float = 0.0, masks: float = 0.0,
                  sentences: list[np.ndarray] | None = None, sentence_negatives: float = 0.0,
                  noise_onsets: float = 0.0, near_miss_sentences: list[np.ndarray] | None = None,
-                 near_misses: float = 0.0):
+                 near_misses: float = 0.0, noise_switches: float = 0.0):
         for name, value in {"speech_negatives": speech_negatives, "vtlp": vtlp, "reverb": reverb,
                             "masks": masks, "sentence_negatives": sentence_negatives,
-                            "noise_onsets": noise_onsets, "near_misses": near_misses}.items():
+                            "noise_onsets": noise_onsets, "near_misses": near_misses,
+                            "noise_switches": noise_switches}.items():
             if not 0.0 <= value <= 1.0:
                 raise DataError(f"{name} is a fraction from 0 to 1, not {value}")
         if speech_negatives + sentence_negatives > 1.0:
@@ -192,6 +197,7 @@ class TrainingBatches:
             raise DataError("near_misses needs near-miss sentences to cut them from")
         self.near_misses = near_misses
         self.vtlp, self.reverb, self.masks, self.noise_onsets = vtlp, reverb, masks, noise_onsets
+        self.noise_switches = noise_switches
         self.clips = np.concatenate([real, synth]) if len(synth) else real
         self.is_synth = np.r_[np.zeros(len(real), bool), np.ones(len(synth), bool)]
         labels = np.r_[np.asarray(real_labels, int), np.asarray(synth_labels, int)]
@@ -278,6 +284,8 @@ class TrainingBatches:
             noise = noise_segment(self.noise, total, self.rng)
             if self.noise_onsets > 0 and self.rng.random() < self.noise_onsets:
                 noise = self._onset(noise)
+            if self.noise_switches > 0 and self.rng.random() < self.noise_switches:
+                noise = self._switch(noise)
             speech_rms = float(np.sqrt(np.mean(x[self.context:] ** 2)) + 1e-8)
             if label == self.background:  # from near silence up to loud noise
                 level = 10 ** (self.rng.uniform(-70, -10) / 20)
@@ -298,6 +306,20 @@ class TrainingBatches:
         else:
             noise[at:] *= quieter
         return noise
+
+    def _switch(self, noise: np.ndarray) -> np.ndarray:
+        """`noise` until a random sample, then another stretch of noise at -30 to +30 dB."""
+        at = self.rng.randrange(1, len(noise))
+        other = noise_segment(self.noise, len(noise), self.rng)
+        gain = (10 ** (self.rng.uniform(-30, 30) / 20) * (np.sqrt(np.mean(noise ** 2)) + 1e-8)
+                / (np.sqrt(np.mean(other[at:] ** 2)) + 1e-8))
+        out = noise.copy()
+        out[at:] = other[at:] * np.float32(gain)
+        fade = min(SWITCH_FADE, at, len(noise) - at)
+        ramp = np.linspace(0, 1, fade, dtype=np.float32)
+        out[at - fade:at] *= ramp[::-1]
+        out[at:at + fade] *= ramp
+        return out
 
     def _mask(self, x: np.ndarray) -> np.ndarray:
         low = self.rng.uniform(0, SAMPLE_RATE / 2 - 500)

@@ -55,6 +55,7 @@ class TrainConfig:
     reverb: float = 0.0  # share of examples in a synthetic room (RT60 0.1-0.8 s)
     masks: float = 0.0  # share of examples with a silenced time span and frequency band
     noise_onsets: float = 0.0  # share of noisy examples whose noise starts or stops within them
+    noise_switches: float = 0.0  # share of noisy examples whose noise gives way to another within them
     seed: int = 0
     checkpoint_minutes: float = 10.0  # also save the run state this often within an epoch
     # Distillation from a teacher (kws teacher train; --teacher FILE): loss weights, 0 = off.
@@ -157,7 +158,7 @@ def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
                            speech_negatives=cfg.speech_negatives, vtlp=cfg.vtlp, reverb=cfg.reverb,
                            masks=cfg.masks, sentences=d["sentences"], sentence_negatives=cfg.sentence_negatives,
                            noise_onsets=cfg.noise_onsets, near_miss_sentences=d["near_miss_sentences"],
-                           near_misses=cfg.near_misses)
+                           near_misses=cfg.near_misses, noise_switches=cfg.noise_switches)
 
 
 def load_training_data(data: Path, synth: Path | None, log, sentences: bool = False,
@@ -207,6 +208,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
     fractions = {"--speech-negatives": (cfg.speech_negatives, 0.0, 1.0, True),
                  "--sentence-negatives": (cfg.sentence_negatives, 0.0, 1.0, True),
                  "--near-misses": (cfg.near_misses, 0.0, 1.0, True),
+                 "--noise-switches": (cfg.noise_switches, 0.0, 1.0, True),
                  "--vtlp": (cfg.vtlp, 0.0, 1.0, True), "--reverb": (cfg.reverb, 0.0, 1.0, True),
                  "--masks": (cfg.masks, 0.0, 1.0, True), "--noise-onsets": (cfg.noise_onsets, 0.0, 1.0, True),
                  "--label-smoothing": (cfg.label_smoothing, 0.0, 1.0, False),

@@ -514,7 +514,32 @@ def test_noise_onsets_make_the_noise_start_or_stop_within_an_example(training_ar
     assert max(largest_level_step_db(x) for x in steady.numpy() if np.abs(x).max() > 1e-3) < 3.0
 
 
-@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets"])
+def noise_frequencies(noise_switches: float, seed: int) -> list[list[float]]:
+    """The dominant frequency of each 50-ms frame of 64 background examples over two noise
+    'recordings', tones of 300 and 3000 Hz, so that a frame says which one it holds."""
+    t = np.arange(3 * 16000) / 16000
+    noise = [np.sin(2 * np.pi * 300 * t).astype(np.float32), np.sin(2 * np.pi * 3000 * t).astype(np.float32)]
+    clips = np.stack([tone_burst(), tone_burst()])
+    b = TrainingBatches(clips, [0, 0], clips[:0], [], noise, len(LABELS), BG, seed=seed,
+                        background_weight=1000.0, noise_switches=noise_switches)
+    x, y = b.batch(64)
+    assert (y.numpy() == BG).all()
+    return [[dominant_hz(f) for f in row.reshape(-1, 800) if np.abs(f).max() > 1e-4]
+            for row in x.numpy() if np.abs(row).max() > 1e-3]
+
+
+def test_noise_switches_make_the_noise_give_way_to_another_recording_once_within_an_example():
+    def changes(freqs):
+        return sum(abs(a - b) > 100 for a, b in zip(freqs, freqs[1:]))
+
+    steady = [changes(f) for f in noise_frequencies(0.0, seed=2)]
+    switched = [changes(f) for f in noise_frequencies(1.0, seed=2)]
+    assert len(switched) > 40 and max(steady) == 0
+    assert max(switched) == 1  # one switch: from one recording to the other, never back
+    assert np.mean(switched) > 0.3  # about half switch to the other recording (else to another stretch)
+
+
+@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets", "noise_switches"])
 def test_each_augmentation_is_off_by_default_and_changes_the_examples_when_on(training_arrays, option):
     plain_a, plain_b = batches(training_arrays, seed=4), batches(training_arrays, seed=4, **{option: 0.0})
     xa, ya = plain_a.batch(16)
@@ -533,7 +558,7 @@ def test_a_masked_example_has_a_silent_span_in_its_target(training_arrays):
         assert zero_runs.max() - 1 >= 160  # at least 10 ms of exact silence
 
 
-@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets"])
+@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets", "noise_switches"])
 def test_augmentation_shares_outside_0_to_1_are_refused(training_arrays, option):
     with pytest.raises(DataError, match=option):
         batches(training_arrays, **{option: 1.5})

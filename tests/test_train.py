@@ -224,13 +224,15 @@ def test_near_misses_are_off_unless_asked_for_and_kws_train_passes_the_near_miss
 
 
 def test_augmentations_are_off_by_default_and_kws_train_passes_them(speech_commands, tmp_path, monkeypatch):
-    names = ("vtlp", "reverb", "masks", "noise_onsets")
+    names = ("vtlp", "reverb", "masks", "noise_onsets", "noise_switches")
     assert all(getattr(TrainConfig(), name) == 0.0 for name in names)
     seen = {name: batches_option(monkeypatch, name) for name in names}
     code = main(["train", "--data", str(speech_commands.root), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
                  "--examples-per-epoch", "8", "--batch-size", "8", "--warmup-steps", "1",
-                 "--vtlp", "0.3", "--reverb", "0.4", "--masks", "0.5", "--noise-onsets", "0.6", *TINY_SET])
-    assert code == 0 and seen == {"vtlp": [0.3], "reverb": [0.4], "masks": [0.5], "noise_onsets": [0.6]}
+                 "--vtlp", "0.3", "--reverb", "0.4", "--masks", "0.5", "--noise-onsets", "0.6",
+                 "--noise-switches", "0.7", *TINY_SET])
+    assert code == 0 and seen == {"vtlp": [0.3], "reverb": [0.4], "masks": [0.5], "noise_onsets": [0.6],
+                                  "noise_switches": [0.7]}
 
 
 # ----------------------------------------------------------------------------- a tiny run
@@ -486,6 +488,7 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--masks", "2"],
     ["--noise-onsets", "1.5"],
     ["--near-misses", "1.5"],
+    ["--noise-switches", "-0.5"],
     ["--near-misses", "0.5"],  # a share of the sentence negatives, without any
     ["--distill-share", "0"],
     ["--distill-temperature", "0"],
