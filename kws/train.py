@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -185,11 +185,26 @@ def load_training_data(data: Path, synth: Path | None, log, sentences: bool = Fa
     }
 
 
-def model_config(cfg: TrainConfig, overrides: dict | None) -> ModelConfig:
+def model_config(cfg: TrainConfig, overrides: dict | None, init: Path | None = None) -> ModelConfig:
+    """The preset's settings or, fine-tuning from `init`, that model's own with its taps as trained
+    (sigma starts at its end value, not re-annealed from wide), changed by --set."""
     try:
-        return preset(cfg.preset, LABELS, **(overrides or {}))
+        if init is None:
+            return preset(cfg.preset, LABELS, **(overrides or {}))
+        start, weights, _ = read_checkpoint(init)
+        if start.labels != tuple(LABELS):
+            raise KwsError(f"--init {init} has other labels than the 35 words and background: "
+                           "it cannot be fine-tuned here")
+        model_cfg = replace(start, **{"sigma_start": start.sigma_end, **(overrides or {})})
     except (TypeError, ValueError) as e:
         raise KwsError(f"bad model settings: {e}") from None
+    try:
+        MGRADE(model_cfg).load_state_dict(weights)
+    except RuntimeError:
+        changed = ", ".join(f"{k}={v}" for k, v in (overrides or {}).items() if getattr(start, k) != v)
+        raise KwsError(f"--set {changed} changes the shape of --init {init}'s model; "
+                       "a fine-tune keeps its shape") from None
+    return model_cfg
 
 
 def check_config(cfg: TrainConfig, world: int = 1) -> int:
@@ -268,7 +283,7 @@ def read_run_state(path: Path, device) -> dict:
 def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
           run_dir: Path | None = None, resume: bool = False, overrides: dict | None = None,
           init: Path | None = None, teacher: Path | None = None, log=print) -> dict:
-    model_cfg = model_config(cfg, overrides)  # bad settings fail before minutes of loading
+    model_cfg = model_config(cfg, overrides, init)  # bad settings fail before minutes of loading
     rank, world = distributed()
     steps_per_epoch = check_config(cfg, world)
     check_writable(out)
@@ -292,10 +307,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     model = MGRADE(model_cfg).to(device)
     if init is not None:  # fine-tune: start from a trained model's weights, not at random
         _, init_weights, init_meta = read_checkpoint(init)
-        try:
-            model.load_state_dict(init_weights)
-        except RuntimeError as e:
-            raise KwsError(f"--init {init} does not fit these settings ({str(e).splitlines()[0]})") from None
+        model.load_state_dict(init_weights)  # model_config has checked that it fits
         model.license = init_meta.get("license", model.license)  # a fine-tune keeps its origin's terms
     if distilling:
         model.license = TEACHER_LICENSE
@@ -469,7 +481,9 @@ def run(args):
     if args.context_s is not None:
         overrides["clip_context_s"] = args.context_s
     # Every setting is checked here, before minutes of loading data.
-    model_config(cfg, overrides)
+    if args.init and args.preset is not None:
+        raise KwsError("--init trains the model it names: change its settings with --set, not --preset")
+    model_config(cfg, overrides, Path(args.init) if args.init else None)
     check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if args.threads < 0:
         raise KwsError(f"--threads must be 0 (torch's choice) or more, not {args.threads}")
@@ -491,7 +505,8 @@ def register(sub):
     p.add_argument("--out", required=True, help="where to save the best model (of the rounded-delay phase)")
     p.add_argument("--run-dir", help="per-epoch training state for --resume (default: OUT.run/)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's last epoch")
-    p.add_argument("--init", metavar="MODEL", help="start from this model's weights (fine-tuning)")
+    p.add_argument("--init", metavar="MODEL", help="start from this model: its weights and settings, its "
+                                                   "taps as trained (fine-tuning; --set changes settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model setting, e.g. --set use_delay=false")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")

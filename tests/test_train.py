@@ -20,7 +20,7 @@ from conftest import TINY_MODEL, tiny_model, write_speech_commands
 from kws.cli import main
 from kws.data import BACKGROUND, LABELS
 from kws.errors import KwsError
-from kws.model import load_model, read_checkpoint
+from kws.model import load_model, read_checkpoint, save_model
 from kws.speech import NEAR_MISS_VOCABULARY, TRAINING_VOCABULARY
 import kws.train
 from kws.train import (TrainConfig, epoch_batches, load_training_data, lr_factor, make_optimizer, target_loss,
@@ -514,6 +514,33 @@ def test_kws_train_with_an_out_it_cannot_write_exits_2_before_loading_data(tmp_p
     code = main(["train", "--data", str(tmp_path / "absent"), "--out", str(out), *TINY_SET])
     err = capsys.readouterr().err
     assert code == 2 and "--out" in err and err.count("\n") == 1, err
+
+
+def test_a_fine_tune_takes_its_models_settings_and_taps_as_trained(tmp_path):
+    start = tiny_model(width=12, sigma_start=8.0, sigma_end=0.5)
+    save_model(start, tmp_path / "start.pt")
+    cfg = kws.train.model_config(TrainConfig(), {"dropout": 0.2}, init=tmp_path / "start.pt")
+    assert cfg.width == 12 and cfg.n_layers == start.cfg.n_layers  # its shape, not the preset's
+    assert cfg.sigma_start == cfg.sigma_end == 0.5  # its taps are not widened again
+    assert cfg.dropout == 0.2  # --set still changes what does not change the shape
+    assert kws.train.model_config(TrainConfig(), {"sigma_start": 2.0}, init=tmp_path / "start.pt").sigma_start == 2.0
+
+
+@pytest.mark.parametrize("bad, words", [
+    (["--set", "width=16"], ["width=16", "shape"]),
+    (["--preset", "edge"], ["--preset", "--set"]),
+    (["--init-absent"], ["no model file"]),
+])
+def test_kws_train_with_an_init_it_cannot_fine_tune_exits_2_before_loading_data(tmp_path, capsys, bad, words):
+    save_model(tiny_model(), tmp_path / "start.pt")
+    init = ["--init", str(tmp_path / ("absent.pt" if bad == ["--init-absent"] else "start.pt"))]
+    bad = [] if bad == ["--init-absent"] else bad
+    out = tmp_path / "m.pt"
+    code = main(["train", "--data", str(tmp_path / "no-data"), "--out", str(out), *init, *bad])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kws: error: ") and err.count("\n") == 1, err
+    assert all(word in err for word in words) and "no-data" not in err, err
+    assert not out.exists()
 
 
 def test_kws_train_on_a_missing_folder_exits_2_naming_it(tmp_path, capsys):
