@@ -238,16 +238,17 @@ class TrainingBatches:
         tail = np.pad(tail, (self.context - len(tail), 0))  # a context longer than a clip
         return tail * 10 ** (self.rng.uniform(-10, 5) / 20)
 
-    def _speech_negative(self) -> np.ndarray:
-        """A background example (before noise) that holds speech the model must not fire on."""
+    def _speech_negative(self) -> tuple[np.ndarray, bool]:
+        """A background example (before noise) that holds speech the model must not fire on, and
+        whether it is word-free throughout (not when its context ends with a whole clip)."""
         x = np.zeros(self.context + CLIP_SAMPLES, np.float32)
         if self.context > 0 and self.rng.random() < 0.5:  # a word just ended before the target
             x[:self.context] = self._clip_end()
-            return x
+            return x, False
         clip = self.clips[self.np_rng.choice(len(self.clips))]
         tail = word_tail(clip, self.rng.uniform(*WORD_TAIL_FRACTION))
         x[self.context:self.context + len(tail)] = tail * 10 ** (self.rng.uniform(-10, 5) / 20)
-        return x
+        return x, True
 
     def _sentence_window(self, length: int, end: bool = False) -> np.ndarray:
         """`length` samples of a random sentence at -40 to -15 dBFS: any stretch of it, with
@@ -261,16 +262,19 @@ class TrainingBatches:
         start = len(speech) if end else self.rng.randrange(len(speech) + length)
         return (padded[start:start + length] * level).astype(np.float32)
 
-    def example(self) -> tuple[np.ndarray, int]:
+    def example(self) -> tuple[np.ndarray, int, bool]:
+        """(audio, label, word-free): word-free examples hold no whole word anywhere, context
+        included, so every 1-s window of them must read background."""
         label = int(self.np_rng.choice(len(self.class_p), p=self.class_p))
         total = self.context + CLIP_SAMPLES
+        word_free = label == self.background
         if label == self.background:
             x = np.zeros(total, np.float32)
             # No draw at all when the options are off: the seeded batches stay as they were.
             if self.speech_negatives > 0 or self.sentence_negatives > 0:
                 kind = self.rng.random()
                 if kind < self.speech_negatives:
-                    x = self._speech_negative()
+                    x, word_free = self._speech_negative()
                 elif kind < self.speech_negatives + self.sentence_negatives:
                     x = self._sentence_window(total)
         else:
@@ -294,7 +298,7 @@ class TrainingBatches:
             x = x + noise * (level / (np.sqrt(np.mean(noise ** 2)) + 1e-8))
         if self.masks > 0 and self.rng.random() < self.masks:
             x = self._mask(x)
-        return np.clip(x, -1, 1), label
+        return np.clip(x, -1, 1), label, word_free
 
     def _onset(self, noise: np.ndarray) -> np.ndarray:
         """`noise` 10-40 dB quieter before a random sample (it starts there) or after it (stops)."""
@@ -339,9 +343,10 @@ class TrainingBatches:
         self.rng.setstate((version, tuple(internal), gauss))
         self.np_rng.bit_generator.state = saved["numpy"]
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*(self.example() for _ in range(size)))
-        return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(audio, labels, word-free flags) of `size` examples."""
+        xs, ys, free = zip(*(self.example() for _ in range(size)))
+        return torch.from_numpy(np.stack(xs)), torch.tensor(ys), torch.tensor(free)
 
 
 STFT_SIZE, STFT_HOP = 512, 128  # 32-ms frames, a Hann window's sum of squares is flat at this hop

@@ -56,6 +56,9 @@ class TrainConfig:
     masks: float = 0.0  # share of examples with a silenced time span and frequency band
     noise_onsets: float = 0.0  # share of noisy examples whose noise starts or stops within them
     noise_switches: float = 0.0  # share of noisy examples whose noise gives way to another within them
+    # Loss weight (0: off) for the streaming operating point: of each word-free background
+    # example, the 1-s window (every one the detector would read) that least reads background.
+    window_negatives: float = 0.0
     seed: int = 0
     checkpoint_minutes: float = 10.0  # also save the run state this often within an epoch
     # Distillation from a teacher (kws teacher train; --teacher FILE): loss weights, 0 = off.
@@ -95,6 +98,18 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor, context_steps: int, 
     clip = logits[:, context_steps:].mean(dim=1)
     loss = F.cross_entropy(clip, labels, label_smoothing=label_smoothing)
     return loss, (clip.argmax(-1) == labels).float().mean(), clip
+
+
+def window_negative_loss(logits: torch.Tensor, word_free: torch.Tensor, window_steps: int,
+                         background: int) -> torch.Tensor:
+    """Cross-entropy toward background of the hardest window of each word-free example: of all
+    its full windows of `window_steps` (means of per-step logits, as the streaming detector reads
+    them), the one where background is least likely. A stream's false alarms come from its worst
+    windows, not from the one aligned window the clip loss reads. logits (B, steps, classes)."""
+    windows = logits[word_free].unfold(1, window_steps, 1).mean(-1)  # (n, steps - W + 1, classes)
+    if not len(windows):
+        return logits.new_zeros(())
+    return -F.log_softmax(windows, -1)[..., background].min(dim=1).values.mean()
 
 
 def distillation_losses(clip_logits: torch.Tensor, projected: torch.Tensor | None, teacher_embeddings,
@@ -237,7 +252,8 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
                        f"together at most 1, not {cfg.speech_negatives + cfg.sentence_negatives:g}")
     if cfg.near_misses > 0 and cfg.sentence_negatives == 0:
         raise KwsError("--near-misses is a share of the sentence negatives: give --sentence-negatives too")
-    for flag, value in {"--distill-repr": cfg.distill_repr, "--distill-logits": cfg.distill_logits}.items():
+    for flag, value in {"--distill-repr": cfg.distill_repr, "--distill-logits": cfg.distill_logits,
+                        "--window-negatives": cfg.window_negatives}.items():
         if not (math.isfinite(value) and value >= 0):
             raise KwsError(f"{flag} is a loss weight, 0 (off) or more, not {value}")
     if not (math.isfinite(cfg.distill_temperature) and cfg.distill_temperature > 0):
@@ -317,6 +333,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     rounded_from = total_steps - round(cfg.rounded_fraction * total_steps)
     context_s = model_cfg.context_samples / SAMPLE_RATE
     context_steps = model_cfg.context_samples // model_cfg.stride
+    window_steps, background = CLIP_SAMPLES // model_cfg.stride, LABELS.index(BACKGROUND)
     history, start_epoch, start_step, best, saved = [], 0, 0, -1.0, None
 
     last = run_dir / "last.pt"
@@ -378,9 +395,12 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(global_step, total_steps, cfg.warmup_steps)
                 at["batches"] = batches.state()  # an interrupted step is redone from here
-                audio, labels = batches.batch(cfg.batch_size)
+                audio, labels, word_free = batches.batch(cfg.batch_size)
                 logits, projected = net(audio.to(device))
                 loss, acc, clip = target_loss(logits, labels.to(device), context_steps, cfg.label_smoothing)
+                if cfg.window_negatives > 0:
+                    loss = loss + cfg.window_negatives * window_negative_loss(
+                        logits, word_free.to(device), window_steps, background)
                 if distilling:  # the teacher hears the student's own augmented examples
                     heard = max(1, round(cfg.distill_share * len(audio)))
                     embeddings, teacher_logits = teacher.targets(audio[:heard].numpy())

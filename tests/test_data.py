@@ -172,14 +172,14 @@ def batches(arrays, seed=0, synth=0, **kwargs):
 def test_same_seed_gives_identical_batches_and_another_seed_differs(training_arrays):
     a, b, c = (batches(training_arrays, seed=s, synth=3) for s in (7, 7, 8))
     for _ in range(3):
-        (xa, ya), (xb, yb), (xc, yc) = a.batch(6), b.batch(6), c.batch(6)
+        (xa, ya, _), (xb, yb, _), (xc, yc, _) = a.batch(6), b.batch(6), c.batch(6)
         assert np.array_equal(xa.numpy(), xb.numpy()) and ya.tolist() == yb.tolist()
     assert not np.array_equal(xa.numpy(), xc.numpy())
 
 
 @pytest.mark.parametrize("context_s", [0.5, 0.25, 0.0, 1.5])
 def test_batches_hold_context_then_one_second_within_unit_range(training_arrays, context_s):
-    x, y = batches(training_arrays, context_s=context_s).batch(24)
+    x, y, _ = batches(training_arrays, context_s=context_s).batch(24)
     assert x.shape == (24, int(context_s * 16000) + CLIP_SAMPLES)
     assert x.dtype.is_floating_point and y.shape == (24,)
     assert float(x.abs().max()) <= 1.0
@@ -187,7 +187,7 @@ def test_batches_hold_context_then_one_second_within_unit_range(training_arrays,
 
 def test_loud_clips_are_clipped_into_the_unit_range(training_arrays):
     loud = dict(training_arrays, audio=training_arrays["audio"] * 40)
-    x, _ = batches(loud).batch(32)
+    x, _, _ = batches(loud).batch(32)
     assert float(x.abs().max()) == 1.0
 
 
@@ -218,7 +218,7 @@ def test_background_examples_are_labelled_background_and_hold_no_speech(training
     example without speech would still be labelled with its word."""
     silent = dict(training_arrays, audio=np.zeros_like(training_arrays["audio"]))
     b = batches(silent, seed=5)
-    x, y = b.batch(200)
+    x, y, _ = b.batch(200)
     assert (y == BG).any()
     # Background examples are noise alone, from near silence (-70 dB) up: audible here...
     quietest = 10 ** (-70 / 20) / 2
@@ -285,7 +285,7 @@ def silent_noise_batches(fraction, seed=0, n=800, context_s=0.5):
     b = TrainingBatches(clips, [0, 0], clips[:0], [], [np.zeros(3 * 16000, np.float32)], len(LABELS),
                         BG, seed=seed, background_weight=9.0, context_s=context_s,
                         speech_negatives=fraction)
-    x, y = b.batch(n)
+    x, y, _ = b.batch(n)
     return x[y == BG].numpy(), int(context_s * 16000)
 
 
@@ -307,6 +307,19 @@ def test_background_examples_hold_speech_only_at_the_end_of_the_context_or_the_s
     assert lengths.min() >= 0.15 * 6400 - 160 and lengths.max() <= 0.5 * 8000 + 160
     # Roughly half of each kind.
     assert after_word.sum() / with_speech.sum() == pytest.approx(0.5, abs=0.1)
+
+
+def test_only_background_examples_without_a_word_in_the_context_are_word_free():
+    clips = np.stack([tone_burst(), tone_burst(0.25, 0.75)])
+    b = TrainingBatches(clips, [0, 0], clips[:0], [], [np.zeros(3 * 16000, np.float32)], len(LABELS),
+                        BG, seed=6, background_weight=4.0, speech_negatives=0.6)
+    x, y, word_free = b.batch(400)
+    x, y, word_free, ctx = x.numpy(), y.numpy(), word_free.numpy(), 8000
+    assert word_free.dtype == bool and not word_free[y != BG].any()
+    # With silent noise, a background example whose context holds sound holds a clip's end.
+    after_word = (y == BG) & (np.abs(x[:, :ctx]) > 1e-6).any(axis=1)
+    assert after_word.sum() > 30
+    np.testing.assert_array_equal(word_free[y == BG], ~after_word[y == BG])
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.6, 1.0])
@@ -350,7 +363,7 @@ def sentence_batches(sentence_negatives, speech_negatives=0.0, seed=0, n=800, ba
                         seed=seed, background_weight=background_weight, speech_negatives=speech_negatives,
                         sentences=[two_seconds_of(SENTENCE_HZ)], sentence_negatives=sentence_negatives,
                         near_miss_sentences=[two_seconds_of(NEAR_MISS_HZ)], near_misses=near_misses)
-    x, y = b.batch(n)
+    x, y, _ = b.batch(n)
     return x.numpy(), y.numpy()
 
 
@@ -412,7 +425,7 @@ def test_near_miss_sentences_given_but_off_leave_the_seeded_batches_as_they_were
     without = TrainingBatches(clips, [0, 0], clips[:0], [], [np.zeros(3 * 16000, np.float32)], len(LABELS), BG,
                               seed=9, background_weight=9.0, sentences=[two_seconds_of(SENTENCE_HZ)],
                               sentence_negatives=0.5)
-    x, y = without.batch(64)
+    x, y, _ = without.batch(64)
     assert np.array_equal(given[0], x.numpy()) and given[1].tolist() == y.tolist()
 
 
@@ -506,8 +519,8 @@ def test_noise_onsets_make_the_noise_start_or_stop_within_an_example(training_ar
     """Background examples are noise alone: steady without the option, with a step of 10-40 dB
     (measured in 50-ms frames, so a little less) at a random point with it."""
     options = dict(seed=6, background_weight=1000.0, context_s=0.5)
-    steady, _ = batches(training_arrays, **options).batch(24)
-    stepped, labels = batches(training_arrays, noise_onsets=1.0, **options).batch(24)
+    steady, _, _ = batches(training_arrays, **options).batch(24)
+    stepped, labels, _ = batches(training_arrays, noise_onsets=1.0, **options).batch(24)
     assert (labels == BG).all()
     steps = [largest_level_step_db(x) for x in stepped.numpy() if np.abs(x).max() > 1e-3]
     assert len(steps) > 12 and min(steps) > 6.0
@@ -522,7 +535,7 @@ def noise_frequencies(noise_switches: float, seed: int) -> list[list[float]]:
     clips = np.stack([tone_burst(), tone_burst()])
     b = TrainingBatches(clips, [0, 0], clips[:0], [], noise, len(LABELS), BG, seed=seed,
                         background_weight=1000.0, noise_switches=noise_switches)
-    x, y = b.batch(64)
+    x, y, _ = b.batch(64)
     assert (y.numpy() == BG).all()
     return [[dominant_hz(f) for f in row.reshape(-1, 800) if np.abs(f).max() > 1e-4]
             for row in x.numpy() if np.abs(row).max() > 1e-3]
@@ -542,16 +555,16 @@ def test_noise_switches_make_the_noise_give_way_to_another_recording_once_within
 @pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets", "noise_switches"])
 def test_each_augmentation_is_off_by_default_and_changes_the_examples_when_on(training_arrays, option):
     plain_a, plain_b = batches(training_arrays, seed=4), batches(training_arrays, seed=4, **{option: 0.0})
-    xa, ya = plain_a.batch(16)
-    xb, yb = plain_b.batch(16)
+    xa, ya, _ = plain_a.batch(16)
+    xb, yb, _ = plain_b.batch(16)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)  # off: not even a draw
-    xc, yc = batches(training_arrays, seed=4, **{option: 1.0}).batch(16)
+    xc, yc, _ = batches(training_arrays, seed=4, **{option: 1.0}).batch(16)
     assert xc.shape == xa.shape and not torch.equal(xc, xa)
     assert xc.abs().max() <= 1.0
 
 
 def test_a_masked_example_has_a_silent_span_in_its_target(training_arrays):
-    x, _ = batches(training_arrays, seed=5, masks=1.0, context_s=0.5).batch(8)
+    x, _, _ = batches(training_arrays, seed=5, masks=1.0, context_s=0.5).batch(8)
     for example in x.numpy():
         target = example[8000:]
         zero_runs = np.diff(np.flatnonzero(np.r_[True, target != 0, True]))

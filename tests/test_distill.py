@@ -130,9 +130,9 @@ def test_a_distilled_run_asks_the_teacher_about_the_students_own_examples(speech
     real_batch = kws.train.TrainingBatches.batch
 
     def recording_batch(self, size):
-        audio, labels = real_batch(self, size)
+        audio, labels, word_free = real_batch(self, size)
         drawn.append(audio.numpy().copy())
-        return audio, labels
+        return audio, labels, word_free
 
     monkeypatch.setattr(kws.train.TrainingBatches, "batch", recording_batch)
     out = tmp_path / "m.pt"

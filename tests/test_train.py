@@ -24,7 +24,7 @@ from kws.model import load_model, read_checkpoint, save_model
 from kws.speech import NEAR_MISS_VOCABULARY, TRAINING_VOCABULARY
 import kws.train
 from kws.train import (TrainConfig, epoch_batches, load_training_data, lr_factor, make_optimizer, target_loss,
-                       train)
+                       train, window_negative_loss)
 
 # Three epochs of two steps: enough for a schedule, a best model and a resume point.
 TINY_TRAIN = TrainConfig(epochs=3, examples_per_epoch=16, batch_size=8, warmup_steps=2, seed=1)
@@ -64,6 +64,45 @@ def test_the_loss_reads_only_the_steps_after_the_context():
     clip_changed = logits.clone()
     clip_changed[:, -1] += 5 * torch.randn(2, 4)
     assert not torch.equal(target_loss(clip_changed, labels, context, 0.05)[0], loss)
+
+
+def test_the_window_negative_loss_is_the_cross_entropy_of_each_word_free_examples_worst_window():
+    torch.manual_seed(2)
+    steps, window, background = 30, 10, 3
+    logits = torch.randn(3, steps, 4)
+    logits[:, :, background] += 2.0
+    logits[0, 5:12, 1] += 6.0  # a keyword-like burst that only early windows hold whole
+    word_free = torch.tensor([True, False, True])
+    expected = []
+    for i in (0, 2):
+        windows = torch.stack([logits[i, t:t + window].mean(0) for t in range(steps - window + 1)])
+        expected.append(-windows.log_softmax(-1)[:, background].min())
+    loss = window_negative_loss(logits, word_free, window, background)
+    assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+    # The burst drives it, though the last (aligned) window of example 0 barely holds any of it.
+    last_window_only = target_loss(logits[[0, 2]], torch.tensor([background] * 2), steps - window)[0]
+    assert float(loss) > float(last_window_only) + 0.5
+    # Examples that are not word-free are never read.
+    changed = logits.clone()
+    changed[1] = 50 * torch.randn(steps, 4)
+    assert torch.equal(window_negative_loss(changed, word_free, window, background), loss)
+    assert float(window_negative_loss(logits, torch.zeros(3, dtype=torch.bool), window, background)) == 0.0
+
+
+def test_training_adds_the_window_negative_loss_only_when_asked(speech_commands, tmp_path, monkeypatch):
+    seen = []
+
+    def recording_loss(logits, word_free, window_steps, background):
+        seen.append((logits.shape[1], window_steps, background, int(word_free.sum())))
+        return window_negative_loss(logits, word_free, window_steps, background)
+
+    monkeypatch.setattr(kws.train, "window_negative_loss", recording_loss)
+    tiny = ["--data", str(speech_commands.root), "--epochs", "1", "--examples-per-epoch", "16",
+            "--batch-size", "16", "--warmup-steps", "1", "--background-weight", "20", *TINY_SET]
+    assert main(["train", *tiny, "--out", str(tmp_path / "a.pt")]) == 0
+    assert seen == []
+    assert main(["train", *tiny, "--out", str(tmp_path / "b.pt"), "--window-negatives", "1"]) == 0
+    assert len(seen) == 1 and seen[0][:3] == (150, 100, LABELS.index(BACKGROUND)) and seen[0][3] > 0
 
 
 def test_a_tiny_run_on_generated_words_lowers_its_loss_and_beats_chance(tmp_path):
@@ -494,6 +533,7 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--distill-temperature", "0"],
     ["--distill-repr", "-1"],
     ["--distill-repr", "1"],  # a weight without a --teacher
+    ["--window-negatives", "-1"],
 ])
 def test_kws_train_with_bad_settings_exits_2_with_one_line_before_loading_data(tmp_path, capsys, bad):
     out = tmp_path / "m.pt"
