@@ -278,15 +278,21 @@ def test_word_tail_of_a_clip_with_trailing_quiet_still_ends_at_the_word():
     np.testing.assert_array_equal(tail, clip[6400 - len(tail):6400])
 
 
-def silent_noise_batches(fraction, seed=0, n=800, context_s=0.5):
-    """Examples of one word (a tone burst at 0.3-0.7 s) with noise that is all zeros, so that
-    anything in a background example is speech put there as a negative."""
+def silent_noise_examples(fraction, seed=0, n=800, context_s=0.5, background_weight=9.0):
+    """(audio, labels, word-free flags) of examples of one word (a tone burst at 0.3-0.7 s) with
+    noise that is all zeros, so that anything in a background example is speech put there as a
+    negative."""
     clips = np.stack([tone_burst(), tone_burst(0.25, 0.75)])
     b = TrainingBatches(clips, [0, 0], clips[:0], [], [np.zeros(3 * 16000, np.float32)], len(LABELS),
-                        BG, seed=seed, background_weight=9.0, context_s=context_s,
+                        BG, seed=seed, background_weight=background_weight, context_s=context_s,
                         speech_negatives=fraction)
-    x, y, _ = b.batch(n)
-    return x[y == BG].numpy(), int(context_s * 16000)
+    return tuple(t.numpy() for t in b.batch(n))
+
+
+def silent_noise_batches(fraction, seed=0, n=800, context_s=0.5):
+    """The background examples of `silent_noise_examples`, and the context's length in samples."""
+    x, y, _ = silent_noise_examples(fraction, seed, n, context_s)
+    return x[y == BG], int(context_s * 16000)
 
 
 def test_background_examples_hold_speech_only_at_the_end_of_the_context_or_the_start_of_the_target():
@@ -310,11 +316,8 @@ def test_background_examples_hold_speech_only_at_the_end_of_the_context_or_the_s
 
 
 def test_only_background_examples_without_a_word_in_the_context_are_word_free():
-    clips = np.stack([tone_burst(), tone_burst(0.25, 0.75)])
-    b = TrainingBatches(clips, [0, 0], clips[:0], [], [np.zeros(3 * 16000, np.float32)], len(LABELS),
-                        BG, seed=6, background_weight=4.0, speech_negatives=0.6)
-    x, y, word_free = b.batch(400)
-    x, y, word_free, ctx = x.numpy(), y.numpy(), word_free.numpy(), 8000
+    x, y, word_free = silent_noise_examples(0.6, seed=6, n=400, background_weight=4.0)
+    ctx = 8000
     assert word_free.dtype == bool and not word_free[y != BG].any()
     # With silent noise, a background example whose context holds sound holds a clip's end.
     after_word = (y == BG) & (np.abs(x[:, :ctx]) > 1e-6).any(axis=1)
