@@ -29,7 +29,8 @@ from kws.data import (BACKGROUND, LABELS, TrainingBatches, load_clips, read_nois
                       read_synth)
 from kws.errors import KwsError
 from kws.model import MGRADE, ModelConfig, preset, read_checkpoint, save_model
-from kws.speech import NEAR_MISS_SENTENCES, NEAR_MISS_VOCABULARY, default_cache, training_sentences
+from kws.speech import (NEAR_MISS_SENTENCES, NEAR_MISS_VOCABULARY, TRAINING_SENTENCES, default_cache,
+                        training_sentences)
 from kws.teacher import EMBEDDING_DIM, TEACHER_LICENSE, aligned_steps, embedding_count, load_teacher
 
 
@@ -50,6 +51,7 @@ class TrainConfig:
     background_weight: float = 2.0  # how often background is drawn, against 1 for each word
     speech_negatives: float = 0.0  # share of background examples holding a word's end or tail
     sentence_negatives: float = 0.0  # share of background examples cut from keyword-free TTS sentences
+    sentences: int = TRAINING_SENTENCES  # how many such sentences (seeds 0, 1, ...) they are cut from
     near_misses: float = 0.0  # share of those sentences spoken with words that sound like keywords
     vtlp: float = 0.0  # share of word examples with a warped frequency axis (new vocal tracts)
     reverb: float = 0.0  # share of examples in a synthetic room (RT60 0.1-0.8 s)
@@ -176,9 +178,9 @@ def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
                            near_misses=cfg.near_misses, noise_switches=cfg.noise_switches)
 
 
-def load_training_data(data: Path, synth: Path | None, log, sentences: bool = False,
+def load_training_data(data: Path, synth: Path | None, log, sentences: int = 0,
                        near_misses: bool = False) -> dict:
-    """Clips, noise and validation clips; with `sentences`, the keyword-free TTS sentences, with
+    """Clips, noise and validation clips; `sentences` keyword-free TTS sentences, with
     `near_misses` the near-miss ones (rendered into kws.speech's cache the first time, a few
     minutes)."""
     real = read_split(data, "training")
@@ -191,7 +193,7 @@ def load_training_data(data: Path, synth: Path | None, log, sentences: bool = Fa
         "real": load_clips(real), "real_labels": [index[c.label] for c in real],
         "synth": load_clips(synth_clips), "synth_labels": [index[c.label] for c in synth_clips],
         "noise": read_noise(data, "training"),
-        "sentences": training_sentences(default_cache()) if sentences else [],
+        "sentences": training_sentences(default_cache(), sentences) if sentences else [],
         "near_miss_sentences": (training_sentences(default_cache(), NEAR_MISS_SENTENCES, NEAR_MISS_VOCABULARY)
                                 if near_misses else []),
         "valid": load_clips(valid), "valid_labels": np.array([index[c.label] for c in valid]),
@@ -250,6 +252,9 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
     if cfg.speech_negatives + cfg.sentence_negatives > 1.0:
         raise KwsError(f"--speech-negatives and --sentence-negatives share the background examples: "
                        f"together at most 1, not {cfg.speech_negatives + cfg.sentence_negatives:g}")
+    if cfg.sentences < 1:
+        raise KwsError(f"--sentences is how many training sentences to cut negatives from: at least 1, "
+                       f"not {cfg.sentences}")
     if cfg.near_misses > 0 and cfg.sentence_negatives == 0:
         raise KwsError("--near-misses is a share of the sentence negatives: give --sentence-negatives too")
     for flag, value in {"--distill-repr": cfg.distill_repr, "--distill-logits": cfg.distill_logits,
@@ -318,7 +323,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     run_dir = Path(run_dir or out.with_suffix(".run"))
     torch.manual_seed(cfg.seed)
 
-    d = load_training_data(data, synth, log, sentences=cfg.sentence_negatives > 0,
+    d = load_training_data(data, synth, log, sentences=cfg.sentences if cfg.sentence_negatives > 0 else 0,
                            near_misses=cfg.near_misses > 0)
     model = MGRADE(model_cfg).to(device)
     if init is not None:  # fine-tune: start from a trained model's weights, not at random

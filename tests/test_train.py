@@ -21,7 +21,7 @@ from kws.cli import main
 from kws.data import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import load_model, read_checkpoint, save_model
-from kws.speech import NEAR_MISS_VOCABULARY, TRAINING_VOCABULARY
+from kws.speech import NEAR_MISS_VOCABULARY, TRAINING_SENTENCES, TRAINING_VOCABULARY
 import kws.train
 from kws.train import (TrainConfig, epoch_batches, load_training_data, lr_factor, make_optimizer, target_loss,
                        train, window_negative_loss)
@@ -228,8 +228,9 @@ def test_speech_negatives_are_off_unless_asked_for_and_kws_train_passes_them(spe
 def test_sentence_negatives_are_off_unless_asked_for_and_kws_train_passes_the_sentences(
         speech_commands, tmp_path, monkeypatch):
     assert TrainConfig().sentence_negatives == 0.0
-    rendered = [np.full(8000, 0.1, np.float32)]
-    monkeypatch.setattr(kws.train, "training_sentences", lambda cache: rendered)  # no TTS in this test
+    rendered, counts = [np.full(8000, 0.1, np.float32)], []
+    monkeypatch.setattr(kws.train, "training_sentences",  # no TTS in this test
+                        lambda cache, count: counts.append(count) or rendered)
     shares, sentences = batches_option(monkeypatch, "sentence_negatives"), []
     monkeypatch.setattr(kws.train.TrainingBatches, "_sentence_window",
                         lambda self, n, end=False: sentences.append(self.sentences) or np.zeros(n, np.float32))
@@ -239,7 +240,11 @@ def test_sentence_negatives_are_off_unless_asked_for_and_kws_train_passes_the_se
     assert not sentences
     assert main([*common, "--out", str(tmp_path / "b.pt"), "--sentence-negatives", "0.9"]) == 0
     assert shares == [0.0, 0.9] and sentences and all(s == rendered for s in sentences)
+    assert counts == [TRAINING_SENTENCES] and TrainConfig().sentences == TRAINING_SENTENCES == 1000
     assert read_checkpoint(tmp_path / "b.pt")[2]["train"]["sentence_negatives"] == 0.9
+    assert main([*common, "--out", str(tmp_path / "c.pt"), "--sentence-negatives", "0.9",
+                 "--sentences", "4000"]) == 0
+    assert counts[1:] == [4000] and read_checkpoint(tmp_path / "c.pt")[2]["train"]["sentences"] == 4000
 
 
 def test_near_misses_are_off_unless_asked_for_and_kws_train_passes_the_near_miss_sentences(
@@ -534,6 +539,7 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--distill-repr", "-1"],
     ["--distill-repr", "1"],  # a weight without a --teacher
     ["--window-negatives", "-1"],
+    ["--sentences", "0"],
 ])
 def test_kws_train_with_bad_settings_exits_2_with_one_line_before_loading_data(tmp_path, capsys, bad):
     out = tmp_path / "m.pt"
