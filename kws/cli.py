@@ -21,7 +21,7 @@ COMMANDS = {
     "train": ("kws.train", "train an mGRADE keyword model"),
     "teacher": ("kws.teacher", "the distillation teacher: train it or score it (kws[distill])"),
     "eval": ("kws.evaluate", "clip accuracy on a Speech Commands split"),
-    "data": ("kws.data", "get the dataset or render synthetic speech"),
+    "data": ("kws.download", "get the dataset or render synthetic speech"),
     "listen": ("kws.listen", "spot keywords live in the microphone stream (or a file)"),
     "eval-stream": ("kws.stream_eval", "hits, substitutions, misses, false alarms per hour "
                     "and latency on long test streams through the live detection path"),

@@ -431,11 +431,3 @@ def _shift(clip: np.ndarray, shift: int) -> np.ndarray:
     else:
         out[:shift] = clip[-shift:]
     return out
-
-
-def register(sub):
-    p = sub.add_parser("data", help="get the dataset or render synthetic speech")
-    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    from kws import download, synth
-    download.register(data_sub)
-    synth.register(data_sub)

@@ -1,4 +1,6 @@
-"""`kws data download`: fetch the official Speech Commands v0.02 archive and unpack it safely."""
+"""`kws data download`: fetch the official Speech Commands v0.02 archive and unpack it safely.
+The `kws data` command is registered here, with its other action, `synth` (kws.synth): neither
+needs torch, which the dataset reader (kws.data) does."""
 
 import os
 import sys
@@ -9,8 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from kws.data import WORDS
 from kws.errors import KwsError
+from kws.labels import WORDS
 
 URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 SPLIT_LISTS = ("validation_list.txt", "testing_list.txt")
@@ -85,9 +87,17 @@ def check_layout(root) -> list[str]:
     return problems
 
 
+def make_folder(path: Path) -> None:
+    """Create `path` and its parents; a KwsError naming the folder when that fails."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KwsError(f"cannot create the folder {path}: {e.strerror}") from None
+
+
 def download(dest, url: str = URL, stream=None) -> None:
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    make_folder(dest)
     # The temp file sits next to DIR so a 2.3 GB archive does not have to fit in /tmp.
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
         archive = Path(tmp) / "archive.tar.gz"
@@ -104,8 +114,13 @@ def download_command(args):
     print(f"Speech Commands unpacked in {args.dir}")
 
 
-def register(data_sub):
+def register(sub):
+    from kws import synth
+
+    group = sub.add_parser("data", help="get the dataset or render synthetic speech")
+    data_sub = group.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = data_sub.add_parser("download", help="download and unpack Speech Commands v0.02 (2.3 GB)")
     p.add_argument("dir", metavar="DIR", help="folder to unpack into")
     p.add_argument("--url", default=URL, help="archive URL (default: the official v0.02 one)")
     p.set_defaults(func=download_command)
+    synth.register(data_sub)

@@ -24,8 +24,9 @@ import soundfile as sf
 from tqdm import tqdm
 
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, decode, resample
-from kws.data import WORDS
+from kws.download import make_folder
 from kws.errors import KwsError
+from kws.labels import WORDS
 
 MANIFEST = "manifest.jsonl"
 DROPPED = "dropped.jsonl"
@@ -314,17 +315,12 @@ def write_jsonl(path: Path, records) -> None:
     os.replace(tmp, path)
 
 
-def _worker_init():
-    import torch
-    torch.set_num_threads(1)  # parallelism comes from the processes
-
-
 def synth_dataset(out, words=WORDS, engines=DEFAULT_ENGINES, jobs=1, limit=None, seed=0,
                   progress=True) -> dict:
     """Render the planned clips into `out`, skipping those already made. Returns counts."""
     out = Path(out)
     renders = plan(words, engines, limit, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     manifest_path, dropped_path = out / MANIFEST, out / DROPPED
     # Resume: a clip counts as made only if its manifest line and its file both exist.
     made = {r["path"]: r for r in read_jsonl(manifest_path) if (out / r["path"]).is_file()}
@@ -353,7 +349,7 @@ def synth_dataset(out, words=WORDS, engines=DEFAULT_ENGINES, jobs=1, limit=None,
             for r in todo:
                 record(render(r, str(out), seed))
         else:
-            with ProcessPoolExecutor(jobs, initializer=_worker_init) as pool:
+            with ProcessPoolExecutor(jobs) as pool:
                 for future in as_completed([pool.submit(render, r, str(out), seed) for r in todo]):
                     record(future.result())
     bar.close()

@@ -1,4 +1,4 @@
-"""The run path is torch-free: `kws listen`, `kws serve` and `kws --help` import no torch, each
+"""The run path is torch-free: `kws listen`, `kws serve`, `kws data` and `kws --help` import no torch, each
 command's module is imported only when that command runs, and a command that needs torch
 where it is not installed says how to install it in one line (exit status 2)."""
 
@@ -15,7 +15,8 @@ def python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_run_path_modules_leave_torch_unimported():
-    result = python("import sys, kws.cli, kws.listen, kws.serve, kws.export, kws.bench, app.main\n"
+    result = python("import sys, kws.cli, kws.listen, kws.serve, kws.export, kws.bench, kws.download, "
+                    "kws.synth, app.main\n"
                     "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchaudio')))")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -51,6 +52,19 @@ def test_a_torch_command_without_torch_says_how_to_install_it(argv):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kws: error: ") and "Traceback" not in result.stderr
     assert "pip install 'kws[train]'" in lines[0]
+
+
+@pytest.mark.parametrize("action", ["download", "synth"])
+def test_the_data_actions_run_without_torch(action, tmp_path):
+    """Getting the dataset and rendering speech need no torch: the action runs as far as its
+    own check (a folder that cannot be made), not to an install hint."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = python("import sys\nsys.modules['torch'] = sys.modules['torchaudio'] = None\n"
+                    "from kws.cli import main\n"
+                    f"sys.exit(main(['data', {action!r}, {str(blocker / 'out')!r}]))")
+    assert "kws[train]" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("kws: error: "), result.stderr
 
 
 def test_a_checkpoint_without_torch_points_to_kws_export(tiny_edge_model_path):
