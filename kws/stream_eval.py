@@ -647,12 +647,20 @@ def _print_long_run(r: dict):
     print("passed" if r["passed"] else "FAILED")
 
 
+def default_words(model, threshold) -> list[str]:
+    """The words `kws listen` reports by default: the model's own threshold words, and any named
+    in a per-word threshold; for a checkpoint without thresholds, the 17 well-covered words."""
+    words = list(model.thresholds) or [w for w in WELL_COVERED if w in model.cfg.labels]
+    named = threshold if isinstance(threshold, dict) else {}
+    return words + [w for w in named if w not in words]
+
+
 def eval_stream(args) -> int:
     from kws.cli import load
 
     torch.set_num_threads(args.threads)
     model = load(args.model)
-    words = args.words or [w for w in WELL_COVERED if w in model.cfg.labels]
+    words = args.words or default_words(model, args.threshold)
     common = dict(model=model, data=Path(args.data), split=args.split, minutes=args.minutes,
                   seeds=args.seed, words=words, threshold=args.threshold,
                   window_s=args.window_s, refractory_s=args.refractory_s,
@@ -714,7 +722,7 @@ def register(sub):
 
     p = sub.add_parser("eval-stream", help="hits, substitutions, misses, false alarms per hour "
                        "and latency on long test streams through the live detection path")
-    p.add_argument("--model", help="checkpoint (default: the shipped model or $KWS_MODEL)")
+    p.add_argument("--model", help="PyTorch checkpoint (.pt; default: $KWS_MODEL or the shipped one)")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
     p.add_argument("--split", default="testing", choices=("validation", "testing"))
     p.add_argument("--minutes", type=positive(float), default=10.0,
@@ -722,7 +730,9 @@ def register(sub):
     p.add_argument("--seed", type=argument(_numbers(int, "seeds (integers >= 0)")), default=[0],
                    help="one stream per seed, scored together, e.g. 0,1,2 (0)")
     p.add_argument("--words", type=argument(parse_words),
-                   help="keywords, comma separated (default: the 17 well-covered words)")
+                   help="keywords, comma separated (default: as kws listen, the words the "
+                   "model has thresholds for and those named in --threshold; the 17 "
+                   "well-covered words for a checkpoint without thresholds)")
     p.add_argument("--threshold", type=argument(parse_threshold), help="detection probability "
                    "for every word, per word (yes=0.9,no=0.7), or a JSON file of per-word "
                    "thresholds (default: the model's own, chosen on validation streams; "

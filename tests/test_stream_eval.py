@@ -10,13 +10,13 @@ import soundfile as sf
 
 from kws.cli import main
 from kws.data import read_noise, read_split
-from kws.stream import Detection
-from kws.data import WORDS
+from conftest import tiny_model
+from kws.stream import Detection, Detector
 from kws.speech import (KEYWORD_SOUNDS, NEAR_MISS_VOCABULARY, SPEECH, TRAINING_VOCABULARY, VOCABULARY,
                         sentence, spoken, training_sentences)
-from kws.labels import BACKGROUND, LABELS
-from kws.stream_eval import (CHOICE_GRID, Placement, StreamRun, choose_thresholds, det_curve, det_image,
-                             operating_point, score, stream_slots, word_bounds, write_png)
+from kws.labels import BACKGROUND, LABELS, WELL_COVERED, WORDS
+from kws.stream_eval import (CHOICE_GRID, Placement, StreamRun, choose_thresholds, default_words, det_curve,
+                             det_image, operating_point, score, stream_slots, word_bounds, write_png)
 
 
 @pytest.fixture(scope="module")
@@ -336,3 +336,12 @@ def test_eval_stream_refuses_a_missing_dataset_with_a_clear_error(tiny_edge_mode
                                                                    capsys):
     code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(tmp_path / "none")])
     assert code == 2 and "no dataset folder" in capsys.readouterr().err
+
+
+def test_by_default_eval_stream_scores_the_words_the_listener_reports():
+    model = tiny_model()
+    assert default_words(model, None) == list(WELL_COVERED)  # a new checkpoint: no thresholds yet
+    model.thresholds = {"yes": 0.9, "seven": 0.95}
+    for threshold in (None, 0.5, {"marvin": 0.9}, {"yes": 0.8}):
+        assert sorted(default_words(model, threshold)) == sorted(Detector(model, threshold=threshold).thresholds)
+    assert sorted(default_words(model, {"marvin": 0.9})) == ["marvin", "seven", "yes"]
