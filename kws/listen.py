@@ -378,7 +378,8 @@ def register(sub):
     p.add_argument("--words", type=argument(parse_words),
                    help="report only these words, comma separated (default: the words the "
                    "model has thresholds for, the 17 well-covered ones for the shipped models; "
-                   "the other 18 fire on running speech: name them to add them)")
+                   "the other 18 fire on running speech. Name every word you want, those 17 "
+                   "included: the list replaces the default)")
     p.add_argument("--input", metavar="FILE", help="stream this audio file instead of a device")
     p.add_argument("--fast", action="store_true", help="with --input: as fast as possible, "
                    "not in real time")

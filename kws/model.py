@@ -64,10 +64,6 @@ class ModelConfig:
         return len(self.labels)
 
     @property
-    def step_seconds(self) -> float:
-        return self.stride / 16000
-
-    @property
     def context_samples(self) -> int:
         """Audio before each clip in training, and silence before it in `classify`: whole steps."""
         return round(self.clip_context_s * 16000) // self.stride * self.stride
