@@ -11,11 +11,7 @@ import torch
 
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioError, fit_length, load_audio
 from kws.errors import KwsError
-from kws import labels
-
-# The label set lives in kws.labels (no torch there); its names stay importable from here.
-WORDS, BACKGROUND, LABELS = labels.WORDS, labels.BACKGROUND, labels.LABELS
-WELL_COVERED, CORE_WORDS = labels.WELL_COVERED, labels.CORE_WORDS
+from kws.labels import WORDS
 
 SPLITS = ("training", "validation", "testing")
 AUDIO_SUFFIXES = (".wav", ".flac")

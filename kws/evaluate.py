@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from kws.audio import CLIP_SAMPLES
-from kws.data import (BACKGROUND, CORE_WORDS, WELL_COVERED, WORDS, load_clips, noise_segment,
-                      read_noise, read_split)
+from kws.data import load_clips, noise_segment, read_noise, read_split
+from kws.labels import BACKGROUND, CORE_WORDS, WELL_COVERED, WORDS
 from kws.errors import KwsError
 from kws.model import MGRADE, footprint_bytes, parameter_count
 

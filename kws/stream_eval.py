@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from kws.audio import SAMPLE_RATE, load_audio
-from kws.data import WELL_COVERED, read_noise, read_split, word_bounds
+from kws.data import read_noise, read_split, word_bounds
+from kws.labels import WELL_COVERED
 from kws.errors import KwsError
 from kws.runtime import StreamEngine
 from kws.speech import SPEECH, default_cache, spoken

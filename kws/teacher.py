@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE
-from kws.data import (BACKGROUND, LABELS, load_clips, noise_segment, read_noise, read_split,
-                      read_synth)
+from kws.data import load_clips, noise_segment, read_noise, read_split, read_synth
+from kws.labels import BACKGROUND, LABELS
 from kws.errors import KwsError
 
 EMBEDDING_DIM = 96

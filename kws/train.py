@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE
-from kws.data import (BACKGROUND, LABELS, TrainingBatches, load_clips, read_noise, read_split,
-                      read_synth)
+from kws.data import TrainingBatches, load_clips, read_noise, read_split, read_synth
+from kws.labels import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import MGRADE, ModelConfig, preset, read_checkpoint, save_model
 from kws.speech import (NEAR_MISS_SENTENCES, NEAR_MISS_VOCABULARY, TRAINING_SENTENCES, default_cache,

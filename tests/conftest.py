@@ -9,7 +9,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from kws.data import LABELS, NOISE_DIR, WORDS
+from kws.data import NOISE_DIR
+from kws.labels import LABELS, WORDS
 from kws.model import MGRADE, preset, save_model
 
 SR = 16000

@@ -24,7 +24,7 @@ from app.schemas import Error, Prediction, Stats
 from app.settings import Settings
 from kws.audio import AudioError, decode, fit_length, load_audio
 from kws.cli import main
-from kws.data import LABELS
+from kws.labels import LABELS
 from kws.model import (MGRADE, load_model, parameter_bytes, parameter_count, preset, save_model,
                        state_bytes)
 from kws.serve import bind, server as kws_server

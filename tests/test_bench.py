@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kws.cli import build_parser, main
-from kws.data import LABELS
+from kws.labels import LABELS
 from kws.model import load_model, preset, state_bytes
 from kws.runtime import save_engine
 

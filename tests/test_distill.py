@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_MODEL, tiny_model
 import kws.train
 from kws import PROJECT_LICENSE
-from kws.data import LABELS
+from kws.labels import LABELS
 from kws.errors import KwsError
 from kws.model import read_checkpoint
 from kws.teacher import EMBEDDING_DIM, TEACHER_LICENSE, aligned_steps, embedding_count, embedding_end_sample

@@ -5,7 +5,7 @@ import pytest
 
 from kws import download
 from kws.cli import main
-from kws.data import WORDS
+from kws.labels import WORDS
 from kws.errors import KwsError
 
 

@@ -10,7 +10,8 @@ import torch
 
 from conftest import tiny_model
 from kws.cli import main
-from kws.data import BACKGROUND, CORE_WORDS, LABELS, NOISE_DIR, WORDS, load_clips, read_split
+from kws.data import NOISE_DIR, load_clips, read_split
+from kws.labels import BACKGROUND, CORE_WORDS, LABELS, WORDS
 from kws.errors import KwsError
 from kws.evaluate import LABELS_12, SILENCE, UNKNOWN, evaluate, to_12
 from kws.model import MGRADE, footprint_bytes, load_model, preset

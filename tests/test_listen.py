@@ -19,7 +19,7 @@ from kws import default_model_path
 from conftest import noisy_bursts
 from kws.audio import SAMPLE_RATE, load_audio, resample
 from kws.cli import main
-from kws.data import LABELS
+from kws.labels import LABELS
 from kws.listen import Resampler, Worker
 from kws.model import load_model
 from kws.stream import DEFAULT_THRESHOLD, detect

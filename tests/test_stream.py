@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import noisy_bursts
-from kws.data import BACKGROUND, LABELS
+from kws.labels import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import MGRADE, load_model, preset
 from kws.stream import DEFAULT_THRESHOLD, Detector, detect, parse_threshold

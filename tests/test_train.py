@@ -18,7 +18,7 @@ import torch
 
 from conftest import TINY_MODEL, tiny_model, write_speech_commands
 from kws.cli import main
-from kws.data import BACKGROUND, LABELS
+from kws.labels import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import load_model, read_checkpoint, save_model
 from kws.speech import NEAR_MISS_VOCABULARY, TRAINING_SENTENCES, TRAINING_VOCABULARY
