@@ -172,7 +172,7 @@ def batches(arrays, seed=0, synth=0, **kwargs):
 def test_same_seed_gives_identical_batches_and_another_seed_differs(training_arrays):
     a, b, c = (batches(training_arrays, seed=s, synth=3) for s in (7, 7, 8))
     for _ in range(3):
-        (xa, ya, _), (xb, yb, _), (xc, yc, _) = a.batch(6), b.batch(6), c.batch(6)
+        (xa, ya, _), (xb, yb, _), (xc, _, _) = a.batch(6), b.batch(6), c.batch(6)
         assert np.array_equal(xa.numpy(), xb.numpy()) and ya.tolist() == yb.tolist()
     assert not np.array_equal(xa.numpy(), xc.numpy())
 
