@@ -221,7 +221,8 @@ def bench_hardening(args) -> int:
 def register(bench_sub):
     p = bench_sub.add_parser("hardening", help="kws serve under slow clients, crafted files "
                              "and a mutation fuzz")
-    p.add_argument("--model", help="model file or checkpoint to serve (default: the shipped model or $KWS_MODEL)")
+    p.add_argument("--model", help="model file or checkpoint to serve (default: the shipped "
+                   "model or $KWS_MODEL)")
     p.add_argument("--slow-clients", type=int, default=12, help="clients sending 1 byte/s (12)")
     p.add_argument("--seconds", type=float, default=15.0,
                    help="how long the slow clients run (15; the read deadline is 5)")

@@ -18,7 +18,7 @@ from kws.stream import parse_threshold, parse_words
 
 @dataclass(frozen=True)
 class Settings:
-    model: Path | None = None  # model file (.npz) or checkpoint to serve; None: $KWS_MODEL or the shipped one
+    model: Path | None = None  # model file or checkpoint; None: $KWS_MODEL or the shipped one
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     listen: bool = False  # also run the microphone listener in the background

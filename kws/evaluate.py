@@ -186,7 +186,8 @@ def run(args):
 
 def register(sub):
     p = sub.add_parser("eval", help="clip accuracy on a Speech Commands split")
-    p.add_argument("--model", help="PyTorch checkpoint (.pt; default: $KWS_MODEL or the shipped one)")
+    p.add_argument("--model", help="PyTorch checkpoint (.pt; default: $KWS_MODEL or the "
+                   "shipped one)")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
     p.add_argument("--split", default="testing", choices=["testing", "validation", "training"])
     p.add_argument("--confusion", metavar="PNG",

@@ -109,7 +109,7 @@ class Detector:
         candidates = [label for label in self.labels if label != BACKGROUND]
         own = self.engine.thresholds
         if words is None and own:
-            words = [*own, *(threshold if isinstance(threshold, dict) else ())]
+            words = reported_words(own, threshold)
         if words is not None:
             words = list(words)
             self._check_labels(words, "--words")
@@ -286,6 +286,13 @@ class _Candidate:
     label: int  # index into labels
     peak: float  # best score so far
     deadline: int  # the step at which it is reported even if still rising
+
+
+def reported_words(own_words, threshold) -> list[str]:
+    """The words reported when none are named: a model's own words (those it has thresholds
+    for), and any named in a per-word threshold."""
+    named = threshold if isinstance(threshold, dict) else {}
+    return [*own_words, *(w for w in named if w not in own_words)]
 
 
 def parse_threshold(text: str) -> "float | dict[str, float]":

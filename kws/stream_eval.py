@@ -45,7 +45,7 @@ from kws.runtime import StreamEngine
 from kws.speech import SPEECH, default_cache, spoken
 from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_PEAK_WAIT_S, DEFAULT_REFRACTORY_S,
                         DEFAULT_THRESHOLD, DEFAULT_WINDOW_S, Detection, Detector,
-                        parse_threshold, parse_words)
+                        parse_threshold, parse_words, reported_words)
 
 SLOT_S = (3.0, 6.0)
 KEYWORD_FREE_SLOTS = 0.2  # noise only
@@ -651,9 +651,8 @@ def _print_long_run(r: dict):
 def default_words(model, threshold) -> list[str]:
     """The words `kws listen` reports by default: the model's own threshold words, and any named
     in a per-word threshold; for a checkpoint without thresholds, the 17 well-covered words."""
-    words = list(model.thresholds) or [w for w in WELL_COVERED if w in model.cfg.labels]
-    named = threshold if isinstance(threshold, dict) else {}
-    return words + [w for w in named if w not in words]
+    own = list(model.thresholds) or [w for w in WELL_COVERED if w in model.cfg.labels]
+    return reported_words(own, threshold)
 
 
 def eval_stream(args) -> int:
@@ -723,7 +722,8 @@ def register(sub):
 
     p = sub.add_parser("eval-stream", help="hits, substitutions, misses, false alarms per hour "
                        "and latency on long test streams through the live detection path")
-    p.add_argument("--model", help="PyTorch checkpoint (.pt; default: $KWS_MODEL or the shipped one)")
+    p.add_argument("--model", help="PyTorch checkpoint (.pt; default: $KWS_MODEL or the "
+                   "shipped one)")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
     p.add_argument("--split", default="testing", choices=("validation", "testing"))
     p.add_argument("--minutes", type=positive(float), default=10.0,

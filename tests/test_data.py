@@ -9,8 +9,8 @@ import soundfile as sf
 import torch
 
 from kws.audio import CLIP_SAMPLES, fit_length, load_audio
-from kws.data import (NOISE_TRAIN_FRACTION, DataError, TrainingBatches, load_clips, read_noise, read_split,
-                      reverberate, spectral_edit, synthetic_rir, word_bounds, word_tail)
+from kws.data import (NOISE_TRAIN_FRACTION, DataError, TrainingBatches, load_clips, read_noise,
+                      read_split, reverberate, spectral_edit, synthetic_rir, word_bounds, word_tail)
 from kws.labels import BACKGROUND, LABELS
 
 BG = LABELS.index(BACKGROUND)

@@ -1,6 +1,6 @@
-"""The run path is torch-free: `kws listen`, `kws serve`, `kws data` and `kws --help` import no torch, each
-command's module is imported only when that command runs, and a command that needs torch
-where it is not installed says how to install it in one line (exit status 2)."""
+"""The run path is torch-free: `kws listen`, `kws serve`, `kws data` and `kws --help` import no
+torch, each command's module is imported only when that command runs, and a command that needs
+torch where it is not installed says how to install it in one line (exit status 2)."""
 
 import subprocess
 import sys

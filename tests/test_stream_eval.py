@@ -15,8 +15,9 @@ from kws.stream import Detection, Detector
 from kws.speech import (KEYWORD_SOUNDS, NEAR_MISS_VOCABULARY, SPEECH, TRAINING_VOCABULARY, VOCABULARY,
                         sentence, spoken, training_sentences)
 from kws.labels import BACKGROUND, LABELS, WELL_COVERED, WORDS
-from kws.stream_eval import (CHOICE_GRID, Placement, StreamRun, choose_thresholds, default_words, det_curve,
-                             det_image, operating_point, score, stream_slots, word_bounds, write_png)
+from kws.stream_eval import (CHOICE_GRID, Placement, StreamRun, choose_thresholds, default_words,
+                             det_curve, det_image, operating_point, score, stream_slots, word_bounds,
+                             write_png)
 
 
 @pytest.fixture(scope="module")
@@ -343,5 +344,6 @@ def test_by_default_eval_stream_scores_the_words_the_listener_reports():
     assert default_words(model, None) == list(WELL_COVERED)  # a new checkpoint: no thresholds yet
     model.thresholds = {"yes": 0.9, "seven": 0.95}
     for threshold in (None, 0.5, {"marvin": 0.9}, {"yes": 0.8}):
-        assert sorted(default_words(model, threshold)) == sorted(Detector(model, threshold=threshold).thresholds)
+        reported = Detector(model, threshold=threshold).thresholds
+        assert sorted(default_words(model, threshold)) == sorted(reported)
     assert sorted(default_words(model, {"marvin": 0.9})) == ["marvin", "seven", "yes"]
