@@ -19,6 +19,7 @@ COMMANDS = {
     "export": ("kws.export", "write a checkpoint's torch-free model file (what listen and serve "
                "load), or ONNX"),
     "train": ("kws.train", "train an mGRADE keyword model"),
+    "average": ("kws.train", "average the weights of fine-tunes of one model (a model soup)"),
     "teacher": ("kws.teacher", "the distillation teacher: train it or score it (kws[distill])"),
     "eval": ("kws.evaluate", "clip accuracy on a Speech Commands split"),
     "data": ("kws.download", "get the dataset or render synthetic speech"),

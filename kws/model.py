@@ -606,6 +606,36 @@ def _weight_mismatch(model: MGRADE, state_dict: dict) -> str:
     return "; ".join(problems[:3]) + more
 
 
+def average_models(paths: "list[str | Path]") -> tuple[MGRADE, dict]:
+    """(model, meta): the uniform average of the weights of several fine-tunes of one model (a
+    "model soup", Wortsman et al. 2022), with every tap at the rounded mean of its positions, an
+    integer delay as inference reads it. Per-word thresholds are not carried over: they belong to
+    one set of weights and are chosen again for the average."""
+    if len(paths) < 2:
+        raise CheckpointError("averaging needs at least two checkpoints")
+    models = [load_model(p) for p in paths]
+    first = models[0]
+    for path, model in zip(paths[1:], models[1:]):
+        if model.cfg.labels != first.cfg.labels or _weight_mismatch(first, model.state_dict()):
+            raise CheckpointError(f"{path} is not the same model as {paths[0]} (labels or weight "
+                                  f"shapes differ): only fine-tunes of one model can be averaged")
+        if model.license != first.license:
+            raise CheckpointError(f"{path} is under {model.license}, {paths[0]} under "
+                                  f"{first.license}: weights under different licences are not averaged")
+    states = [m.state_dict() for m in models]
+    average = {}
+    for name, value in states[0].items():
+        stacked = torch.stack([s[name].float() for s in states]).mean(0)
+        average[name] = stacked.round() if name.endswith(".positions") else stacked.to(value.dtype)
+    model = MGRADE(first.cfg)
+    model.load_state_dict(average)
+    model.license = first.license
+    meta = {"averaged": [{"path": str(p), **read_checkpoint(p)[2]} for p in paths], "license": first.license}
+    for source in meta["averaged"]:
+        source.pop("thresholds", None)
+    return model.eval(), meta
+
+
 def load_model(path: "str | Path") -> MGRADE:
     """A ready-to-run model in eval mode (integer delays) from a checkpoint file."""
     cfg, state_dict, meta = read_checkpoint(path)

@@ -28,7 +28,7 @@ from kws.audio import CLIP_SAMPLES, SAMPLE_RATE
 from kws.data import TrainingBatches, load_clips, read_noise, read_split, read_synth
 from kws.labels import BACKGROUND, LABELS
 from kws.errors import KwsError
-from kws.model import MGRADE, ModelConfig, preset, read_checkpoint, save_model
+from kws.model import MGRADE, ModelConfig, average_models, preset, read_checkpoint, save_model
 from kws.speech import (NEAR_MISS_SENTENCES, NEAR_MISS_VOCABULARY, TRAINING_SENTENCES, default_cache,
                         training_sentences)
 from kws.teacher import EMBEDDING_DIM, TEACHER_LICENSE, aligned_steps, embedding_count, load_teacher
@@ -523,6 +523,13 @@ def run(args):
         print(json.dumps({"best_validation_accuracy": result["best_validation_accuracy"], "out": args.out}))
 
 
+def run_average(args):
+    check_writable(Path(args.out))
+    model, meta = average_models(args.checkpoints)
+    save_model(model, args.out, meta)
+    print(json.dumps({"averaged": len(args.checkpoints), "out": args.out}))
+
+
 def register(sub):
     p = sub.add_parser("train", help="train an mGRADE keyword model")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
@@ -544,3 +551,10 @@ def register(sub):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
                        help=f"default {f.default}")
     p.set_defaults(func=run)
+
+    p = sub.add_parser("average", help="average the weights of fine-tunes of one model (a model soup)")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="two or more fine-tunes of one "
+                   "model, e.g. `kws train --init M --seed N` for several N (M itself may be one)")
+    p.add_argument("--out", required=True, help="where to save the averaged checkpoint (choose its "
+                   "thresholds again: kws eval-stream --choose-thresholds, kws export --thresholds)")
+    p.set_defaults(func=run_average)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kws.model import MGRADE, CheckpointError, load_model, preset, read_checkpoint, save_model
+from kws.cli import main as kws_main
+from kws.model import (MGRADE, CheckpointError, average_models, load_model, preset, read_checkpoint,
+                       save_model)
 
 LABELS = ("yes", "no", "_background_")
 
@@ -188,3 +190,68 @@ def test_non_finite_weights_are_refused(saved):
 def test_invalid_meta_is_refused(saved):
     rewrite(saved, meta="[]")
     refused(saved, "invalid metadata")
+
+
+# ----------------------------------------------------------------------------- averaging
+
+def fine_tune_of(model: MGRADE, seed: int, shift: float) -> MGRADE:
+    """A stand-in for a fine-tune: the same model, every weight moved a little, its taps by `shift`."""
+    tuned = MGRADE(model.cfg)
+    tuned.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, value in tuned.named_parameters():
+            if name.endswith(".positions"):
+                value.add_(shift).clamp_(0, model.cfg.delay_window - 1)
+            else:
+                value.add_(0.1 * torch.randn(value.shape, generator=generator))
+    return tuned
+
+
+def test_average_is_the_mean_of_the_weights_with_taps_at_the_rounded_mean_position(tmp_path):
+    base = small_model()
+    with torch.no_grad():
+        for layer in base.layers:
+            layer.delay.positions.round_().clamp_(1, 6)
+    paths = []
+    for seed, shift in enumerate([0.0, 1.0, 1.0]):
+        paths.append(tmp_path / f"tuned{seed}.pt")
+        save_model(fine_tune_of(base, seed, shift), paths[-1], meta={"thresholds": {"yes": 0.9}, "seed": seed})
+    tuned = [load_model(p).state_dict() for p in paths]
+    model, meta = average_models(paths)
+    for name, value in model.state_dict().items():
+        mean = sum(t[name] for t in tuned) / 3
+        if name.endswith(".positions"):
+            assert torch.equal(value, mean.round())  # two of three taps moved by 1: the mean moves by 2/3
+            assert torch.equal(value, tuned[1][name])
+        else:
+            assert torch.allclose(value, mean, atol=1e-6), name
+    assert [source["seed"] for source in meta["averaged"]] == [0, 1, 2]
+    assert all("thresholds" not in source for source in meta["averaged"])
+    save_model(model, tmp_path / "soup.pt", meta)
+    assert load_model(tmp_path / "soup.pt").thresholds == {}
+
+
+def test_averaging_one_model_with_itself_changes_no_output(saved):
+    model, _ = average_models([saved, saved])
+    audio = torch.randn(1, 4000, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(model(audio), load_model(saved)(audio), atol=1e-6)
+
+
+def test_averaging_refuses_different_models_and_different_licences(saved, tmp_path):
+    save_model(small_model(width=24), tmp_path / "wide.pt")
+    save_model(small_model(), tmp_path / "nc.pt", meta={"license": "CC-BY-NC-SA-4.0"})
+    for others, words in [([], "at least two"), ([tmp_path / "wide.pt"], "not the same model"),
+                          ([tmp_path / "nc.pt"], "different licences")]:
+        with pytest.raises(CheckpointError, match=words):
+            average_models([saved, *others])
+
+
+def test_average_command_writes_a_checkpoint_and_refuses_bad_input_in_one_line(saved, tmp_path, capsys):
+    assert kws_main(["average", str(saved), str(saved), "--out", str(tmp_path / "soup.pt")]) == 0
+    assert read_checkpoint(tmp_path / "soup.pt")[2]["averaged"][0]["epoch"] == 3
+    assert kws_main(["average", str(saved), str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "missing.pt" in error
+    assert not (tmp_path / "x.pt").exists()
