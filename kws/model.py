@@ -613,7 +613,8 @@ def average_models(paths: "list[str | Path]") -> tuple[MGRADE, dict]:
     one set of weights and are chosen again for the average."""
     if len(paths) < 2:
         raise CheckpointError("averaging needs at least two checkpoints")
-    models = [load_model(p) for p in paths]
+    checkpoints = [read_checkpoint(p) for p in paths]
+    models = [_model_from(p, *checkpoint) for p, checkpoint in zip(paths, checkpoints)]
     first = models[0]
     for path, model in zip(paths[1:], models[1:]):
         if model.cfg.labels != first.cfg.labels or _weight_mismatch(first, model.state_dict()):
@@ -630,15 +631,18 @@ def average_models(paths: "list[str | Path]") -> tuple[MGRADE, dict]:
     model = MGRADE(first.cfg)
     model.load_state_dict(average)
     model.license = first.license
-    meta = {"averaged": [{"path": str(p), **read_checkpoint(p)[2]} for p in paths], "license": first.license}
-    for source in meta["averaged"]:
-        source.pop("thresholds", None)
-    return model.eval(), meta
+    sources = [{"path": str(p), **{k: v for k, v in meta.items() if k != "thresholds"}}
+               for p, (_, _, meta) in zip(paths, checkpoints)]
+    return model.eval(), {"averaged": sources, "license": first.license}
 
 
 def load_model(path: "str | Path") -> MGRADE:
     """A ready-to-run model in eval mode (integer delays) from a checkpoint file."""
-    cfg, state_dict, meta = read_checkpoint(path)
+    return _model_from(path, *read_checkpoint(path))
+
+
+def _model_from(path: "str | Path", cfg: ModelConfig, state_dict: dict, meta: dict) -> MGRADE:
+    """The model of a checkpoint read by read_checkpoint, its weights, thresholds and licence checked."""
     try:
         model = MGRADE(cfg)
     except (TypeError, ValueError, RuntimeError) as e:
