@@ -24,11 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kws import PROJECT_LICENSE
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE
 from kws.data import TrainingBatches, load_clips, read_noise, read_split, read_synth
 from kws.labels import BACKGROUND, LABELS
 from kws.errors import KwsError
-from kws.model import MGRADE, ModelConfig, average_models, preset, read_checkpoint, save_model
+from kws.model import MGRADE, ModelConfig, average_models, load_model, preset, read_checkpoint, save_model
 from kws.speech import (NEAR_MISS_SENTENCES, NEAR_MISS_VOCABULARY, TRAINING_SENTENCES, default_cache,
                         training_sentences)
 from kws.teacher import EMBEDDING_DIM, TEACHER_LICENSE, aligned_steps, embedding_count, load_teacher
@@ -68,6 +69,10 @@ class TrainConfig:
     distill_logits: float = 0.0  # the clip readout matches the teacher's softened outputs
     distill_temperature: float = 2.0
     distill_share: float = 0.25  # share of each batch the teacher hears (it costs ~20 ms a clip)
+    # Fine-tuning's memory (--anchor MODEL; 0 = off): on word examples, the clip readout keeps the
+    # softened outputs (distill_temperature) of a frozen trained model, so that learning new
+    # negatives does not unlearn the words (learning without forgetting, Li & Hoiem 2016).
+    anchor_weight: float = 0.0
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -114,21 +119,37 @@ def window_negative_loss(logits: torch.Tensor, word_free: torch.Tensor, window_s
     return -F.log_softmax(windows, -1)[..., background].min(dim=1).values.mean()
 
 
+def soft_target_loss(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL divergence from the target's softened distribution to the logits' at `temperature`,
+    times temperature^2 (Hinton et al.: gradients keep their scale whatever the temperature)."""
+    return F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(target_logits / temperature, -1),
+                    reduction="batchmean") * temperature ** 2
+
+
 def distillation_losses(clip_logits: torch.Tensor, projected: torch.Tensor | None, teacher_embeddings,
                         teacher_logits, steps: list[int], temperature: float) -> tuple:
     """(representation loss, logit loss) on the first n examples, those the teacher heard.
 
     Representation: mean squared error between the student's projected features at `steps`
     (the first step that has heard all of each embedding's audio) and the teacher's standardised
-    embeddings (n, K, 96). Logits: KL divergence from the teacher's softened distribution to the
-    student's clip readout at `temperature`, times temperature^2 (Hinton et al.: gradients keep
-    their scale whatever the temperature)."""
+    embeddings (n, K, 96). Logits: `soft_target_loss` of the student's clip readout against the
+    teacher's logits."""
     n = len(teacher_logits)
     representation = (F.mse_loss(projected[:n, steps], teacher_embeddings)
                       if projected is not None else clip_logits.new_zeros(()))
-    logit = F.kl_div(F.log_softmax(clip_logits[:n] / temperature, -1), F.softmax(teacher_logits / temperature, -1),
-                     reduction="batchmean") * temperature ** 2
-    return representation, logit
+    return representation, soft_target_loss(clip_logits[:n], teacher_logits, temperature)
+
+
+def anchor_loss(clip_logits: torch.Tensor, audio: torch.Tensor, labels: torch.Tensor, anchor: MGRADE,
+                background: int, temperature: float) -> torch.Tensor:
+    """`soft_target_loss` of the clip readout of the word examples (label not background) against
+    the frozen `anchor` model's clip readout of the same audio. clip_logits (B, classes)."""
+    words = labels != background
+    if not words.any():
+        return clip_logits.new_zeros(())
+    with torch.no_grad():
+        target = anchor(audio[words])[:, anchor.cfg.context_samples // anchor.cfg.stride:].mean(dim=1)
+    return soft_target_loss(clip_logits[words], target, temperature)
 
 
 class Student(nn.Module):
@@ -258,7 +279,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
     if cfg.near_misses > 0 and cfg.sentence_negatives == 0:
         raise KwsError("--near-misses is a share of the sentence negatives: give --sentence-negatives too")
     for flag, value in {"--distill-repr": cfg.distill_repr, "--distill-logits": cfg.distill_logits,
-                        "--window-negatives": cfg.window_negatives}.items():
+                        "--window-negatives": cfg.window_negatives, "--anchor-weight": cfg.anchor_weight}.items():
         if not (math.isfinite(value) and value >= 0):
             raise KwsError(f"{flag} is a loss weight, 0 (off) or more, not {value}")
     if not (math.isfinite(cfg.distill_temperature) and cfg.distill_temperature > 0):
@@ -272,6 +293,15 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
         raise KwsError(f"--examples-per-epoch {cfg.examples_per_epoch} is less than one batch "
                        f"({cfg.batch_size} x {world} processes)")
     return steps
+
+
+def load_anchor(path: Path, model_cfg: ModelConfig) -> MGRADE:
+    """The frozen model a fine-tune keeps its words' outputs close to: it must read the same
+    labels, and the same context before each clip, so that the two clip readouts compare."""
+    anchor = load_model(path)
+    if anchor.cfg.labels != model_cfg.labels or anchor.cfg.context_samples != model_cfg.context_samples:
+        raise KwsError(f"--anchor {path} reads other labels or another context than the model trained")
+    return anchor.eval().requires_grad_(False)
 
 
 def check_writable(out: Path):
@@ -303,7 +333,8 @@ def read_run_state(path: Path, device) -> dict:
 
 def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
           run_dir: Path | None = None, resume: bool = False, overrides: dict | None = None,
-          init: Path | None = None, teacher: Path | None = None, log=print) -> dict:
+          init: Path | None = None, teacher: Path | None = None, anchor: Path | None = None,
+          log=print) -> dict:
     model_cfg = model_config(cfg, overrides, init)  # bad settings fail before minutes of loading
     rank, world = distributed()
     steps_per_epoch = check_config(cfg, world)
@@ -318,6 +349,10 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
             raise KwsError(f"the teacher reads {teacher.head.n_embeddings} embeddings, a {example / SAMPLE_RATE:g}-s "
                            f"example gives {embedding_count(example)}: train with --context-s 0.5")
         teacher_steps = aligned_steps(teacher.head.n_embeddings, model_cfg.stride)
+    if (cfg.anchor_weight > 0) != (anchor is not None):
+        raise KwsError("anchoring needs both --anchor MODEL and --anchor-weight")
+    if anchor is not None:
+        anchor = load_anchor(anchor, model_cfg)
     log = log if rank == 0 else (lambda *a, **k: None)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     run_dir = Path(run_dir or out.with_suffix(".run"))
@@ -332,6 +367,10 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
         model.license = init_meta.get("license", model.license)  # a fine-tune keeps its origin's terms
     if distilling:
         model.license = TEACHER_LICENSE
+    if anchor is not None:
+        anchor.to(device)
+        if anchor.license != PROJECT_LICENSE:
+            model.license = anchor.license  # what it learns from the anchor is under the anchor's terms
     student = Student(model, project=cfg.distill_repr > 0).to(device)
     optimizer = make_optimizer(student, cfg)
     total_steps = steps_per_epoch * cfg.epochs
@@ -413,6 +452,9 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                         clip, projected, embeddings.to(device), teacher_logits.to(device), teacher_steps,
                         cfg.distill_temperature)
                     loss = loss + cfg.distill_repr * representation + cfg.distill_logits * logit
+                if anchor is not None:
+                    loss = loss + cfg.anchor_weight * anchor_loss(
+                        clip, audio.to(device), labels.to(device), anchor, background, cfg.distill_temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
@@ -518,7 +560,8 @@ def run(args):
     signal.signal(signal.SIGTERM, _interrupt)
     result = train(cfg, Path(args.data), Path(args.out), Path(args.synth) if args.synth else None,
                    Path(args.run_dir) if args.run_dir else None, args.resume, overrides,
-                   Path(args.init) if args.init else None, Path(args.teacher) if args.teacher else None)
+                   Path(args.init) if args.init else None, Path(args.teacher) if args.teacher else None,
+                   Path(args.anchor) if args.anchor else None)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one answer, not one per process
         print(json.dumps({"best_validation_accuracy": result["best_validation_accuracy"], "out": args.out}))
 
@@ -544,6 +587,8 @@ def register(sub):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--teacher", metavar="FILE", help="distil from this teacher (kws teacher train; "
                                                      "with --distill-repr and/or --distill-logits)")
+    p.add_argument("--anchor", metavar="MODEL", help="while fine-tuning, keep the word examples' outputs "
+                                                     "close to this model's (with --anchor-weight)")
     p.add_argument("--context-s", type=float, metavar="SECONDS",
                    help="other audio before each training clip, and the silence `classify` puts "
                         "before a clip: one setting, kept in the model (default 0.5)")

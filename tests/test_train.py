@@ -20,11 +20,14 @@ from conftest import TINY_MODEL, tiny_model, write_speech_commands
 from kws.cli import main
 from kws.labels import BACKGROUND, LABELS
 from kws.errors import KwsError
-from kws.model import load_model, read_checkpoint, save_model
+from kws.model import MGRADE, load_model, preset, read_checkpoint, save_model
 from kws.speech import NEAR_MISS_VOCABULARY, TRAINING_SENTENCES, TRAINING_VOCABULARY
 import kws.train
-from kws.train import (TrainConfig, epoch_batches, load_training_data, lr_factor, make_optimizer, target_loss,
-                       train, window_negative_loss)
+from kws import PROJECT_LICENSE
+from kws.audio import CLIP_SAMPLES, fit_length, load_audio
+from kws.teacher import TEACHER_LICENSE
+from kws.train import (TrainConfig, anchor_loss, epoch_batches, load_training_data, lr_factor, make_optimizer,
+                       soft_target_loss, target_loss, train, window_negative_loss)
 
 # Three epochs of two steps: enough for a schedule, a best model and a resume point.
 TINY_TRAIN = TrainConfig(epochs=3, examples_per_epoch=16, batch_size=8, warmup_steps=2, seed=1)
@@ -135,6 +138,81 @@ def test_training_reads_the_loss_after_the_models_context_with_the_label_smoothi
     assert seen == [(125, 25, 0.2)]  # 0.25 s of context + 1 s = 125 steps of 10 ms
     # Inference primes with the same setting: it is kept in the model.
     assert load_model(tmp_path / "m.pt").cfg.clip_context_s == 0.25
+
+
+# ----------------------------------------------------------------------------- the anchor
+
+def test_the_anchor_loss_reads_the_word_examples_against_the_frozen_models_clip_readout():
+    torch.manual_seed(0)
+    anchor, background = tiny_model(seed=1), LABELS.index(BACKGROUND)
+    audio = 0.1 * torch.randn(4, anchor.cfg.context_samples + CLIP_SAMPLES)
+    labels = torch.tensor([LABELS.index("yes"), background, LABELS.index("no"), background])
+    with torch.no_grad():
+        anchors_clip = anchor(audio)[:, anchor.cfg.context_samples // anchor.cfg.stride:].mean(1)
+    assert float(anchor_loss(anchors_clip, audio, labels, anchor, background, 2.0)) == pytest.approx(0, abs=1e-6)
+    clip = torch.randn(4, len(LABELS))
+    loss = anchor_loss(clip, audio, labels, anchor, background, 2.0)
+    words = labels != background
+    assert float(loss) > 0.01
+    assert float(loss) == pytest.approx(float(soft_target_loss(clip[words], anchors_clip[words], 2.0)), rel=1e-5)
+    # Background examples are the fine-tune's to change: neither their audio nor their outputs count.
+    changed_audio, changed_clip = audio.clone(), clip.clone()
+    changed_audio[~words], changed_clip[~words] = torch.randn_like(audio[~words]), 50 * torch.randn(2, len(LABELS))
+    assert float(anchor_loss(changed_clip, changed_audio, labels, anchor, background, 2.0)) == pytest.approx(
+        float(loss), rel=1e-5)
+    all_background = torch.full((4,), background)
+    assert float(anchor_loss(clip, audio, all_background, anchor, background, 2.0)) == 0.0
+
+
+def test_an_anchored_fine_tune_keeps_its_word_outputs_near_the_anchors(speech_commands, tmp_path):
+    """Same start, seed and budget: with a heavy anchor weight, the fine-tune's outputs on word
+    clips stay much closer to the anchor's than a plain fine-tune's do."""
+    save_model(tiny_model(seed=0), tmp_path / "start.pt")
+    save_model(tiny_model(seed=1), tmp_path / "anchor.pt")
+    cfg = TrainConfig(epochs=3, examples_per_epoch=128, batch_size=16, warmup_steps=1, seed=2, lr=1e-2,
+                      rounded_fraction=0.0)
+    words = torch.from_numpy(np.stack([fit_length(load_audio(speech_commands.root / p), CLIP_SAMPLES)
+                                       for p in speech_commands.splits["training"]]))
+    anchor = load_model(tmp_path / "anchor.pt")
+    with torch.no_grad():
+        target = anchor.classify(words)
+    distance = {}
+    for name, weight in (("plain", 0.0), ("anchored", 20.0)):
+        out = tmp_path / f"{name}.pt"
+        train(dataclasses.replace(cfg, anchor_weight=weight), speech_commands.root, out, init=tmp_path / "start.pt",
+              anchor=tmp_path / "anchor.pt" if weight else None, log=quiet)
+        with torch.no_grad():
+            distance[name] = float(soft_target_loss(load_model(out).classify(words), target, 1.0))
+    assert distance["anchored"] < 0.5 * distance["plain"], distance
+
+
+def test_an_anchored_fine_tune_carries_the_anchors_licence(speech_commands, tmp_path):
+    save_model(tiny_model(seed=1), tmp_path / "anchor.pt", {"license": TEACHER_LICENSE})
+    plain = TrainConfig(epochs=1, examples_per_epoch=16, batch_size=8, warmup_steps=1, seed=1)
+    train(dataclasses.replace(plain, anchor_weight=1.0), speech_commands.root, tmp_path / "m.pt",
+          overrides=TINY_MODEL, anchor=tmp_path / "anchor.pt", log=quiet)
+    assert TEACHER_LICENSE != PROJECT_LICENSE
+    assert read_checkpoint(tmp_path / "m.pt")[2]["license"] == TEACHER_LICENSE
+
+
+@pytest.mark.parametrize("bad, words", [
+    (["--anchor-weight", "1"], ["--anchor MODEL"]),
+    (["--anchor", "ANCHOR"], ["--anchor-weight"]),
+    (["--anchor", "ABSENT", "--anchor-weight", "1"], ["no model file"]),
+    (["--anchor", "OTHER-LABELS", "--anchor-weight", "1"], ["other labels"]),
+    (["--anchor", "OTHER-CONTEXT", "--anchor-weight", "1"], ["another context"]),
+])
+def test_kws_train_with_an_anchor_it_cannot_use_exits_2_before_loading_data(tmp_path, capsys, bad, words):
+    save_model(tiny_model(), tmp_path / "ANCHOR")
+    save_model(MGRADE(preset("edge", LABELS[:5], **TINY_MODEL)), tmp_path / "OTHER-LABELS")
+    save_model(tiny_model(clip_context_s=0.2), tmp_path / "OTHER-CONTEXT")
+    bad = [str(tmp_path / b) if b.isupper() else b for b in bad]
+    out = tmp_path / "m.pt"
+    code = main(["train", "--data", str(tmp_path / "no-data"), "--out", str(out), *TINY_SET, *bad])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kws: error: ") and err.count("\n") == 1, err
+    assert all(word in err for word in words) and "no-data" not in err, err
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- schedule, optimizer
@@ -539,6 +617,7 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--distill-repr", "-1"],
     ["--distill-repr", "1"],  # a weight without a --teacher
     ["--window-negatives", "-1"],
+    ["--anchor-weight", "-1"],
     ["--sentences", "0"],
 ])
 def test_kws_train_with_bad_settings_exits_2_with_one_line_before_loading_data(tmp_path, capsys, bad):
