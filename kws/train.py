@@ -98,11 +98,16 @@ def make_optimizer(model: MGRADE, cfg: TrainConfig) -> torch.optim.AdamW:
     ], lr=cfg.lr, betas=(0.9, 0.98))
 
 
+def clip_readout(logits: torch.Tensor, context_steps: int) -> torch.Tensor:
+    """(B, classes): the mean of each example's per-step logits after its context."""
+    return logits[:, context_steps:].mean(dim=1)
+
+
 def target_loss(logits: torch.Tensor, labels: torch.Tensor, context_steps: int, label_smoothing: float = 0.0):
     """(loss, accuracy, clip logits): label-smoothed cross-entropy of the clip readout, the mean
     of the target's per-step logits only (the context before it is skipped), as `classify`
     reads a clip. logits (B, steps, classes)."""
-    clip = logits[:, context_steps:].mean(dim=1)
+    clip = clip_readout(logits, context_steps)
     loss = F.cross_entropy(clip, labels, label_smoothing=label_smoothing)
     return loss, (clip.argmax(-1) == labels).float().mean(), clip
 
@@ -148,7 +153,7 @@ def anchor_loss(clip_logits: torch.Tensor, audio: torch.Tensor, labels: torch.Te
     if not words.any():
         return clip_logits.new_zeros(())
     with torch.no_grad():
-        target = anchor(audio[words])[:, anchor.cfg.context_samples // anchor.cfg.stride:].mean(dim=1)
+        target = clip_readout(anchor(audio[words]), anchor.cfg.context_samples // anchor.cfg.stride)
     return soft_target_loss(clip_logits[words], target, temperature)
 
 
@@ -301,7 +306,7 @@ def load_anchor(path: Path, model_cfg: ModelConfig) -> MGRADE:
     anchor = load_model(path)
     if anchor.cfg.labels != model_cfg.labels or anchor.cfg.context_samples != model_cfg.context_samples:
         raise KwsError(f"--anchor {path} reads other labels or another context than the model trained")
-    return anchor.eval().requires_grad_(False)
+    return anchor.requires_grad_(False)  # load_model gives it in eval mode
 
 
 def check_writable(out: Path):
@@ -440,8 +445,9 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                     group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(global_step, total_steps, cfg.warmup_steps)
                 at["batches"] = batches.state()  # an interrupted step is redone from here
                 audio, labels, word_free = batches.batch(cfg.batch_size)
-                logits, projected = net(audio.to(device))
-                loss, acc, clip = target_loss(logits, labels.to(device), context_steps, cfg.label_smoothing)
+                device_audio, labels = audio.to(device), labels.to(device)
+                logits, projected = net(device_audio)
+                loss, acc, clip = target_loss(logits, labels, context_steps, cfg.label_smoothing)
                 if cfg.window_negatives > 0:
                     loss = loss + cfg.window_negatives * window_negative_loss(
                         logits, word_free.to(device), window_steps, background)
@@ -454,7 +460,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                     loss = loss + cfg.distill_repr * representation + cfg.distill_logits * logit
                 if anchor is not None:
                     loss = loss + cfg.anchor_weight * anchor_loss(
-                        clip, audio.to(device), labels.to(device), anchor, background, cfg.distill_temperature)
+                        clip, device_audio, labels, anchor, background, cfg.distill_temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
