@@ -2,7 +2,8 @@
 
 AdamW (weight decay on matrices only, a higher learning rate for tap positions), warmup then
 cosine decay, DCLS sigma annealing then a final phase on the rounded (integer) delays, gradient
-clipping, class-balanced augmented batches, a checkpoint every epoch and every few minutes
+clipping, class-balanced augmented batches (made in worker processes with --workers), a
+checkpoint every epoch and every few minutes
 (Ctrl-C or SIGTERM saves one too), --resume, best-on-validation selection among the epochs of
 the rounded-delay phase. Runs on a GPU when present and under `torchrun` (DistributedDataParallel;
 gloo on CPUs, nccl on GPUs).
@@ -191,17 +192,47 @@ def distributed() -> tuple[int, int]:
 
 
 def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
-                  context_s: float = 0.5) -> TrainingBatches:
-    """One epoch's batches. Seeding per epoch and rank makes a resumed run draw the same
-    batches as an unbroken one."""
+                  context_s: float = 0.5, worker: int | None = None) -> TrainingBatches:
+    """One epoch's batches (of one batch worker's share of them). Seeding per epoch, rank and
+    worker makes a resumed run draw the same batches as an unbroken one."""
+    stream = 0 if worker is None else worker + 1
     return TrainingBatches(d["real"], d["real_labels"], d["synth"], d["synth_labels"],
                            d["noise"], len(LABELS), LABELS.index(BACKGROUND),
-                           seed=cfg.seed * 100003 + epoch * 101 + rank, context_s=context_s,
+                           seed=cfg.seed * 100003 + epoch * 101 + rank + stream * 1_000_000_007,
+                           context_s=context_s,
                            background_weight=cfg.background_weight,
                            speech_negatives=cfg.speech_negatives, vtlp=cfg.vtlp, reverb=cfg.reverb,
                            masks=cfg.masks, sentences=d["sentences"], sentence_negatives=cfg.sentence_negatives,
                            noise_onsets=cfg.noise_onsets, near_miss_sentences=d["near_miss_sentences"],
                            near_misses=cfg.near_misses, noise_switches=cfg.noise_switches)
+
+
+class WorkerBatches(torch.utils.data.IterableDataset):
+    """An epoch's batches from `step` on, drawn in DataLoader worker processes (a GPU trains
+    faster than one process makes examples). Worker w of n makes steps w, w + n, ... from its own
+    seeded stream, and the loader hands them out in that round-robin order: the same number of
+    workers gives the same batches."""
+
+    def __init__(self, d: dict, cfg: TrainConfig, epoch: int, rank: int, context_s: float, steps: int):
+        super().__init__()
+        self.d, self.cfg, self.epoch, self.rank, self.context_s, self.steps = d, cfg, epoch, rank, context_s, steps
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        if worker is None:
+            raise RuntimeError("WorkerBatches is read through a DataLoader with num_workers >= 1")
+        batches = epoch_batches(self.d, self.cfg, self.epoch, self.rank, self.context_s, worker.id)
+        for _ in range(worker.id, self.steps, worker.num_workers):
+            yield batches.batch(self.cfg.batch_size)
+
+
+def worker_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int, context_s: float, steps: int,
+                   workers: int):
+    """An iterator over the epoch's `steps` batches, made by `workers` processes."""
+    loader = torch.utils.data.DataLoader(WorkerBatches(d, cfg, epoch, rank, context_s, steps), batch_size=None,
+                                         num_workers=workers, prefetch_factor=4,
+                                         pin_memory=torch.cuda.is_available())
+    return iter(loader)
 
 
 def load_training_data(data: Path, synth: Path | None, log, sentences: int = 0,
@@ -339,7 +370,7 @@ def read_run_state(path: Path, device) -> dict:
 def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
           run_dir: Path | None = None, resume: bool = False, overrides: dict | None = None,
           init: Path | None = None, teacher: Path | None = None, anchor: Path | None = None,
-          log=print) -> dict:
+          workers: int = 0, log=print) -> dict:
     model_cfg = model_config(cfg, overrides, init)  # bad settings fail before minutes of loading
     rank, world = distributed()
     steps_per_epoch = check_config(cfg, world)
@@ -430,12 +461,15 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     # Where the steps stand, for a save when Ctrl-C or SIGTERM comes mid-epoch.
     at = {"epoch": start_epoch, "completed": 0, "batches": None, "smoothed": None}
 
-    def run_epoch(epoch: int, batches: TrainingBatches, first_step: int, smoothed: list) -> list:
-        """Train one epoch's steps from `first_step`; returns the running [loss, accuracy]."""
+    def run_epoch(epoch: int, batches: TrainingBatches | None, first_step: int, smoothed: list) -> list:
+        """Train one epoch's steps from `first_step`, from `batches` or, if None, from batch
+        workers' processes; returns the running [loss, accuracy]."""
         nonlocal last_saved
         bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="step", disable=rank != 0, mininterval=0.5 if sys.stderr.isatty() else 60)
         started = time.time()
+        if batches is None:
+            made = worker_batches(d, cfg, epoch, rank, context_s, steps_per_epoch - first_step, workers)
         with bar:
             for step in range(first_step, steps_per_epoch):
                 global_step = epoch * steps_per_epoch + step
@@ -443,8 +477,11 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                 model.set_rounded_delays(global_step >= rounded_from)
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(global_step, total_steps, cfg.warmup_steps)
-                at["batches"] = batches.state()  # an interrupted step is redone from here
-                audio, labels, word_free = batches.batch(cfg.batch_size)
+                if batches is None:
+                    audio, labels, word_free = next(made)
+                else:
+                    at["batches"] = batches.state()  # an interrupted step is redone from here
+                    audio, labels, word_free = batches.batch(cfg.batch_size)
                 device_audio, labels = audio.to(device), labels.to(device)
                 logits, projected = net(device_audio)
                 loss, acc, clip = target_loss(logits, labels, context_steps, cfg.label_smoothing)
@@ -468,13 +505,14 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                 model.clamp_positions()
                 smoothed = [v if s is None else 0.95 * s + 0.05 * v
                             for s, v in zip(smoothed, (loss.item(), acc.item()))]
-                at.update(completed=step + 1, batches=batches.state(), smoothed=smoothed)
+                at.update(completed=step + 1, batches=batches and batches.state(), smoothed=smoothed)
                 clips_s = (step + 1 - first_step) * cfg.batch_size * world / max(time.time() - started, 1e-9)
                 bar.set_postfix_str(f"loss {smoothed[0]:.3f} acc {smoothed[1]:.3f} {clips_s:.0f} clips/s",
                                     refresh=False)
                 bar.update()
-                # Mid-epoch states hold one process's batches: under DDP only epochs are saved.
-                if (rank == 0 and world == 1 and step + 1 < steps_per_epoch
+                # Mid-epoch states hold one process's batches: under DDP or with batch workers
+                # only epochs are saved.
+                if (rank == 0 and world == 1 and batches is not None and step + 1 < steps_per_epoch
                         and time.time() - last_saved > cfg.checkpoint_minutes * 60):
                     save_run_state(epoch - 1, step + 1, at["batches"], smoothed)
                     last_saved = time.time()
@@ -482,9 +520,10 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
 
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            batches = epoch_batches(d, cfg, epoch, rank, context_s)
             first_step, smoothed = 0, [None, None]
-            if epoch == start_epoch and start_step:
+            batches = None if workers else epoch_batches(d, cfg, epoch, rank, context_s)
+            if epoch == start_epoch and start_step:  # saved mid-epoch, so made in this process
+                batches = epoch_batches(d, cfg, epoch, rank, context_s)
                 batches.set_state(saved["batches"])
                 first_step, smoothed = start_step, json.loads(saved["smoothed"])
             at.update(epoch=epoch, completed=first_step, in_steps=True)
@@ -500,7 +539,8 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                                 "seconds": time.time() - run_started})
                 log(f"epoch {epoch + 1}: validation accuracy {val:.4f}")
                 meta = {"train": asdict(cfg), "history": history, "data_counts": d["counts"],
-                        "device": str(device), "world_size": world, "license": model.license}
+                        "device": str(device), "world_size": world, "batch_workers": workers,
+                        "license": model.license}
                 # With a rounded-delay phase, only its epochs may be kept: the saved model must
                 # be the one trained on the integer delays inference reads.
                 if val > best and (history[-1]["rounded_delays"] or rounded_from >= total_steps):
@@ -513,7 +553,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                 dist.barrier()
     except KeyboardInterrupt:
         # Inside an epoch's steps, save where they stand; between them, the epoch's save stands.
-        if rank == 0 and world == 1 and at.get("in_steps") and at["completed"] > 0:
+        if rank == 0 and world == 1 and at.get("in_steps") and at["completed"] > 0 and at["batches"]:
             save_run_state(at["epoch"] - 1, at["completed"], at["batches"], at["smoothed"])
         log(f"interrupted: the run state in {last} continues with --resume")
         raise
@@ -560,6 +600,8 @@ def run(args):
     check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if args.threads < 0:
         raise KwsError(f"--threads must be 0 (torch's choice) or more, not {args.threads}")
+    if args.workers < 0:
+        raise KwsError(f"--workers must be 0 (batches made in the training process) or more, not {args.workers}")
     check_writable(Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -567,7 +609,7 @@ def run(args):
     result = train(cfg, Path(args.data), Path(args.out), Path(args.synth) if args.synth else None,
                    Path(args.run_dir) if args.run_dir else None, args.resume, overrides,
                    Path(args.init) if args.init else None, Path(args.teacher) if args.teacher else None,
-                   Path(args.anchor) if args.anchor else None)
+                   Path(args.anchor) if args.anchor else None, args.workers)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one answer, not one per process
         print(json.dumps({"best_validation_accuracy": result["best_validation_accuracy"], "out": args.out}))
 
@@ -591,6 +633,9 @@ def register(sub):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model setting, e.g. --set use_delay=false")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--workers", type=int, default=0, help="processes that make the augmented batches "
+                   "(default 0: the training process makes them); a GPU needs several. The same number "
+                   "gives the same batches; with workers the run state is saved at each epoch's end")
     p.add_argument("--teacher", metavar="FILE", help="distil from this teacher (kws teacher train; "
                                                      "with --distill-repr and/or --distill-logits)")
     p.add_argument("--anchor", metavar="MODEL", help="while fine-tuning, keep the word examples' outputs "

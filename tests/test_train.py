@@ -27,7 +27,7 @@ from kws import PROJECT_LICENSE
 from kws.audio import CLIP_SAMPLES, fit_length, load_audio
 from kws.teacher import TEACHER_LICENSE
 from kws.train import (TrainConfig, anchor_loss, epoch_batches, load_training_data, lr_factor, make_optimizer,
-                       soft_target_loss, target_loss, train, window_negative_loss)
+                       soft_target_loss, target_loss, train, window_negative_loss, worker_batches)
 
 # Three epochs of two steps: enough for a schedule, a best model and a resume point.
 TINY_TRAIN = TrainConfig(epochs=3, examples_per_epoch=16, batch_size=8, warmup_steps=2, seed=1)
@@ -429,6 +429,34 @@ def test_resume_continues_from_the_saved_epoch_and_ends_like_an_unbroken_run(spe
     assert strip(result["history"]) == strip(unbroken_run[2]["history"])
 
 
+def test_batch_workers_make_an_epochs_steps_the_same_each_time_each_from_its_own_stream(speech_commands):
+    d = load_training_data(speech_commands.root, None, quiet)
+    draw = lambda: [tuple(t.clone() for t in b) for b in worker_batches(d, TINY_TRAIN, 1, 0, 0.5, 5, 2)]
+    first, again = draw(), draw()
+    assert len(first) == 5
+    for a, b in zip(first, again):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # Steps 0 and 1 come from workers 0 and 1, each drawing its own stream, not the in-process one.
+    assert not torch.equal(first[0][0], first[1][0])
+    in_process = epoch_batches(d, TINY_TRAIN, 1, 0, 0.5).batch(TINY_TRAIN.batch_size)[0]
+    assert not any(torch.equal(in_process, b[0]) for b in first)
+
+
+def test_a_run_with_batch_workers_saves_epochs_and_resumes_like_an_unbroken_one(speech_commands, tmp_path):
+    # A save after every step is asked for: with workers, only epochs' ends are saved.
+    often = dataclasses.replace(TINY_TRAIN, checkpoint_minutes=1e-9)
+    unbroken = tmp_path / "unbroken.pt"
+    unbroken_result = train(often, speech_commands.root, unbroken, overrides=TINY_MODEL, workers=2, log=quiet)
+    assert read_checkpoint(unbroken)[2]["batch_workers"] == 2
+    out = tmp_path / "model.pt"
+    with pytest.raises(Interrupted):
+        train(often, speech_commands.root, out, overrides=TINY_MODEL, workers=2, log=interrupt_at("epoch 2:"))
+    state = run_state(out.with_suffix(".run"))
+    assert state["epoch"] == 0 and "step" not in state
+    result = train(often, speech_commands.root, out, overrides=TINY_MODEL, workers=2, resume=True, log=quiet)
+    assert_same_run(out.with_suffix(".run"), result, (unbroken, unbroken.with_suffix(".run"), unbroken_result))
+
+
 def test_a_mid_epoch_save_resumes_like_an_unbroken_run(speech_commands, tmp_path, unbroken_run):
     out = tmp_path / "model.pt"
     # A save after every step: the crash at the end of epoch 2 leaves epoch 2's first step saved.
@@ -619,6 +647,7 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--window-negatives", "-1"],
     ["--anchor-weight", "-1"],
     ["--sentences", "0"],
+    ["--workers", "-1"],
 ])
 def test_kws_train_with_bad_settings_exits_2_with_one_line_before_loading_data(tmp_path, capsys, bad):
     out = tmp_path / "m.pt"
