@@ -354,6 +354,24 @@ def training_seconds_per_clip(model, batch: int, repeats: int, context_s: float 
     return seconds
 
 
+def mingru_pass_seconds(model, batch: int, repeats: int, context_s: float = 0.5) -> dict:
+    """One minGRU layer's forward and backward over a training example's steps, step by step and
+    by the log-space parallel scan, timed side by side: {"stepwise": s, "scan": s}."""
+    import torch
+
+    from kws.model import MinGRU
+
+    torch.manual_seed(0)
+    gru = MinGRU(model.cfg.width)
+    steps = (model.cfg.context_samples + SAMPLE_RATE) // model.cfg.stride
+    x = torch.randn(batch, steps, model.cfg.width)
+
+    def run(stepwise: bool):
+        gru.zero_grad()
+        gru(x, stepwise=stepwise).square().mean().backward()
+    return interleaved_median_seconds({"stepwise": lambda: run(True), "scan": lambda: run(False)}, repeats)
+
+
 def offline_seconds_per_audio_second(model, repeats: int) -> float:
     """One forward pass over a whole 1-s clip."""
     import torch
@@ -402,6 +420,7 @@ def bench_model(args) -> int:
                 "parameters": parameter_count(model),
                 "stride": model.cfg.stride,
                 "train_seconds_per_clip": training_seconds_per_clip(model, args.batch, args.repeats),
+                "mingru_train_pass_seconds": mingru_pass_seconds(model, args.batch, args.repeats),
                 "offline_seconds_per_audio_second":
                     offline_seconds_per_audio_second(model, args.repeats),
                 "stream_32ms_seconds_per_audio_second":
@@ -414,11 +433,13 @@ def bench_model(args) -> int:
     print(f"{m['threads']} thread(s) of {m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}, "
           f"median of {args.repeats}, training batch {args.batch}")
     print(f"{'preset':<8} {'params':>8} {'train s/clip':>13} {'offline s/audio-s':>18} "
-          f"{'stream 32ms s/audio-s':>22}")
+          f"{'stream 32ms s/audio-s':>22} {'minGRU pass: step / scan (s)':>29}")
     for name, r in result["presets"].items():
+        gru = r["mingru_train_pass_seconds"]
         print(f"{name:<8} {r['parameters']:>8,} {r['train_seconds_per_clip']:>13.4f} "
               f"{r['offline_seconds_per_audio_second']:>18.4f} "
-              f"{r['stream_32ms_seconds_per_audio_second']:>22.4f}")
+              f"{r['stream_32ms_seconds_per_audio_second']:>22.4f} "
+              f"{gru['stepwise']:>13.4f} / {gru['scan']:.4f}")
     return 0
 
 

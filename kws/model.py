@@ -239,7 +239,10 @@ def _log_g(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
 
 
-STEPWISE_MAX_STEPS = 16  # on a GPU, longer chunks of a stream run the scan (see MinGRU)
+# The longest sequence that runs step by step rather than by the parallel scan (see MinGRU):
+# on a GPU, chunks of a stream; on a CPU, any chunk, and whole sequences up to this many steps.
+STEPWISE_MAX_STEPS = 16
+CPU_STEPWISE_MAX_STEPS = 2000
 
 
 class MinGRU(nn.Module):
@@ -249,22 +252,38 @@ class MinGRU(nn.Module):
         super().__init__()
         self.to_gate_and_candidate = nn.Linear(width, 2 * width)
 
-    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None,
+                stepwise: bool | None = None) -> torch.Tensor:
         """x (B, T, H) -> hidden states (B, T, H), continuing from h0 (B, H) (zeros if None).
 
-        Training runs the parallel scan. A stream's chunk (h0 given) runs the recurrence step by
-        step: on a CPU that is cheaper than the float64 scan at any length (0.45 vs 0.8 ms for
-        100 steps), on a GPU only for short chunks. Both are exact."""
+        Two exact ways through time: step by step, or the log-space parallel scan; `stepwise`
+        None takes the cheaper one for the device (`kws bench model` times both). A GPU trains
+        with the scan, since each step's kernels cost more than their work, and steps only short
+        chunks of a stream. On a CPU the float64 scan costs more than stepping, for training's
+        150-step examples as for a stream's chunks; it runs only whole sequences longer than
+        CPU_STEPWISE_MAX_STEPS (the paper preset's 24,000)."""
         k, v = self.to_gate_and_candidate(x).chunk(2, dim=-1)
-        if h0 is not None and (x.device.type == "cpu" or x.shape[1] <= STEPWISE_MAX_STEPS):
-            hs = []
-            for z, g in zip(torch.sigmoid(k).unbind(1), _g(v).unbind(1)):
-                h0 = torch.lerp(h0, g, z)
-                hs.append(h0)
-            return torch.stack(hs, dim=1)
+        if self.runs_stepwise(x, h0) if stepwise is None else stepwise:
+            z = torch.sigmoid(k)
+            return self.recurrence(z, _g(v), torch.zeros_like(z[:, 0]) if h0 is None else h0)
         log_keep = -F.softplus(k)  # log(1 - z)
         log_values = -F.softplus(-k) + _log_g(v)  # log(z * g(v))
         return self.scan(log_keep, log_values, h0)
+
+    @staticmethod
+    def runs_stepwise(x: torch.Tensor, h0: torch.Tensor | None) -> bool:
+        if x.device.type == "cpu":
+            return h0 is not None or x.shape[1] <= CPU_STEPWISE_MAX_STEPS
+        return h0 is not None and x.shape[1] <= STEPWISE_MAX_STEPS
+
+    @staticmethod
+    def recurrence(z: torch.Tensor, g: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        """h_t = (1 - z_t) h_{t-1} + z_t g_t one step at a time from h0: (B, T, H) states."""
+        hs = []
+        for z_t, g_t in zip(z.unbind(1), g.unbind(1)):
+            h0 = torch.lerp(h0, g_t, z_t)
+            hs.append(h0)
+        return torch.stack(hs, dim=1)
 
     @staticmethod
     def scan(log_a: torch.Tensor, log_b: torch.Tensor, h0: torch.Tensor | None = None):

@@ -71,6 +71,8 @@ def test_bench_model_json_times_training_and_inference_per_preset(capsys):
                 "stream_32ms_seconds_per_audio_second"):
         assert 0 < edge[key] < 1000
     assert edge["parameters"] > 0 and edge["stride"] == 160
+    assert set(edge["mingru_train_pass_seconds"]) == {"stepwise", "scan"}
+    assert all(0 < t < 1000 for t in edge["mingru_train_pass_seconds"].values())
 
 
 def test_bench_model_refuses_an_unknown_preset(capsys):

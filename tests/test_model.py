@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kws.model
 from kws.model import (MGRADE, DelayConv, MinGRU, _mel_frequencies, footprint_bytes, gabor_atoms,
                        parameter_bytes, parameter_count, preset, state_bytes)
 
@@ -103,8 +104,7 @@ def recurrence(gru: MinGRU, x: torch.Tensor, h0: torch.Tensor | None) -> torch.T
 @pytest.mark.parametrize("scale", [2.0, 300.0], ids=["typical", "saturated-gates"])
 @pytest.mark.parametrize("with_h0", [False, True], ids=["from-zeros", "from-state"])
 def test_minGRU_equals_step_by_step_recurrence(steps, scale, with_h0):
-    """Whole sequences run the log-space scan, chunks continuing from a state (on a CPU) the
-    recurrence."""
+    """The way a CPU runs it, for training and for a stream's chunks."""
     torch.manual_seed(steps)
     gru = MinGRU(8)
     x = scale * torch.randn(3, steps, 8)
@@ -119,18 +119,44 @@ def test_minGRU_equals_step_by_step_recurrence(steps, scale, with_h0):
 
 
 @pytest.mark.parametrize("steps", [1, 17, 400])
-def test_scan_from_a_state_equals_the_recurrence(steps):
-    """The scan continuing from h0, which long chunks of a stream run on a GPU."""
+@pytest.mark.parametrize("scale", [2.0, 300.0], ids=["typical", "saturated-gates"])
+@pytest.mark.parametrize("with_h0", [False, True], ids=["from-zeros", "from-state"])
+def test_the_scan_equals_the_recurrence(steps, scale, with_h0):
+    """The log-space parallel scan that a GPU trains with, run here on the CPU."""
     torch.manual_seed(steps)
     gru = MinGRU(8)
-    x = 2.0 * torch.randn(3, steps, 8)
-    h0 = torch.rand(3, 8) * 2
+    x = scale * torch.randn(3, steps, 8)
+    h0 = torch.rand(3, 8) * 2 if with_h0 else None
     with torch.no_grad():
-        k, v = gru.to_gate_and_candidate(x).chunk(2, dim=-1)
-        log_values = -F.softplus(-k) + torch.log(torch.where(v >= 0, v + 0.5, torch.sigmoid(v)))
-        out = MinGRU.scan(-F.softplus(k), log_values, h0)
-        expected = recurrence(gru, x, h0)
+        out, expected = gru(x, h0, stepwise=False), recurrence(gru, x, h0)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_stepping_and_the_scan_give_the_same_gradients():
+    torch.manual_seed(0)
+    gru = MinGRU(8)
+    x = 2.0 * torch.randn(4, 150, 8)
+    grads = []
+    for stepwise in (True, False):
+        gru.zero_grad()
+        gru(x, stepwise=stepwise).square().mean().backward()
+        grads.append([p.grad.clone() for p in gru.parameters()])
+    for stepped, scanned in zip(*grads):
+        torch.testing.assert_close(stepped, scanned, rtol=1e-4, atol=1e-6)
+
+
+def test_a_cpu_steps_through_time_except_whole_sequences_longer_than_its_limit(monkeypatch):
+    scans = []
+    real_scan = MinGRU.scan
+    monkeypatch.setattr(MinGRU, "scan", staticmethod(lambda *a: scans.append(a[0].shape[1]) or real_scan(*a)))
+    gru = MinGRU(2)
+    longest = kws.model.CPU_STEPWISE_MAX_STEPS
+    gru(torch.randn(1, 150, 2))  # an edge training example
+    gru(torch.randn(1, longest, 2))
+    gru(torch.randn(1, longest + 1, 2), torch.rand(1, 2))  # a stream's chunk, however long
+    assert scans == []
+    gru(torch.randn(1, longest + 1, 2))
+    assert scans == [longest + 1]
 
 
 def test_hidden_state_stays_positive_and_bounded():
