@@ -354,7 +354,7 @@ def training_seconds_per_clip(model, batch: int, repeats: int, context_s: float 
     return seconds
 
 
-def mingru_pass_seconds(model, batch: int, repeats: int, context_s: float = 0.5) -> dict:
+def mingru_pass_seconds(model, batch: int, repeats: int) -> dict:
     """One minGRU layer's forward and backward over a training example's steps, step by step and
     by the log-space parallel scan, timed side by side: {"stepwise": s, "scan": s}."""
     import torch

@@ -3,8 +3,7 @@
 AdamW (weight decay on matrices only, a higher learning rate for tap positions), warmup then
 cosine decay, DCLS sigma annealing then a final phase on the rounded (integer) delays, gradient
 clipping, class-balanced augmented batches (made in worker processes with --workers), a
-checkpoint every epoch and every few minutes
-(Ctrl-C or SIGTERM saves one too), --resume, best-on-validation selection among the epochs of
+checkpoint every epoch and every few minutes (Ctrl-C or SIGTERM saves one too), --resume, best-on-validation selection among the epochs of
 the rounded-delay phase. Runs on a GPU when present and under `torchrun` (DistributedDataParallel;
 gloo on CPUs, nccl on GPUs).
 """
@@ -208,8 +207,8 @@ def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
 
 
 class WorkerBatches(torch.utils.data.IterableDataset):
-    """An epoch's batches from `step` on, drawn in DataLoader worker processes (a GPU trains
-    faster than one process makes examples). Worker w of n makes steps w, w + n, ... from its own
+    """`steps` of an epoch's batches, made in DataLoader worker processes (a GPU trains faster
+    than one process makes examples). Worker w of n makes steps w, w + n, ... from its own
     seeded stream, and the loader hands them out in that round-robin order: the same number of
     workers gives the same batches."""
 
