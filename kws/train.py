@@ -4,8 +4,8 @@ AdamW (weight decay on matrices only, a higher learning rate for tap positions),
 cosine decay, DCLS sigma annealing then a final phase on the rounded (integer) delays, gradient
 clipping, class-balanced augmented batches (made in worker processes with --workers), a
 checkpoint every epoch and every few minutes (Ctrl-C or SIGTERM saves one too), --resume,
-best-on-validation selection among the epochs of the rounded-delay phase. Runs on a GPU when present and under `torchrun` (DistributedDataParallel;
-gloo on CPUs, nccl on GPUs).
+best-on-validation selection among the epochs of the rounded-delay phase. Runs on a GPU when
+present and under `torchrun` (DistributedDataParallel; gloo on CPUs, nccl on GPUs).
 """
 
 import json
