@@ -194,7 +194,9 @@ class TrainingBatches:
         self.near_misses = near_misses
         self.vtlp, self.reverb, self.masks, self.noise_onsets = vtlp, reverb, masks, noise_onsets
         self.noise_switches = noise_switches
-        self.clips = np.concatenate([real, synth]) if len(synth) else real
+        # Kept apart, not concatenated: each epoch (and each batch worker) builds its own
+        # TrainingBatches, and a copy of every clip would cost seconds and a gigabyte each time.
+        self.real, self.synth = real, synth
         self.is_synth = np.r_[np.zeros(len(real), bool), np.ones(len(synth), bool)]
         labels = np.r_[np.asarray(real_labels, int), np.asarray(synth_labels, int)]
         weights = np.where(self.is_synth, 1.0, real_weight)
@@ -210,9 +212,13 @@ class TrainingBatches:
         self.rng = random.Random(seed)
         self.np_rng = np.random.default_rng(seed)
 
+    def _clip(self, i: int) -> np.ndarray:
+        """Clip i of the real clips followed by the synthetic ones."""
+        return self.real[i] if i < len(self.real) else self.synth[i - len(self.real)]
+
     def _speech(self, label: int) -> np.ndarray:
         i = self.np_rng.choice(self.pools[label], p=self.pool_p[label])
-        clip = self.clips[i]
+        clip = self._clip(i)
         if self.is_synth[i]:
             clip = _change_speed(clip, self.rng.uniform(0.88, 1.12))
         else:
@@ -229,8 +235,8 @@ class TrainingBatches:
 
     def _clip_end(self) -> np.ndarray:
         """The last `context` samples of a random clip at a random level."""
-        other = self.np_rng.choice(len(self.clips))
-        tail = self.clips[other][max(0, CLIP_SAMPLES - self.context):]  # [-0:] would be all
+        other = self.np_rng.choice(len(self.is_synth))
+        tail = self._clip(other)[max(0, CLIP_SAMPLES - self.context):]  # [-0:] would be all
         tail = np.pad(tail, (self.context - len(tail), 0))  # a context longer than a clip
         return tail * 10 ** (self.rng.uniform(-10, 5) / 20)
 
@@ -241,7 +247,7 @@ class TrainingBatches:
         if self.context > 0 and self.rng.random() < 0.5:  # a word just ended before the target
             x[:self.context] = self._clip_end()
             return x, False
-        clip = self.clips[self.np_rng.choice(len(self.clips))]
+        clip = self._clip(self.np_rng.choice(len(self.is_synth)))
         tail = word_tail(clip, self.rng.uniform(*WORD_TAIL_FRACTION))
         x[self.context:self.context + len(tail)] = tail * 10 ** (self.rng.uniform(-10, 5) / 20)
         return x, True
