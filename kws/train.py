@@ -520,9 +520,9 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     try:
         for epoch in range(start_epoch, cfg.epochs):
             first_step, smoothed = 0, [None, None]
-            batches = None if workers else epoch_batches(d, cfg, epoch, rank, context_s)
-            if epoch == start_epoch and start_step:  # saved mid-epoch, so made in this process
-                batches = epoch_batches(d, cfg, epoch, rank, context_s)
+            resumed_mid_epoch = epoch == start_epoch and start_step > 0  # saved only when made here
+            batches = epoch_batches(d, cfg, epoch, rank, context_s) if resumed_mid_epoch or not workers else None
+            if resumed_mid_epoch:
                 batches.set_state(saved["batches"])
                 first_step, smoothed = start_step, json.loads(saved["smoothed"])
             at.update(epoch=epoch, completed=first_step, in_steps=True)
