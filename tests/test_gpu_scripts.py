@@ -90,6 +90,18 @@ def test_gpu_train_runs_each_line_and_leaves_its_model_log_and_run_state(speech_
         assert (out / f"{name}.run" / "last.pt").is_file()
 
 
+def test_gpu_train_exits_non_zero_when_a_run_fails_and_its_log_says_why(speech_commands, tmp_path):
+    write_synth(tmp_path / "synth")
+    bundle = tmp_path / "bundle"
+    assert script(sys.executable, "scripts/audio-bundle", "pack", str(speech_commands.root),
+                  str(tmp_path / "synth"), str(bundle)).returncode == 0
+    runs = tmp_path / "runs.txt"
+    runs.write_text("bad 0 --lr -1\n")
+    done = script("bash", "scripts/gpu-train", str(bundle), str(tmp_path / "out"), "600", str(runs), timeout=300)
+    assert done.returncode != 0
+    assert "lr" in (tmp_path / "out" / "bad.log").read_text()
+
+
 def test_gpu_train_without_its_four_arguments_exits_2_with_its_usage(tmp_path):
     done = script("bash", "scripts/gpu-train", str(tmp_path))
     assert done.returncode == 2 and "usage: scripts/gpu-train" in done.stderr
