@@ -144,12 +144,17 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kws" / "speech"
 
 
+def sentence_path(seed: int, cache: Path, vocabulary: tuple[str, ...] = VOCABULARY) -> Path:
+    """The file in `cache` that holds the audio of `sentence(seed, vocabulary)` once rendered."""
+    key = hashlib.sha256(repr(sentence(seed, vocabulary)).encode()).hexdigest()[:16]
+    return Path(cache) / f"{key}.wav"
+
+
 def spoken(seed: int, cache: Path, vocabulary: tuple[str, ...] = VOCABULARY) -> np.ndarray:
     """Float32 16-kHz audio of `sentence(seed, vocabulary)`, leading and trailing silence
     trimmed, rendered once and then read from `cache`."""
     r = sentence(seed, vocabulary)
-    key = hashlib.sha256(repr(r).encode()).hexdigest()[:16]
-    path = Path(cache) / f"{key}.wav"
+    path = sentence_path(seed, cache, vocabulary)
     if path.is_file():
         return sf.read(path, dtype="float32")[0]
     check_engine(r.engine)

@@ -11,13 +11,14 @@ import soundfile as sf
 
 from kws.data import read_split
 from kws.model import load_model
+from kws.speech import TRAINING_VOCABULARY, sentence_path
 from conftest import SR, TINY_MODEL, word_sound
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def script(*args, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable}
+def script(*args, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable, **(env or {})}
     return subprocess.run(list(args), capture_output=True, text=True, env=env, cwd=ROOT, **kwargs)
 
 
@@ -88,6 +89,55 @@ def test_gpu_train_runs_each_line_and_leaves_its_model_log_and_run_state(speech_
         assert load_model(out / f"{name}.pt").cfg.width == TINY_MODEL["width"]
         assert '"best_validation_accuracy"' in (out / f"{name}.log").read_text()
         assert (out / f"{name}.run" / "last.pt").is_file()
+
+
+def no_tts(tmp_path: Path) -> dict:
+    """An environment whose espeak-ng and flite fail and whose sentence cache is empty, so that
+    any sentence kws needs must come from a bundle."""
+    fake = tmp_path / "no_tts"
+    fake.mkdir()
+    for name in ("espeak-ng", "flite"):
+        (fake / name).write_text("#!/bin/sh\nexit 1\n")
+        (fake / name).chmod(0o755)
+    return {"PATH": f"{fake}:{os.environ['PATH']}", "XDG_CACHE_HOME": str(tmp_path / "empty_cache")}
+
+
+def test_a_bundle_carries_the_training_sentences_into_the_cache_where_kws_reads_them(
+        speech_commands, tmp_path):
+    write_synth(tmp_path / "synth")
+    rendered = tmp_path / "cache"
+    packed = script(sys.executable, "scripts/audio-bundle", "pack", str(speech_commands.root),
+                    str(tmp_path / "synth"), str(tmp_path / "bundle"), "--sentences", "3",
+                    env={"XDG_CACHE_HOME": str(rendered)})
+    assert packed.returncode == 0, packed.stderr
+    there = tmp_path / "there"
+    assert script(sys.executable, "scripts/audio-bundle", "unpack", str(tmp_path / "bundle"),
+                  str(tmp_path / "data"), str(tmp_path / "synth_out"), "--sentences-out", str(there)
+                  ).returncode == 0
+    assert len(list(there.glob("*.wav"))) == 3
+    for seed in range(3):
+        original, _ = sf.read(sentence_path(seed, rendered / "kws" / "speech", TRAINING_VOCABULARY), dtype="float32")
+        copy, _ = sf.read(sentence_path(seed, there, TRAINING_VOCABULARY), dtype="float32")
+        assert len(copy) == len(original)
+        assert np.linalg.norm(copy - original) / np.linalg.norm(original) < 0.6
+
+
+def test_gpu_train_runs_sentence_negatives_from_the_bundle_without_a_tts_engine(speech_commands, tmp_path):
+    write_synth(tmp_path / "synth")
+    bundle = tmp_path / "bundle"
+    assert script(sys.executable, "scripts/audio-bundle", "pack", str(speech_commands.root),
+                  str(tmp_path / "synth"), str(bundle), "--sentences", "3",
+                  env={"XDG_CACHE_HOME": str(tmp_path / "cache")}).returncode == 0
+    tiny = " ".join(f"--set={k}={v}" for k, v in TINY_MODEL.items())
+    runs = tmp_path / "runs.txt"
+    runs.write_text(f"s 0 --batch-size 8 --epochs 1 --examples-per-epoch 16 --warmup-steps 1 "
+                    f"--sentence-negatives 0.5 --sentences 3 {tiny}\n")
+    out = tmp_path / "out"
+    done = script("bash", "scripts/gpu-train", str(bundle), str(out), "600", str(runs),
+                  env=no_tts(tmp_path), timeout=300)
+    assert done.returncode == 0, (out / "s.log").read_text() if (out / "s.log").exists() else done.stderr
+    assert load_model(out / "s.pt").cfg.width == TINY_MODEL["width"]
+    assert not (tmp_path / "empty_cache").exists()  # the bundle's lossy copies stay out of the user's cache
 
 
 def test_gpu_train_exits_non_zero_when_a_run_fails_and_its_log_says_why(speech_commands, tmp_path):
