@@ -73,6 +73,15 @@ def test_unpacked_clips_have_their_lengths_and_stay_close_to_the_originals(speec
         assert np.linalg.norm(copy - original) / np.linalg.norm(original) < 0.6, rel
 
 
+def test_audio_bundle_on_missing_folders_exits_non_zero_naming_what_it_needs(tmp_path):
+    packed = script(sys.executable, "scripts/audio-bundle", "pack", str(tmp_path / "nowhere"),
+                    str(tmp_path), str(tmp_path / "bundle"))
+    assert packed.returncode != 0 and "official layout" in packed.stderr and "Traceback" not in packed.stderr
+    unpacked = script(sys.executable, "scripts/audio-bundle", "unpack", str(tmp_path / "nowhere"),
+                      str(tmp_path / "data"), str(tmp_path / "synth"))
+    assert unpacked.returncode != 0 and "audio-bundle pack" in unpacked.stderr and "Traceback" not in unpacked.stderr
+
+
 def test_gpu_train_runs_each_line_and_leaves_its_model_log_and_run_state(speech_commands, tmp_path):
     write_synth(tmp_path / "synth")
     bundle = tmp_path / "bundle"
