@@ -33,12 +33,23 @@ def write_synth(root: Path) -> list[str]:
     return names
 
 
-def pack_and_unpack(speech_commands, tmp_path):
+TINY_OPTIONS = " ".join(f"--set={k}={v}" for k, v in TINY_MODEL.items())
+
+
+def pack(speech_commands, tmp_path, *options) -> tuple[Path, list[str]]:
+    """The fixture's clips and a few synthetic ones packed into tmp_path/bundle (sentences, if
+    asked for, rendered into the cache tmp_path/cache): the bundle and the synthetic names."""
     synth_names = write_synth(tmp_path / "synth")
     bundle = tmp_path / "bundle"
     packed = script(sys.executable, "scripts/audio-bundle", "pack", str(speech_commands.root),
-                    str(tmp_path / "synth"), str(bundle))
+                    str(tmp_path / "synth"), str(bundle), *options,
+                    env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert packed.returncode == 0, packed.stderr
+    return bundle, synth_names
+
+
+def pack_and_unpack(speech_commands, tmp_path):
+    bundle, synth_names = pack(speech_commands, tmp_path)
     unpacked = script(sys.executable, "scripts/audio-bundle", "unpack", str(bundle),
                       str(tmp_path / "data"), str(tmp_path / "synth_out"))
     assert unpacked.returncode == 0, unpacked.stderr
@@ -83,12 +94,8 @@ def test_audio_bundle_on_missing_folders_exits_non_zero_naming_what_it_needs(tmp
 
 
 def test_gpu_train_runs_each_line_and_leaves_its_model_log_and_run_state(speech_commands, tmp_path):
-    write_synth(tmp_path / "synth")
-    bundle = tmp_path / "bundle"
-    assert script(sys.executable, "scripts/audio-bundle", "pack", str(speech_commands.root),
-                  str(tmp_path / "synth"), str(bundle)).returncode == 0
-    tiny = " ".join(f"--set={k}={v}" for k, v in TINY_MODEL.items())
-    common = f"--epochs 1 --examples-per-epoch 8 --warmup-steps 1 {tiny}"
+    bundle, _ = pack(speech_commands, tmp_path)
+    common = f"--epochs 1 --examples-per-epoch 8 --warmup-steps 1 {TINY_OPTIONS}"
     runs = tmp_path / "runs.txt"
     runs.write_text(f"a 0 --batch-size 8 {common}\nb 1 --batch-size 4 {common}\n")
     out = tmp_path / "out"
@@ -113,14 +120,10 @@ def no_tts(tmp_path: Path) -> dict:
 
 def test_a_bundle_carries_the_training_sentences_into_the_cache_where_kws_reads_them(
         speech_commands, tmp_path):
-    write_synth(tmp_path / "synth")
+    bundle, _ = pack(speech_commands, tmp_path, "--sentences", "3")
     rendered = tmp_path / "cache"
-    packed = script(sys.executable, "scripts/audio-bundle", "pack", str(speech_commands.root),
-                    str(tmp_path / "synth"), str(tmp_path / "bundle"), "--sentences", "3",
-                    env={"XDG_CACHE_HOME": str(rendered)})
-    assert packed.returncode == 0, packed.stderr
     there = tmp_path / "there"
-    assert script(sys.executable, "scripts/audio-bundle", "unpack", str(tmp_path / "bundle"),
+    assert script(sys.executable, "scripts/audio-bundle", "unpack", str(bundle),
                   str(tmp_path / "data"), str(tmp_path / "synth_out"), "--sentences-out", str(there)
                   ).returncode == 0
     assert len(list(there.glob("*.wav"))) == 3
@@ -132,15 +135,10 @@ def test_a_bundle_carries_the_training_sentences_into_the_cache_where_kws_reads_
 
 
 def test_gpu_train_runs_sentence_negatives_from_the_bundle_without_a_tts_engine(speech_commands, tmp_path):
-    write_synth(tmp_path / "synth")
-    bundle = tmp_path / "bundle"
-    assert script(sys.executable, "scripts/audio-bundle", "pack", str(speech_commands.root),
-                  str(tmp_path / "synth"), str(bundle), "--sentences", "3",
-                  env={"XDG_CACHE_HOME": str(tmp_path / "cache")}).returncode == 0
-    tiny = " ".join(f"--set={k}={v}" for k, v in TINY_MODEL.items())
+    bundle, _ = pack(speech_commands, tmp_path, "--sentences", "3")
     runs = tmp_path / "runs.txt"
     runs.write_text(f"s 0 --batch-size 8 --epochs 1 --examples-per-epoch 16 --warmup-steps 1 "
-                    f"--sentence-negatives 0.5 --sentences 3 {tiny}\n")
+                    f"--sentence-negatives 0.5 --sentences 3 {TINY_OPTIONS}\n")
     out = tmp_path / "out"
     done = script("bash", "scripts/gpu-train", str(bundle), str(out), "600", str(runs),
                   env=no_tts(tmp_path), timeout=300)
@@ -150,10 +148,7 @@ def test_gpu_train_runs_sentence_negatives_from_the_bundle_without_a_tts_engine(
 
 
 def test_gpu_train_exits_non_zero_when_a_run_fails_and_its_log_says_why(speech_commands, tmp_path):
-    write_synth(tmp_path / "synth")
-    bundle = tmp_path / "bundle"
-    assert script(sys.executable, "scripts/audio-bundle", "pack", str(speech_commands.root),
-                  str(tmp_path / "synth"), str(bundle)).returncode == 0
+    bundle, _ = pack(speech_commands, tmp_path)
     runs = tmp_path / "runs.txt"
     runs.write_text("bad 0 --lr -1\n")
     done = script("bash", "scripts/gpu-train", str(bundle), str(tmp_path / "out"), "600", str(runs), timeout=300)
