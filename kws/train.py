@@ -69,9 +69,10 @@ class TrainConfig:
     distill_logits: float = 0.0  # the clip readout matches the teacher's softened outputs
     distill_temperature: float = 2.0
     distill_share: float = 0.25  # share of each batch the teacher hears (it costs ~20 ms a clip)
-    # Fine-tuning's memory (--anchor MODEL; 0 = off): on word examples, the clip readout keeps the
-    # softened outputs (distill_temperature) of a frozen trained model, so that learning new
-    # negatives does not unlearn the words (learning without forgetting, Li & Hoiem 2016).
+    # Fine-tuning's memory (--anchor MODEL [MODEL ...]; 0 = off): on word examples, the clip
+    # readout keeps the softened outputs (distill_temperature) of frozen trained models (their
+    # logits averaged: an ensemble), so that learning new negatives does not unlearn the words
+    # (learning without forgetting, Li & Hoiem 2016).
     anchor_weight: float = 0.0
 
 
@@ -145,15 +146,17 @@ def distillation_losses(clip_logits: torch.Tensor, projected: torch.Tensor | Non
     return representation, soft_target_loss(clip_logits[:n], teacher_logits, temperature)
 
 
-def anchor_loss(clip_logits: torch.Tensor, audio: torch.Tensor, labels: torch.Tensor, anchor: MGRADE,
+def anchor_loss(clip_logits: torch.Tensor, audio: torch.Tensor, labels: torch.Tensor, anchors: list[MGRADE],
                 background: int, temperature: float) -> torch.Tensor:
     """`soft_target_loss` of the clip readout of the word examples (label not background) against
-    the frozen `anchor` model's clip readout of the same audio. clip_logits (B, classes)."""
+    the frozen `anchors`' clip readouts of the same audio, averaged (an ensemble's logits).
+    clip_logits (B, classes)."""
     words = labels != background
     if not words.any():
         return clip_logits.new_zeros(())
     with torch.no_grad():
-        target = clip_readout(anchor(audio[words]), anchor.cfg.context_samples // anchor.cfg.stride)
+        target = torch.stack([clip_readout(a(audio[words]), a.cfg.context_samples // a.cfg.stride)
+                              for a in anchors]).mean(0)
     return soft_target_loss(clip_logits[words], target, temperature)
 
 
@@ -368,7 +371,7 @@ def read_run_state(path: Path, device) -> dict:
 
 def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
           run_dir: Path | None = None, resume: bool = False, overrides: dict | None = None,
-          init: Path | None = None, teacher: Path | None = None, anchor: Path | None = None,
+          init: Path | None = None, teacher: Path | None = None, anchors: list[Path] = (),
           workers: int = 0, log=print) -> dict:
     model_cfg = model_config(cfg, overrides, init)  # bad settings fail before minutes of loading
     rank, world = distributed()
@@ -384,10 +387,9 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
             raise KwsError(f"the teacher reads {teacher.head.n_embeddings} embeddings, a {example / SAMPLE_RATE:g}-s "
                            f"example gives {embedding_count(example)}: train with --context-s 0.5")
         teacher_steps = aligned_steps(teacher.head.n_embeddings, model_cfg.stride)
-    if (cfg.anchor_weight > 0) != (anchor is not None):
+    if (cfg.anchor_weight > 0) != bool(anchors):
         raise KwsError("anchoring needs both --anchor MODEL and --anchor-weight")
-    if anchor is not None:
-        anchor = load_anchor(anchor, model_cfg)
+    anchors = [load_anchor(a, model_cfg) for a in anchors]
     log = log if rank == 0 else (lambda *a, **k: None)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     run_dir = Path(run_dir or out.with_suffix(".run"))
@@ -402,10 +404,10 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
         model.license = init_meta.get("license", model.license)  # a fine-tune keeps its origin's terms
     if distilling:
         model.license = TEACHER_LICENSE
-    if anchor is not None:
+    for anchor in anchors:
         anchor.to(device)
         if anchor.license != PROJECT_LICENSE:
-            model.license = anchor.license  # what it learns from the anchor is under the anchor's terms
+            model.license = anchor.license  # what it learns from an anchor is under the anchor's terms
     student = Student(model, project=cfg.distill_repr > 0).to(device)
     optimizer = make_optimizer(student, cfg)
     total_steps = steps_per_epoch * cfg.epochs
@@ -494,9 +496,9 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
                         clip, projected, embeddings.to(device), teacher_logits.to(device), teacher_steps,
                         cfg.distill_temperature)
                     loss = loss + cfg.distill_repr * representation + cfg.distill_logits * logit
-                if anchor is not None:
+                if anchors:
                     loss = loss + cfg.anchor_weight * anchor_loss(
-                        clip, device_audio, labels, anchor, background, cfg.distill_temperature)
+                        clip, device_audio, labels, anchors, background, cfg.distill_temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
@@ -608,7 +610,7 @@ def run(args):
     result = train(cfg, Path(args.data), Path(args.out), Path(args.synth) if args.synth else None,
                    Path(args.run_dir) if args.run_dir else None, args.resume, overrides,
                    Path(args.init) if args.init else None, Path(args.teacher) if args.teacher else None,
-                   Path(args.anchor) if args.anchor else None, args.workers)
+                   [Path(a) for a in args.anchor], args.workers)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one answer, not one per process
         print(json.dumps({"best_validation_accuracy": result["best_validation_accuracy"], "out": args.out}))
 
@@ -637,8 +639,9 @@ def register(sub):
                    "gives the same batches; with workers the run state is saved at each epoch's end")
     p.add_argument("--teacher", metavar="FILE", help="distil from this teacher (kws teacher train; "
                                                      "with --distill-repr and/or --distill-logits)")
-    p.add_argument("--anchor", metavar="MODEL", help="while fine-tuning, keep the word examples' outputs "
-                                                     "close to this model's (with --anchor-weight)")
+    p.add_argument("--anchor", nargs="+", default=[], metavar="MODEL",
+                   help="while fine-tuning, keep the word examples' outputs close to this model's, or to "
+                        "the average logits of several (with --anchor-weight)")
     p.add_argument("--context-s", type=float, metavar="SECONDS",
                    help="other audio before each training clip, and the silence `classify` puts "
                         "before a clip: one setting, kept in the model (default 0.5)")

@@ -149,19 +149,32 @@ def test_the_anchor_loss_reads_the_word_examples_against_the_frozen_models_clip_
     labels = torch.tensor([LABELS.index("yes"), background, LABELS.index("no"), background])
     with torch.no_grad():
         anchors_clip = anchor(audio)[:, anchor.cfg.context_samples // anchor.cfg.stride:].mean(1)
-    assert float(anchor_loss(anchors_clip, audio, labels, anchor, background, 2.0)) == pytest.approx(0, abs=1e-6)
+    assert float(anchor_loss(anchors_clip, audio, labels, [anchor], background, 2.0)) == pytest.approx(0, abs=1e-6)
     clip = torch.randn(4, len(LABELS))
-    loss = anchor_loss(clip, audio, labels, anchor, background, 2.0)
+    loss = anchor_loss(clip, audio, labels, [anchor], background, 2.0)
     words = labels != background
     assert float(loss) > 0.01
     assert float(loss) == pytest.approx(float(soft_target_loss(clip[words], anchors_clip[words], 2.0)), rel=1e-5)
     # Background examples are the fine-tune's to change: neither their audio nor their outputs count.
     changed_audio, changed_clip = audio.clone(), clip.clone()
     changed_audio[~words], changed_clip[~words] = torch.randn_like(audio[~words]), 50 * torch.randn(2, len(LABELS))
-    assert float(anchor_loss(changed_clip, changed_audio, labels, anchor, background, 2.0)) == pytest.approx(
+    assert float(anchor_loss(changed_clip, changed_audio, labels, [anchor], background, 2.0)) == pytest.approx(
         float(loss), rel=1e-5)
     all_background = torch.full((4,), background)
-    assert float(anchor_loss(clip, audio, all_background, anchor, background, 2.0)) == 0.0
+    assert float(anchor_loss(clip, audio, all_background, [anchor], background, 2.0)) == 0.0
+
+
+def test_several_anchors_are_one_target_their_average_logits():
+    torch.manual_seed(0)
+    anchors, background = [tiny_model(seed=1), tiny_model(seed=2)], LABELS.index(BACKGROUND)
+    audio = 0.1 * torch.randn(3, anchors[0].cfg.context_samples + CLIP_SAMPLES)
+    labels = torch.tensor([LABELS.index("yes"), LABELS.index("no"), LABELS.index("up")])
+    with torch.no_grad():
+        clips = [a(audio)[:, a.cfg.context_samples // a.cfg.stride:].mean(1) for a in anchors]
+    average = (clips[0] + clips[1]) / 2
+    assert float(anchor_loss(average, audio, labels, anchors, background, 2.0)) == pytest.approx(0, abs=1e-6)
+    for one in clips:  # each alone is a different target: the loss reads both
+        assert float(anchor_loss(one, audio, labels, anchors, background, 2.0)) > 1e-4
 
 
 def test_an_anchored_fine_tune_keeps_its_word_outputs_near_the_anchors(speech_commands, tmp_path):
@@ -180,7 +193,7 @@ def test_an_anchored_fine_tune_keeps_its_word_outputs_near_the_anchors(speech_co
     for name, weight in (("plain", 0.0), ("anchored", 20.0)):
         out = tmp_path / f"{name}.pt"
         train(dataclasses.replace(cfg, anchor_weight=weight), speech_commands.root, out, init=tmp_path / "start.pt",
-              anchor=tmp_path / "anchor.pt" if weight else None, log=quiet)
+              anchors=[tmp_path / "anchor.pt"] if weight else [], log=quiet)
         with torch.no_grad():
             distance[name] = float(soft_target_loss(load_model(out).classify(words), target, 1.0))
     assert distance["anchored"] < 0.5 * distance["plain"], distance
@@ -190,7 +203,7 @@ def test_an_anchored_fine_tune_carries_the_anchors_licence(speech_commands, tmp_
     save_model(tiny_model(seed=1), tmp_path / "anchor.pt", {"license": TEACHER_LICENSE})
     plain = TrainConfig(epochs=1, examples_per_epoch=16, batch_size=8, warmup_steps=1, seed=1)
     train(dataclasses.replace(plain, anchor_weight=1.0), speech_commands.root, tmp_path / "m.pt",
-          overrides=TINY_MODEL, anchor=tmp_path / "anchor.pt", log=quiet)
+          overrides=TINY_MODEL, anchors=[tmp_path / "anchor.pt"], log=quiet)
     assert TEACHER_LICENSE != PROJECT_LICENSE
     assert read_checkpoint(tmp_path / "m.pt")[2]["license"] == TEACHER_LICENSE
 
@@ -199,6 +212,7 @@ def test_an_anchored_fine_tune_carries_the_anchors_licence(speech_commands, tmp_
     (["--anchor-weight", "1"], ["--anchor MODEL"]),
     (["--anchor", "ANCHOR"], ["--anchor-weight"]),
     (["--anchor", "ABSENT", "--anchor-weight", "1"], ["no model file"]),
+    (["--anchor", "ANCHOR", "ABSENT", "--anchor-weight", "1"], ["no model file", "ABSENT"]),
     (["--anchor", "OTHER-LABELS", "--anchor-weight", "1"], ["other labels"]),
     (["--anchor", "OTHER-CONTEXT", "--anchor-weight", "1"], ["another context"]),
 ])
