@@ -77,22 +77,32 @@ def accuracy_report(truth: list[str], predicted: list[str], labels) -> dict:
     }
 
 
-def evaluate(model: MGRADE, data, split: str = "testing", seed: int = 0, rounding: bool = True) -> dict:
-    labels = model.cfg.labels
+def evaluate(model: "MGRADE | list[MGRADE]", data, split: str = "testing", seed: int = 0,
+             rounding: bool = True) -> dict:
+    """The report of one model, or of several as an ensemble: the average of their logits (what
+    `kws train --anchor` with several models learns from). The Gaussian-taps comparison
+    (`rounding`) is one model's."""
+    models = model if isinstance(model, list) else [model]
+    labels = models[0].cfg.labels
     missing = [w for w in WORDS + (BACKGROUND,) if w not in labels]
     if missing:
         raise KwsError(f"the model does not know these labels: {', '.join(missing)}")
+    if any(m.cfg.labels != labels for m in models[1:]):
+        raise KwsError("an ensemble's models must read the same labels in the same order")
     audio, truth = split_audio(data, split, seed)
-    model.eval()
-    logits = clip_logits(model, audio)
+    for m in models:
+        m.eval()
+    logits = torch.stack([clip_logits(m, audio) for m in models]).mean(0)
     predicted = [labels[i] for i in logits.argmax(-1).tolist()]
     report = accuracy_report(truth, predicted, labels)
     confusion = report.pop("confusion")
-    result = {"split": split, **report, "parameters": parameter_count(model),
-              "footprint_bytes": footprint_bytes(model), "labels": list(labels), "confusion": confusion}
-    if rounding:
+    result = {"split": split, **report, "models": len(models),
+              "parameters": sum(parameter_count(m) for m in models),
+              "footprint_bytes": sum(footprint_bytes(m) for m in models), "labels": list(labels),
+              "confusion": confusion}
+    if rounding and len(models) == 1:
         n = report["clips"]
-        result["rounding"] = rounding_effect(model, audio[:n], logits[:n], truth[:n])
+        result["rounding"] = rounding_effect(models[0], audio[:n], logits[:n], truth[:n])
     return result
 
 
@@ -150,7 +160,8 @@ def plot_confusion(result: dict, path: Path):
 
 
 def print_report(result: dict):
-    print(f"{result['split']} split: {result['clips']} word clips, {result['silence_clips']} silence clips")
+    print(f"{result['split']} split: {result['clips']} word clips, {result['silence_clips']} silence clips"
+          + (f", an ensemble of {result['models']} models" if result["models"] > 1 else ""))
     print(f"  35-word accuracy      {result['accuracy']:.4f}")
     print(f"  17 well-covered words {result['accuracy_well_covered']:.4f}")
     print(f"  23 scarce words       {result['accuracy_scarce']:.4f}")
@@ -172,8 +183,8 @@ def run(args):
 
     if args.confusion:
         pyplot()  # without matplotlib, say so before the evaluation rather than after it
-    model = load(args.model)
-    result = evaluate(model, args.data, args.split, seed=args.seed, rounding=not args.no_rounding)
+    models = [load(path) for path in args.model] if args.model else [load()]
+    result = evaluate(models, args.data, args.split, seed=args.seed, rounding=not args.no_rounding)
     if args.confusion:
         plot_confusion(result, Path(args.confusion))
     if args.json:
@@ -186,8 +197,9 @@ def run(args):
 
 def register(sub):
     p = sub.add_parser("eval", help="clip accuracy on a Speech Commands split")
-    p.add_argument("--model", help="PyTorch checkpoint (.pt; default: $KWS_MODEL or the "
-                   "shipped one)")
+    p.add_argument("--model", nargs="+", metavar="MODEL",
+                   help="PyTorch checkpoint (.pt; default: $KWS_MODEL or the shipped one); several: "
+                        "their ensemble (the average of their logits)")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
     p.add_argument("--split", default="testing", choices=["testing", "validation", "training"])
     p.add_argument("--confusion", metavar="PNG",

@@ -13,7 +13,7 @@ from kws.cli import main
 from kws.data import NOISE_DIR, load_clips, read_split
 from kws.labels import BACKGROUND, CORE_WORDS, LABELS, WORDS
 from kws.errors import KwsError
-from kws.evaluate import LABELS_12, SILENCE, UNKNOWN, evaluate, to_12
+from kws.evaluate import LABELS_12, SILENCE, UNKNOWN, accuracy_report, clip_logits, evaluate, split_audio, to_12
 from kws.model import MGRADE, footprint_bytes, load_model, preset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -129,7 +129,36 @@ def test_a_model_without_the_35_words_is_a_clear_error(speech_commands):
         evaluate(model, speech_commands.root)
 
 
+def test_several_models_are_evaluated_as_the_average_of_their_logits(speech_commands):
+    first, second = tiny_model(seed=1), tiny_model(seed=2)
+    audio, truth = split_audio(speech_commands.root, "testing")
+    logits = [clip_logits(m, audio) for m in (first, second)]
+    assert (logits[0].argmax(-1) != logits[1].argmax(-1)).any()  # else any one of them would pass
+    average = ((logits[0] + logits[1]) / 2).argmax(-1).tolist()
+    expected = accuracy_report(truth, [LABELS[i] for i in average], LABELS)
+    result = evaluate([first, second], speech_commands.root, "testing")
+    assert result["confusion"] == expected["confusion"] and result["accuracy"] == expected["accuracy"]
+    assert result["models"] == 2 and "rounding" not in result  # the taps comparison is one model's
+    assert result["footprint_bytes"] == footprint_bytes(first) + footprint_bytes(second)
+
+
+def test_an_ensemble_of_models_with_other_labels_is_a_clear_error(speech_commands):
+    reordered = MGRADE(preset("edge", LABELS[::-1], n_layers=1, width=8, frontend_filters=8))
+    with pytest.raises(KwsError, match="same labels"):
+        evaluate([tiny_model(), reordered], speech_commands.root)
+
+
 # ----------------------------------------------------------------------------- kws eval
+
+def test_kws_eval_with_several_models_reports_their_ensemble(speech_commands, tiny_model_path, tmp_path, capsys):
+    from kws.model import save_model
+
+    save_model(tiny_model(seed=3), tmp_path / "other.pt")
+    code = main(["eval", "--model", str(tiny_model_path), str(tmp_path / "other.pt"),
+                 "--data", str(speech_commands.root), "--json"])
+    result = strict_json(capsys.readouterr().out)
+    assert code == 0 and result["models"] == 2 and "rounding" not in result
+    assert result["footprint_bytes"] == footprint_bytes(tiny_model()) + footprint_bytes(tiny_model(seed=3))
 
 def test_kws_eval_json_prints_one_object_and_writes_a_confusion_png(
         speech_commands, tiny_model_path, tmp_path, capsys):
