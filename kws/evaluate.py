@@ -163,8 +163,9 @@ def print_report(result: dict):
     print(f"{result['split']} split: {result['clips']} word clips, {result['silence_clips']} silence clips"
           + (f", an ensemble of {result['models']} models" if result["models"] > 1 else ""))
     print(f"  35-word accuracy      {result['accuracy']:.4f}")
-    print(f"  17 well-covered words {result['accuracy_well_covered']:.4f}")
-    print(f"  23 scarce words       {result['accuracy_scarce']:.4f}")
+    well, scarce = len(WELL_COVERED), len(WORDS) - len(WELL_COVERED)
+    print(f"  {well} well-covered words {result['accuracy_well_covered']:.4f}")
+    print(f"  {scarce} scarce words       {result['accuracy_scarce']:.4f}")
     print(f"  12-class protocol     {result['accuracy_12']:.4f}")
     print(f"  silence as background {result['silence_accuracy']:.4f}")
     if "rounding" in result:

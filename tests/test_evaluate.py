@@ -181,6 +181,7 @@ def test_kws_eval_prints_a_readable_report(speech_commands, tiny_model_path, cap
     out = capsys.readouterr().out
     assert code == 0
     assert "35-word accuracy" in out and "12-class protocol" in out and "inference footprint" in out
+    assert "17 well-covered words" in out and "18 scarce words" in out
     assert f"n={speech_commands.labels('testing').count('yes')})" in out
 
 
