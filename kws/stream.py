@@ -60,6 +60,7 @@ from kws.runtime import StreamEngine
 DEFAULT_THRESHOLD = 0.993
 DEFAULT_WINDOW_S = 1.0  # logits averaged over the last second: the training clip length
 DEFAULT_REFRACTORY_S = 1.0  # after a detection, silence for this long
+DEFAULT_LONG_WINDOW_S = 0.0
 # A candidate is reported at its peak, at most this long after crossing: each 0.05 s adds about
 # 40 ms to the median latency on the validation streams (the target is 200 ms in all).
 DEFAULT_PEAK_WAIT_S = 0.05
@@ -87,18 +88,27 @@ class Detector:
     on running speech at any threshold (see the model card), so they are opt-in.
     peak_wait_s: how long after crossing its threshold a word may still be rising before it is
     reported (its peak score so far).
+    long_window_s: 0 for none; else a word's score is the lower of its probability over the last
+    window_s and over the last long_window_s, so that a word must hold its score over a longer
+    stretch too: brief word-like moments in running talk score lower (see the model card).
     """
 
     def __init__(self, engine, threshold: "float | dict[str, float] | None" = None,
                  words: Iterable[str] | None = None, window_s: float = DEFAULT_WINDOW_S,
                  refractory_s: float = DEFAULT_REFRACTORY_S,
-                 peak_wait_s: float = DEFAULT_PEAK_WAIT_S):
+                 peak_wait_s: float = DEFAULT_PEAK_WAIT_S,
+                 long_window_s: float = DEFAULT_LONG_WINDOW_S):
         if hasattr(engine, "inference_arrays"):
             engine = StreamEngine.from_model(engine)
         self.engine = engine
         self.labels = tuple(engine.labels)
         self.stride = engine.stride
         self.window_steps = max(1, round(window_s * SAMPLE_RATE / self.stride))
+        if long_window_s and long_window_s <= window_s:
+            raise KwsError(f"the long window ({long_window_s:g} s) must be longer than the "
+                           f"window ({window_s:g} s), or 0 for none")
+        self.long_window_steps = round(long_window_s * SAMPLE_RATE / self.stride) if long_window_s else 0
+        self.full_steps = max(self.window_steps, self.long_window_steps)
         self.refractory_steps = max(0, round(refractory_s * SAMPLE_RATE / self.stride))
         self.peak_wait_steps = max(0, round(peak_wait_s * SAMPLE_RATE / self.stride))
         self._thresholds = self._threshold_per_label(threshold, words)
@@ -145,11 +155,11 @@ class Detector:
         starts from the same state), an empty score window, time 0."""
         self.state = self.engine.start_state()
         n = len(self.labels)
-        self._recent = np.zeros((self.window_steps, n))  # last W logits, oldest first
-        self._window_sum = np.zeros(n)  # their sum
+        self._window = _RunningMean(self.window_steps, n)
+        self._long_window = _RunningMean(self.long_window_steps, n) if self.long_window_steps else None
         self._steps = 0
         self._samples = 0
-        self._quiet_until = self.window_steps - 1  # first step that may fire: the window is full
+        self._quiet_until = self.full_steps - 1  # first step that may fire: the windows are full
         self._armed = np.ones(n, dtype=bool)  # a word re-arms when its score falls below threshold
         self._candidate: _Candidate | None = None  # a word above threshold, not yet reported
         self._probs = np.zeros(n)
@@ -191,35 +201,18 @@ class Detector:
         return found
 
     def _smoothed_probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """softmax(mean of the last window_steps logits) at every new step, (n, n_classes).
-        At the start of a stream the window holds only the steps seen so far."""
-        W, n = self.window_steps, len(logits)
-        seq = np.concatenate((self._recent, logits))  # rows not yet seen are zeros: they add nothing
-        # Each new step's window sum: the last one's, plus the row it gains, minus the row it
-        # loses. Summed afresh once per window, so rounding cannot build up over an endless stream.
-        sums = np.subtract(seq[W:], seq[:n])
-        np.add.accumulate(sums, axis=0, out=sums)
-        sums += self._window_sum
-        self._recent = seq[n:]
-        if (self._steps + n) // W > self._steps // W:
-            self._window_sum = np.add.reduce(self._recent, axis=0)
-        else:
-            self._window_sum = sums[-1]
-        if self._steps + 1 >= W:
-            means = sums * (1.0 / W)
-        else:
-            means = sums / np.minimum(np.arange(self._steps + 1, self._steps + n + 1), W)[:, None]
-        # ufunc reductions: the ndarray methods' Python wrappers cost as much as the work here
-        means -= np.maximum.reduce(means, axis=1, keepdims=True)
-        e = np.exp(means, out=means)
-        e /= np.add.reduce(e, axis=1, keepdims=True)
-        return e
+        """Each new step's scores, (n, n_classes): softmax of the mean of the last window_s of
+        logits, and with a long window the lower of that and the same over long_window_s."""
+        probs = _softmax(self._window.means(logits))
+        if self._long_window is not None:
+            np.minimum(probs, _softmax(self._long_window.means(logits)), out=probs)
+        return probs
 
     def flush(self) -> list[Detection]:
         """End the stream: feed silence until a word at the very end has passed through the
         score window and been reported. Detections made in the silence are dated at the end of
         the audio; `time_s` stays there too. Call `reset()` before feeding another stream."""
-        silence = np.zeros((self.window_steps + self.peak_wait_steps + 1) * self.stride,
+        silence = np.zeros((self.full_steps + self.peak_wait_steps + 1) * self.stride,
                            np.float32)
         self.last_logits, self.state = self.engine.stream(silence, self.state)
         found = self.process_logits(self.last_logits, last=True)
@@ -279,6 +272,46 @@ class Detector:
         self._quiet_until = step + 1 + self.refractory_steps
         return Detection(time_s=(step + 1) * self.stride / SAMPLE_RATE, label=self.labels[c.label],
                          score=c.peak)
+
+
+class _RunningMean:
+    """The mean of the last `steps` rows at every new row, in a fixed-size buffer. At the start
+    of a stream the mean runs over the rows seen so far."""
+
+    def __init__(self, steps: int, n_classes: int):
+        self.steps = steps
+        self._recent = np.zeros((steps, n_classes))  # last `steps` rows, oldest first
+        self._sum = np.zeros(n_classes)  # their sum
+        self._seen = 0
+
+    def means(self, rows: np.ndarray) -> np.ndarray:
+        W, n = self.steps, len(rows)
+        seq = np.concatenate((self._recent, rows))  # rows not yet seen are zeros: they add nothing
+        # Each new row's window sum: the last one's, plus the row it gains, minus the row it
+        # loses. Summed afresh once per window, so rounding cannot build up over an endless stream.
+        sums = np.subtract(seq[W:], seq[:n])
+        np.add.accumulate(sums, axis=0, out=sums)
+        sums += self._sum
+        self._recent = seq[n:]
+        if (self._seen + n) // W > self._seen // W:
+            self._sum = np.add.reduce(self._recent, axis=0)
+        else:
+            self._sum = sums[-1]
+        if self._seen + 1 >= W:
+            means = sums * (1.0 / W)  # a new array: self._sum is a row of sums
+        else:
+            means = sums / np.minimum(np.arange(self._seen + 1, self._seen + n + 1), W)[:, None]
+        self._seen += n
+        return means
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, in place. ufunc reductions: the ndarray methods' Python wrappers cost
+    as much as the work here."""
+    x -= np.maximum.reduce(x, axis=1, keepdims=True)
+    np.exp(x, out=x)
+    x /= np.add.reduce(x, axis=1, keepdims=True)
+    return x
 
 
 @dataclass

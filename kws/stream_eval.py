@@ -43,9 +43,9 @@ from kws.labels import WELL_COVERED
 from kws.errors import KwsError
 from kws.runtime import StreamEngine
 from kws.speech import SPEECH, default_cache, spoken
-from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_PEAK_WAIT_S, DEFAULT_REFRACTORY_S,
-                        DEFAULT_THRESHOLD, DEFAULT_WINDOW_S, Detection, Detector,
-                        parse_threshold, parse_words, reported_words)
+from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_LONG_WINDOW_S, DEFAULT_PEAK_WAIT_S,
+                        DEFAULT_REFRACTORY_S, DEFAULT_THRESHOLD, DEFAULT_WINDOW_S, Detection,
+                        Detector, parse_threshold, parse_words, reported_words)
 
 SLOT_S = (3.0, 6.0)
 KEYWORD_FREE_SLOTS = 0.2  # noise only
@@ -297,10 +297,10 @@ def score(detections: list[Detection], placements: list[Placement], words, secon
 
 
 def replay(model, run: StreamRun, words, threshold, window_s: float, refractory_s: float,
-           peak_wait_s: float) -> list[Detection]:
+           peak_wait_s: float, long_window_s: float = DEFAULT_LONG_WINDOW_S) -> list[Detection]:
     """The detections a Detector with these settings makes on the run's recorded logits."""
     detector = Detector(model, threshold=threshold, words=words, window_s=window_s,
-                        refractory_s=refractory_s, peak_wait_s=peak_wait_s)
+                        refractory_s=refractory_s, peak_wait_s=peak_wait_s, long_window_s=long_window_s)
     return [Detection(min(d.time_s, run.seconds), d.label, d.score)  # dated as flush() dates them
             for d in detector.process_logits(run.logits, last=True)]
 
@@ -310,12 +310,13 @@ DET_KEYS = ("recall", "substitution_rate", "false_alarms_per_hour",
 
 
 def det_curve(model, runs: list[StreamRun], words, window_s: float, refractory_s: float,
-              peak_wait_s: float, thresholds=DET_THRESHOLDS) -> list[dict]:
+              peak_wait_s: float, thresholds=DET_THRESHOLDS,
+              long_window_s: float = DEFAULT_LONG_WINDOW_S) -> list[dict]:
     """The pooled error rates of the runs at each threshold, replaying their recorded logits."""
     points = []
     for t in thresholds:
         tally = sum((score(replay(model, run, words, float(t), window_s, refractory_s,
-                                  peak_wait_s), run.placements, words, run.seconds)
+                                  peak_wait_s, long_window_s), run.placements, words, run.seconds)
                      for run in runs), Tally())
         summary = tally.summary()
         points.append({"threshold": float(t), **{k: summary[k] for k in DET_KEYS}})
@@ -332,7 +333,7 @@ def operating_point(points: list[dict], max_false_alarms_per_hour: float = MAX_F
 
 
 def choose_thresholds(model, runs: list[StreamRun], words, window_s: float, refractory_s: float,
-                      peak_wait_s: float, grid=CHOICE_GRID,
+                      peak_wait_s: float, grid=CHOICE_GRID, long_window_s: float = DEFAULT_LONG_WINDOW_S,
                       max_false_alarms_per_hour: float = MAX_FALSE_ALARMS_PER_HOUR,
                       max_substitution_rate: float = MAX_SUBSTITUTION_RATE) -> dict | None:
     """Per-word thresholds for `words` with the highest recall within both limits on the runs,
@@ -346,7 +347,7 @@ def choose_thresholds(model, runs: list[StreamRun], words, window_s: float, refr
     highest recall within the limits is returned, with its pooled rates."""
     def replayed(threshold, only=None) -> Tally:
         return sum((score(replay(model, run, only or words, threshold, window_s, refractory_s,
-                                 peak_wait_s), run.placements, words, run.seconds)
+                                 peak_wait_s, long_window_s), run.placements, words, run.seconds)
                     for run in runs), Tally())
 
     alone = {w: {t: replayed(t, [w]) for t in grid} for w in words}
@@ -489,7 +490,7 @@ def _state_max(detector: Detector) -> float:
 
 
 def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], words, threshold,
-             window_s: list[float], refractory_s: float, peak_wait_s: float,
+             window_s: list[float], refractory_s: float, peak_wait_s: float, long_window_s: float,
              det_png: Path | None, speech_cache: Path | None, choose: bool = False) -> dict:
     """One stream per seed through a Detector with the first readout window, scored together;
     the DET curve and operating point of every window in `window_s`, from the same logits;
@@ -502,7 +503,8 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
     runs = []
     for seed in seeds:
         detector = Detector(engine, threshold=threshold, words=words, window_s=window_s[0],
-                            refractory_s=refractory_s, peak_wait_s=peak_wait_s)
+                            refractory_s=refractory_s, peak_wait_s=peak_wait_s,
+                            long_window_s=long_window_s)
         runs.append(run_stream(detector, stream_slots(clips, noise, minutes * 60, seed,
                                                       speech_cache=speech_cache),
                                record_logits=True))
@@ -510,15 +512,16 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
     result = sum(tallies, Tally()).summary()
     readouts = []
     for w in window_s:
-        points = det_curve(engine, runs, words, w, refractory_s, peak_wait_s)
+        points = det_curve(engine, runs, words, w, refractory_s, peak_wait_s,
+                           long_window_s=long_window_s)
         readouts.append({"window_s": w, "operating_point": operating_point(points),
                          "det_curve": points})
     used = detector.thresholds
     result.update({
         "split": split, "minutes": sum(r.seconds for r in runs) / 60, "seeds": list(seeds),
         "threshold": used.popitem()[1] if len(set(used.values())) == 1 else used,
-        "window_s": window_s[0], "refractory_s": refractory_s, "peak_wait_s": peak_wait_s,
-        "words": list(words),
+        "window_s": window_s[0], "long_window_s": long_window_s, "refractory_s": refractory_s,
+        "peak_wait_s": peak_wait_s, "words": list(words),
         "real_time_factor": sum(r.compute_seconds for r in runs) / sum(r.seconds for r in runs),
         "per_seed": [{"seed": seed, **{k: t.summary()[k] for k in DET_KEYS}}
                      for seed, t in zip(seeds, tallies)],
@@ -531,7 +534,8 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
         result["readouts"] = readouts
     if choose:
         result["chosen_thresholds"] = choose_thresholds(engine, runs, words, window_s[0],
-                                                        refractory_s, peak_wait_s)
+                                                        refractory_s, peak_wait_s,
+                                                        long_window_s=long_window_s)
     result.update(clip_accuracy(model, clips, seeds[0]))
     if det_png:
         write_png(det_png, det_image(result["det_curve"], result),
@@ -543,6 +547,7 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
 
 def long_run_check(model, data: Path, split: str, minutes: float, seeds: list[int], words,
                    threshold, window_s: list[float], refractory_s: float, peak_wait_s: float,
+                   long_window_s: float,
                    speech_cache: Path | None, compare_minutes: float) -> dict:
     """One stream of `minutes`: the same `compare_minutes` of audio at its start and its end,
     other audio between. Passes when memory stays within 5 MB after the first compare window
@@ -567,7 +572,7 @@ def long_run_check(model, data: Path, split: str, minutes: float, seeds: list[in
     for _ in slots():
         pass
     detector = Detector(model, threshold=threshold, words=words, window_s=window_s[0],
-                        refractory_s=refractory_s, peak_wait_s=peak_wait_s)
+                        refractory_s=refractory_s, peak_wait_s=peak_wait_s, long_window_s=long_window_s)
     memory, state_max = [], []
 
     def watch(d: Detector):
@@ -664,7 +669,7 @@ def eval_stream(args) -> int:
     common = dict(model=model, data=Path(args.data), split=args.split, minutes=args.minutes,
                   seeds=args.seed, words=words, threshold=args.threshold,
                   window_s=args.window_s, refractory_s=args.refractory_s,
-                  peak_wait_s=args.peak_wait_s,
+                  peak_wait_s=args.peak_wait_s, long_window_s=args.long_window_s,
                   speech_cache=Path(args.speech_cache) if args.speech_cache else None)
     if args.long_run_check:
         result = long_run_check(**common, compare_minutes=args.compare_minutes)
@@ -694,7 +699,8 @@ def _write_thresholds(path: str, result: dict, model: str) -> int:
         return 1
     record = {"thresholds": chosen["thresholds"], "model": model,
               "chosen_on": {k: result[k] for k in ("split", "minutes", "seeds", "words", "window_s",
-                                                   "refractory_s", "peak_wait_s", "limits")},
+                                                   "long_window_s", "refractory_s", "peak_wait_s",
+                                                   "limits")},
               "result": {k: v for k, v in chosen.items() if k != "thresholds"}}
     out = Path(path)
     tmp = out.with_name(out.name + ".tmp")
@@ -742,6 +748,9 @@ def register(sub):
                    default=[DEFAULT_WINDOW_S], help=f"seconds of logits averaged into a score "
                    f"({DEFAULT_WINDOW_S:g}); more than one, e.g. 1,0.5: the first runs, each "
                    "gets a DET curve and operating point from the same logits")
+    p.add_argument("--long-window-s", type=float, default=DEFAULT_LONG_WINDOW_S,
+                   help="0 for none; else a word's score is the lower of its score over the window "
+                        f"and over this many seconds ({DEFAULT_LONG_WINDOW_S:g})")
     p.add_argument("--refractory-s", type=float, default=DEFAULT_REFRACTORY_S)
     p.add_argument("--peak-wait-s", type=float, default=DEFAULT_PEAK_WAIT_S,
                    help=f"how long a detection may wait for its score's peak ({DEFAULT_PEAK_WAIT_S:g})")

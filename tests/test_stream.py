@@ -158,6 +158,40 @@ def test_smoothing_window_length_changes_when_a_word_is_confident_enough():
     assert [d.label for d in detect(ScriptedModel(), audio, threshold=0.8, window_s=0.3)] == ["yes"]
 
 
+def test_a_long_window_keeps_a_sustained_word_and_drops_a_brief_one():
+    """With the 1-s window alone, 0.9 s and 0.7 s of a word both reach 0.8 (0.97 and 0.86);
+    over 1.25 s the brief one scores 0.57, so with the long window only the sustained one fires."""
+    sustained = script((BACKGROUND, 2.0), ("yes", 0.9), (BACKGROUND, 2.0))
+    brief = script((BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 2.0))
+    for audio in (sustained, brief):
+        assert [d.label for d in detect(ScriptedModel(), audio, threshold=0.8)] == ["yes"]
+    [found] = detect(ScriptedModel(), sustained, threshold=0.8, long_window_s=1.25, peak_wait_s=0.5)
+    assert found.label == "yes" and found.score == pytest.approx(0.88, abs=0.01)
+    assert detect(ScriptedModel(), brief, threshold=0.8, long_window_s=1.25) == []
+
+
+def test_with_a_long_window_scores_are_the_lower_of_the_two_windows_softmax():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (400, len(LABELS))).astype(np.float32)
+    detector, seen = Detector(ScriptedModel(), window_s=0.5, long_window_s=1.25), 0
+
+    def softmax_of_mean(rows):
+        mean = rows.astype(np.float64).mean(axis=0)
+        return np.exp(mean - mean.max()) / np.exp(mean - mean.max()).sum()
+
+    for n in [1, 7, 30, 2, 100, 60, 200]:
+        detector.process_logits(logits[seen:seen + n])
+        seen += n
+        expected = np.minimum(softmax_of_mean(logits[max(0, seen - 50):seen]),
+                              softmax_of_mean(logits[max(0, seen - 125):seen]))
+        np.testing.assert_allclose(list(detector.scores.values()), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_long_window_no_longer_than_the_window_is_a_user_error():
+    with pytest.raises(KwsError, match="longer than the window"):
+        Detector(ScriptedModel(), window_s=1.0, long_window_s=0.8)
+
+
 def rising_and_falling(word_logits: dict[str, list[float]], before: int = 10,
                        after: int = 10) -> np.ndarray:
     """Per-step logits: background, then each word's logit per step (others 0), then
