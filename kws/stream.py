@@ -8,7 +8,8 @@ A `Detector` feeds audio of any length to a stream engine (kws.runtime, the NumP
 - score: softmax of the mean of the last `window_s` seconds of per-step logits. That is the
   training readout (cross-entropy on the mean logits of a 1-s clip), so the scores mean what
   they meant in training, and the background class ("_background_") makes silence and noise
-  score low for every word without a separate energy gate;
+  score low for every word without a separate energy gate. With `long_window_s`, the lower of
+  that and the same over the longer window (off by default; see the model card);
 - a word becomes a candidate when its score (background excluded) reaches its threshold, once
   the window has filled: in the first `window_s` of a stream the model has had less context than
   in training (0.5 s before every clip) and the mean runs over fewer steps, and word scores
