@@ -333,7 +333,8 @@ def operating_point(points: list[dict], max_false_alarms_per_hour: float = MAX_F
 
 
 def choose_thresholds(model, runs: list[StreamRun], words, window_s: float, refractory_s: float,
-                      peak_wait_s: float, grid=CHOICE_GRID, long_window_s: float = DEFAULT_LONG_WINDOW_S,
+                      peak_wait_s: float, grid=CHOICE_GRID,
+                      long_window_s: float = DEFAULT_LONG_WINDOW_S,
                       max_false_alarms_per_hour: float = MAX_FALSE_ALARMS_PER_HOUR,
                       max_substitution_rate: float = MAX_SUBSTITUTION_RATE) -> dict | None:
     """Per-word thresholds for `words` with the highest recall within both limits on the runs,
