@@ -28,11 +28,11 @@ single 1-s clip, is still reported.
 
 State over an endless stream. Everything the detector keeps has a fixed size: the model's stream
 state (unconsumed audio, a delay line of `delay_window - 1` steps and one hidden vector per
-layer) and the last `window_s` seconds of logits in a fixed-size buffer. No reset is needed to
-keep the recurrence healthy: the minGRU hidden state is a convex combination of the previous
-state and a positive candidate, h_t = (1 - z_t) h_{t-1} + z_t g(.), so it stays between 0 and
-the largest candidate seen and cannot drift or blow up; the delay line forgets everything older
-than `delay_window` steps. The model is trained with 0.5 s of unrelated audio before every
+layer) and the last `window_s` (or `long_window_s`) seconds of logits in fixed-size buffers.
+No reset is needed to keep the recurrence healthy: the minGRU hidden state is a convex
+combination of the previous state and a positive candidate, h_t = (1 - z_t) h_{t-1} + z_t g(.),
+so it stays between 0 and the largest candidate seen and cannot drift or blow up; the delay line
+forgets everything older than `delay_window` steps. The model is trained with 0.5 s of unrelated audio before every
 clip and the state carried through it, so it expects arbitrary prior state rather than zeros;
 a stream starts from the state 0.5 s of silence leaves.
 `kws eval-stream --long-run-check` verifies this on an hour of audio (memory flat, recall and
