@@ -90,10 +90,11 @@ class Service:
         self.metrics = prometheus_registry(self.stats)
         self.memory = RssHistory()
         self.detector_options = {"threshold": settings.threshold, "words": settings.words}
-        thresholds = Detector(engine, **self.detector_options).thresholds
-        values = set(thresholds.values())
+        detector = Detector(engine, **self.detector_options)
+        thresholds, values = detector.thresholds, set(detector.thresholds.values())
         self.detector_settings = DetectorSettings(
-            threshold=values.pop() if len(values) == 1 else thresholds, words=list(thresholds))
+            threshold=values.pop() if len(values) == 1 else thresholds, words=list(thresholds),
+            long_window_s=detector.long_window_s)
 
     def listener_state(self) -> Listener:
         if self.listener is not None:

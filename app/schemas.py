@@ -82,6 +82,10 @@ class DetectorSettings(BaseModel):
     threshold: float | dict[str, float] = Field(
         description="one probability for every word, or a probability per word")
     words: list[str] = Field(description="the words reported")
+    long_window_s: float = Field(
+        description="0: a word's score is its probability over the last second; else the lower "
+        "of that and its probability over this many seconds (the model's own readout, the one "
+        "its thresholds were chosen with)")
 
 
 class Health(BaseModel):

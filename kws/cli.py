@@ -80,6 +80,7 @@ def model_info(engine) -> dict:
     return {
         "config": engine.description["model"],
         "thresholds": engine.thresholds,
+        "long_window_s": engine.long_window_s,
         "license": engine.license,
         "parameters": engine.parameters,
         "parameter_bytes": engine.parameter_bytes,
@@ -94,12 +95,15 @@ def info(args):
         print(json.dumps(info))
         return
     cfg, thresholds, weights_license = info.pop("config"), info.pop("thresholds"), info.pop("license")
+    long_window_s = info.pop("long_window_s")
     for key, value in cfg.items():
         if key != "labels":
             print(f"{key:>18}: {value}")
     print(f"{'labels':>18}: {len(cfg['labels'])} ({', '.join(cfg['labels'])})")
     print(f"{'thresholds':>18}: " + (", ".join(f"{w} {t:g}" for w, t in thresholds.items())
                                      if thresholds else "none of its own (the default for every word)"))
+    print(f"{'long window':>18}: " + (f"{long_window_s:g} s (a word's score is the lower of its "
+                                      f"1-s and {long_window_s:g}-s scores)" if long_window_s else "none"))
     print(f"{'license':>18}: {weights_license}")
     for key, value in info.items():
         print(f"{key:>18}: {value:,}")

@@ -2,16 +2,20 @@
 `kws info` load (OUT.npz, format: kws.runtime), an ONNX graph of one streaming step with
 its state as explicit inputs and outputs (OUT.onnx), for C++, phones and browsers, or a copy
 of the checkpoint (OUT.pt). `--thresholds` sets the model's per-word detection thresholds
-(what `kws eval-stream --choose-thresholds` chose on validation streams) in whichever it writes:
-the Detector's defaults wherever the model goes.
+(what `kws eval-stream --choose-thresholds` chose on validation streams) and the long readout
+window they were chosen with in whichever it writes: the Detector's defaults wherever the
+model goes.
 
 The ONNX graph takes `audio`, exactly `steps` x stride new samples (batch 1), and the state:
 `audio_state` (the last frontend_kernel - stride samples), then per layer `line_i` (delay line)
 and `hidden_i` (minGRU). It returns `logits` (1, steps, classes) and the new state under the
 same names + "_out". Its metadata (`kws.labels`, `kws.stride`, `kws.steps`, `kws.thresholds`,
-`kws.license`, `kws.start_state`: JSON) holds what a caller needs, the start state being what
-`clip_context_s` of silence leaves. The shapes are fixed, so tracing `model.stream` records
-exactly one path: the delay taps and the step-by-step recurrence for `steps` steps.
+`kws.long_window_s`, `kws.license`, `kws.start_state`: JSON) holds what a caller needs. The
+readout (kws.stream) is the softmax of the mean logits of the last second; with a long window
+of S > 0 seconds, a word's score is the lower of that and the same over the last S seconds. The
+start state is what `clip_context_s` of silence leaves. The shapes are fixed, so tracing
+`model.stream` records exactly one path: the delay taps and the step-by-step recurrence for
+`steps` steps.
 
 The export checks itself: the file is read back (the ONNX one by onnxruntime) and must give
 the checkpoint's `model.stream` logits on a few seconds of seeded test audio within
@@ -106,7 +110,7 @@ def export_onnx(model, out, steps: int = ONNX_STEPS):
     onnx.helper.set_model_props(proto, {
         "kws.labels": json.dumps(list(model.cfg.labels)), "kws.stride": str(model.cfg.stride),
         "kws.steps": str(steps), "kws.thresholds": json.dumps(model.thresholds),
-        "kws.license": model.license,
+        "kws.long_window_s": str(model.long_window_s), "kws.license": model.license,
         "kws.start_state": json.dumps({n: t[0].tolist() for n, t in zip(names, start)})})
     onnx.save(proto, str(out))
 
@@ -136,25 +140,29 @@ class OnnxStream:
         return outputs[0][0], dict(zip(self.names, outputs[1:]))
 
 
-def export(checkpoint, out, steps: int = ONNX_STEPS, thresholds: dict | None = None) -> float:
+def export(checkpoint, out, steps: int = ONNX_STEPS, thresholds: dict | None = None,
+           long_window_s: float = 0.0) -> float:
     """Write `out` (.npz, .onnx, or .pt) from `checkpoint`, with `thresholds` as the model's
-    per-word detection thresholds if given (else the checkpoint's own, if it has them); returns
-    the checked difference in logits."""
+    per-word detection thresholds and `long_window_s` as the long window they were chosen with,
+    if given (else the checkpoint's own, if it has them); returns the checked difference in
+    logits."""
     from kws.cli import load
-    from kws.labels import threshold_problem
+    from kws.labels import long_window_problem, threshold_problem
     from kws.runtime import StreamEngine, load_engine, save_engine
 
     model = load(checkpoint)  # first: without torch, this is the error that says how to get it
     if thresholds is not None:
-        problem = threshold_problem(thresholds, model.cfg.labels)
+        problem = (threshold_problem(thresholds, model.cfg.labels)
+                   or long_window_problem(long_window_s))
         if problem:
             raise KwsError(problem)
-        model.thresholds = dict(thresholds)
+        model.thresholds, model.long_window_s = dict(thresholds), float(long_window_s)
     if Path(out).suffix == ".pt":
         from kws.model import read_checkpoint, save_model
 
         meta = read_checkpoint(checkpoint)[2]
-        save_model(model, out, {**meta, "thresholds": model.thresholds, "license": model.license})
+        save_model(model, out, {**meta, "thresholds": model.thresholds,
+                                "long_window_s": model.long_window_s, "license": model.license})
         difference = stream_difference(model, StreamEngine.from_model(load(out)), check_audio())
     elif Path(out).suffix == ".onnx":
         export_onnx(model, out, steps)
@@ -170,12 +178,15 @@ def export(checkpoint, out, steps: int = ONNX_STEPS, thresholds: dict | None = N
 
 
 def run(args):
-    from kws.stream import read_thresholds
+    from kws.stream import read_chosen_long_window, read_thresholds
 
     if args.steps < 1:
         raise KwsError(f"--steps must be positive, got {args.steps}")
-    thresholds = read_thresholds(args.thresholds) if args.thresholds else None
-    difference = export(args.checkpoint, args.out, args.steps, thresholds)
+    thresholds, long_window_s = None, 0.0
+    if args.thresholds:
+        thresholds = read_thresholds(args.thresholds)
+        long_window_s = read_chosen_long_window(args.thresholds)
+    difference = export(args.checkpoint, args.out, args.steps, thresholds, long_window_s)
     print(f"kws export: wrote {args.out} (logits within {difference:.1e} of the checkpoint's)",
           file=sys.stderr)
 
@@ -188,12 +199,13 @@ def register(sub):
                        "named arrays and a JSON config, read without pickle), one streaming "
                        "step as ONNX with explicit state inputs and outputs (OUT.onnx), or a "
                        "copy of the checkpoint (OUT.pt), each with the model's per-word "
-                       "detection thresholds.")
+                       "detection thresholds and the long readout window they were chosen with.")
     p.add_argument("checkpoint", help="PyTorch checkpoint (.pt) from kws train")
     p.add_argument("out", help="file to write: .npz (what kws listen/serve load), .onnx, or .pt")
     p.add_argument("--thresholds", metavar="JSON", help="the per-word detection thresholds to "
-                   "store as the model's defaults (a file kws eval-stream --choose-thresholds "
-                   "wrote); without it, the checkpoint's own, if it has them")
+                   "store as the model's defaults, with the long window they were chosen with (a "
+                   "file kws eval-stream --choose-thresholds wrote); without it, the "
+                   "checkpoint's own, if it has them")
     p.add_argument("--steps", type=int, default=ONNX_STEPS,
                    help=f"ONNX: model steps per call, fixed in the graph ({ONNX_STEPS})")
     p.set_defaults(func=run)

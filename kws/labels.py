@@ -28,3 +28,11 @@ def threshold_problem(thresholds, labels) -> str | None:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
             return f"threshold for {word!r} is {t!r}; thresholds are probabilities in [0, 1]"
     return None
+
+
+def long_window_problem(seconds) -> str | None:
+    """What is wrong with a model's long readout window (`MGRADE.long_window_s`: seconds, 0 for
+    none), or None when it is fine."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0.0 <= seconds < 60.0:
+        return f"long window is {seconds!r}; it is seconds in [0, 60) (0 for none)"
+    return None

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from kws import PROJECT_LICENSE, license_problem
 from kws.errors import KwsError
-from kws.labels import threshold_problem
+from kws.labels import long_window_problem, threshold_problem
 
 CHECKPOINT_FORMAT = "kws-mgrade"
 CHECKPOINT_VERSION = 1
@@ -367,6 +367,10 @@ class MGRADE(nn.Module):
         # eval-stream --choose-thresholds`; kept in the checkpoint's meta): the Detector's
         # defaults. Empty for a model not tuned, which then uses kws.stream.DEFAULT_THRESHOLD.
         self.thresholds: dict[str, float] = {}
+        # The readout those thresholds were chosen with: a word's score is the lower of its
+        # probability over the last second and over this many seconds (0: the last second alone;
+        # kws.stream.Detector). It travels with the thresholds, in the meta and the model file.
+        self.long_window_s = 0.0
         # The licence of these weights (an SPDX id; kept in the checkpoint's meta).
         self.license = PROJECT_LICENSE
         self._primed, self._primed_key = None, None
@@ -481,6 +485,8 @@ class MGRADE(nn.Module):
                        "parameters": parameter_count(self), "license": self.license}
         if self.thresholds:
             description["thresholds"] = dict(self.thresholds)
+        if self.long_window_s:
+            description["long_window_s"] = self.long_window_s
         return description, arrays
 
     # -- training helpers
@@ -628,8 +634,8 @@ def _weight_mismatch(model: MGRADE, state_dict: dict) -> str:
 def average_models(paths: "list[str | Path]") -> tuple[MGRADE, dict]:
     """(model, meta): the uniform average of the weights of several fine-tunes of one model (a
     "model soup", Wortsman et al. 2022), with every tap at the rounded mean of its positions, an
-    integer delay as inference reads it. Per-word thresholds are not carried over: they belong to
-    one set of weights and are chosen again for the average."""
+    integer delay as inference reads it. Per-word thresholds and their long window are not carried
+    over: they belong to one set of weights and are chosen again for the average."""
     if len(paths) < 2:
         raise CheckpointError("averaging needs at least two checkpoints")
     checkpoints = [read_checkpoint(p) for p in paths]
@@ -650,7 +656,8 @@ def average_models(paths: "list[str | Path]") -> tuple[MGRADE, dict]:
     model = MGRADE(first.cfg)
     model.load_state_dict(average)
     model.license = first.license
-    sources = [{"path": str(p), **{k: v for k, v in meta.items() if k != "thresholds"}}
+    sources = [{"path": str(p), **{k: v for k, v in meta.items()
+                                   if k not in ("thresholds", "long_window_s")}}
                for p, (_, _, meta) in zip(paths, checkpoints)]
     return model.eval(), {"averaged": sources, "license": first.license}
 
@@ -661,7 +668,8 @@ def load_model(path: "str | Path") -> MGRADE:
 
 
 def _model_from(path: "str | Path", cfg: ModelConfig, state_dict: dict, meta: dict) -> MGRADE:
-    """The model of a checkpoint read by read_checkpoint, its weights, thresholds and licence checked."""
+    """The model of a checkpoint read by read_checkpoint, its weights, thresholds, long window and
+    licence checked."""
     try:
         model = MGRADE(cfg)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -675,6 +683,10 @@ def _model_from(path: "str | Path", cfg: ModelConfig, state_dict: dict, meta: di
     if problem:
         raise CheckpointError(f"{path}: {problem}")
     model.thresholds = dict(thresholds)
+    model.long_window_s = meta.get("long_window_s", 0.0)
+    problem = long_window_problem(model.long_window_s)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     model.license = meta.get("license", PROJECT_LICENSE)
     problem = license_problem(model.license)
     if problem:

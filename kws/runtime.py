@@ -6,8 +6,9 @@
 The file is a NumPy `.npz` archive read with `allow_pickle=False`: plain arrays named like the
 model's layers (Linear weights are (out, in), as in PyTorch), plus `config`, a JSON text that
 holds the model's config, the file format's name and version, the checkpoint's parameter
-count, and the model's per-word detection thresholds when it has them. NumPy reads it with
-nothing else installed; safetensors would add a dependency for the same result on a 1-MB file.
+count, and the model's per-word detection thresholds and the long readout window they were
+chosen with, when it has them. NumPy reads it with nothing else installed; safetensors would
+add a dependency for the same result on a 1-MB file.
 
 Arrays (H = width, F = front-end filters, K = frontend_kernel, W = delay_window, C = classes):
 frontend.weight (2F or H, K) [+ frontend.bias (H,) for the linear front end];
@@ -53,7 +54,7 @@ import numpy as np
 
 from kws import PROJECT_LICENSE, license_problem
 from kws.errors import KwsError
-from kws.labels import threshold_problem
+from kws.labels import long_window_problem, threshold_problem
 
 FORMAT = "kws-engine"
 VERSION = 1
@@ -110,8 +111,8 @@ class StreamState:
 class StreamEngine:
     """An MGRADE model in NumPy. `description`: {"model": the model's config, "layer_norm_eps",
     "parameters": the checkpoint's count, "license": its weights' licence (SPDX id; the
-    project's if absent), and "thresholds" when the model has its own per-word detection
-    thresholds}; `arrays`: the named arrays (see the module's docstring), as
+    project's if absent), and "thresholds" and "long_window_s" when the model has its own per-word
+    detection thresholds and readout}; `arrays`: the named arrays (see the module's docstring), as
     `MGRADE.inference_arrays()` gives them. The engine's arrays are read-only, so any number of
     streams share it, each with its own StreamState."""
 
@@ -130,6 +131,10 @@ class StreamEngine:
         if problem:
             raise ValueError(problem)
         self.thresholds = dict(thresholds)
+        self.long_window_s = description.get("long_window_s", 0.0)  # MGRADE.long_window_s
+        problem = long_window_problem(self.long_window_s)
+        if problem:
+            raise ValueError(problem)
         self.license = description.get("license", PROJECT_LICENSE)
         problem = license_problem(self.license)
         if problem:

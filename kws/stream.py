@@ -8,8 +8,11 @@ A `Detector` feeds audio of any length to a stream engine (kws.runtime, the NumP
 - score: softmax of the mean of the last `window_s` seconds of per-step logits. That is the
   training readout (cross-entropy on the mean logits of a 1-s clip), so the scores mean what
   they meant in training, and the background class ("_background_") makes silence and noise
-  score low for every word without a separate energy gate. With `long_window_s`, the lower of
-  that and the same over the longer window (off by default; see the model card);
+  score low for every word without a separate energy gate. With a long window (the model's
+  own, `engine.long_window_s`, the one its thresholds were chosen with; 1.25 s for the shipped
+  model), the lower of that and the same over the longer window: a word must hold its score for
+  longer, so brief word-like moments in running talk score lower (the model card's "A longer
+  second window");
 - a word becomes a candidate when its score (background excluded) reaches its threshold, once
   the window has filled: in the first `window_s` of a stream the model has had less context than
   in training (0.5 s before every clip) and the mean runs over fewer steps, and word scores
@@ -48,7 +51,7 @@ import numpy as np
 
 from kws.audio import SAMPLE_RATE
 from kws.errors import KwsError
-from kws.labels import BACKGROUND
+from kws.labels import BACKGROUND, long_window_problem
 from kws.runtime import StreamEngine
 
 # A word's threshold when its model has none of its own (the shipped model has one for each of
@@ -61,9 +64,6 @@ from kws.runtime import StreamEngine
 DEFAULT_THRESHOLD = 0.993
 DEFAULT_WINDOW_S = 1.0  # logits averaged over the last second: the training clip length
 DEFAULT_REFRACTORY_S = 1.0  # after a detection, silence for this long
-# Off: a model's thresholds belong to the readout they were chosen with, and the shipped ones
-# were chosen with the 1-s window alone (the model card's "A longer second window").
-DEFAULT_LONG_WINDOW_S = 0.0
 # A candidate is reported at its peak, at most this long after crossing: each 0.05 s adds about
 # 40 ms to the median latency on the validation streams (the target is 200 ms in all).
 DEFAULT_PEAK_WAIT_S = 0.05
@@ -94,22 +94,28 @@ class Detector:
     long_window_s: 0 for none; else a word's score is the lower of its probability over the last
     window_s and over the last long_window_s, so that a word must hold its score over a longer
     stretch too: brief word-like moments in running talk score lower (see the model card).
+    Default: the model's own (`engine.long_window_s`), the readout its thresholds were chosen
+    with.
     """
 
     def __init__(self, engine, threshold: "float | dict[str, float] | None" = None,
                  words: Iterable[str] | None = None, window_s: float = DEFAULT_WINDOW_S,
                  refractory_s: float = DEFAULT_REFRACTORY_S,
                  peak_wait_s: float = DEFAULT_PEAK_WAIT_S,
-                 long_window_s: float = DEFAULT_LONG_WINDOW_S):
+                 long_window_s: float | None = None):
         if hasattr(engine, "inference_arrays"):
             engine = StreamEngine.from_model(engine)
         self.engine = engine
         self.labels = tuple(engine.labels)
         self.stride = engine.stride
         self.window_steps = max(1, round(window_s * SAMPLE_RATE / self.stride))
+        whose = ""
+        if long_window_s is None:
+            long_window_s, whose = engine.long_window_s, ", the model's own"
         if long_window_s and long_window_s <= window_s:
-            raise KwsError(f"the long window ({long_window_s:g} s) must be longer than the "
+            raise KwsError(f"the long window ({long_window_s:g} s{whose}) must be longer than the "
                            f"window ({window_s:g} s), or 0 for none")
+        self.long_window_s = float(long_window_s)
         self.long_window_steps = round(long_window_s * SAMPLE_RATE / self.stride) if long_window_s else 0
         self.full_steps = max(self.window_steps, self.long_window_steps)
         self.refractory_steps = max(0, round(refractory_s * SAMPLE_RATE / self.stride))
@@ -348,18 +354,35 @@ def parse_threshold(text: str) -> "float | dict[str, float]":
 def read_thresholds(path: "str | Path") -> dict[str, float]:
     """The per-word thresholds of a JSON file as `kws eval-stream --choose-thresholds` writes
     it: {"thresholds": {word: probability}, ...}."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise KwsError(f"cannot read thresholds from {path}: {e.strerror}") from None
-    except ValueError:
-        raise KwsError(f"{path} is not a JSON file") from None
+    data = _read_thresholds_file(path)
     thresholds = data.get("thresholds") if isinstance(data, dict) else None
     if not isinstance(thresholds, dict) or not all(
             isinstance(t, (int, float)) and not isinstance(t, bool) for t in thresholds.values()):
         raise KwsError(f'{path} holds no per-word thresholds: expected {{"thresholds": '
                        f'{{"yes": 0.9, ...}}}}, as kws eval-stream --choose-thresholds writes')
     return {w: float(t) for w, t in thresholds.items()}
+
+
+def read_chosen_long_window(path: "str | Path") -> float:
+    """The long window a thresholds file's thresholds were chosen with ("chosen_on":
+    {"long_window_s": seconds}); 0 when it names none: files written before the long window
+    existed were chosen without one."""
+    data = _read_thresholds_file(path)
+    chosen_on = data.get("chosen_on") if isinstance(data, dict) else None
+    seconds = chosen_on.get("long_window_s", 0.0) if isinstance(chosen_on, dict) else 0.0
+    problem = long_window_problem(seconds)
+    if problem:
+        raise KwsError(f"{path}: {problem}")
+    return float(seconds)
+
+
+def _read_thresholds_file(path: "str | Path"):
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise KwsError(f"cannot read thresholds from {path}: {e.strerror}") from None
+    except ValueError:
+        raise KwsError(f"{path} is not a JSON file") from None
 
 
 def parse_words(text: str) -> list[str]:

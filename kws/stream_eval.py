@@ -43,7 +43,7 @@ from kws.labels import WELL_COVERED
 from kws.errors import KwsError
 from kws.runtime import StreamEngine
 from kws.speech import SPEECH, default_cache, spoken
-from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_LONG_WINDOW_S, DEFAULT_PEAK_WAIT_S,
+from kws.stream import (DEFAULT_CHUNK_SAMPLES, DEFAULT_PEAK_WAIT_S,
                         DEFAULT_REFRACTORY_S, DEFAULT_THRESHOLD, DEFAULT_WINDOW_S, Detection,
                         Detector, parse_threshold, parse_words, reported_words)
 
@@ -297,7 +297,7 @@ def score(detections: list[Detection], placements: list[Placement], words, secon
 
 
 def replay(model, run: StreamRun, words, threshold, window_s: float, refractory_s: float,
-           peak_wait_s: float, long_window_s: float = DEFAULT_LONG_WINDOW_S) -> list[Detection]:
+           peak_wait_s: float, long_window_s: float | None = None) -> list[Detection]:
     """The detections a Detector with these settings makes on the run's recorded logits."""
     detector = Detector(model, threshold=threshold, words=words, window_s=window_s,
                         refractory_s=refractory_s, peak_wait_s=peak_wait_s, long_window_s=long_window_s)
@@ -311,7 +311,7 @@ DET_KEYS = ("recall", "substitution_rate", "false_alarms_per_hour",
 
 def det_curve(model, runs: list[StreamRun], words, window_s: float, refractory_s: float,
               peak_wait_s: float, thresholds=DET_THRESHOLDS,
-              long_window_s: float = DEFAULT_LONG_WINDOW_S) -> list[dict]:
+              long_window_s: float | None = None) -> list[dict]:
     """The pooled error rates of the runs at each threshold, replaying their recorded logits."""
     points = []
     for t in thresholds:
@@ -334,7 +334,7 @@ def operating_point(points: list[dict], max_false_alarms_per_hour: float = MAX_F
 
 def choose_thresholds(model, runs: list[StreamRun], words, window_s: float, refractory_s: float,
                       peak_wait_s: float, grid=CHOICE_GRID,
-                      long_window_s: float = DEFAULT_LONG_WINDOW_S,
+                      long_window_s: float | None = None,
                       max_false_alarms_per_hour: float = MAX_FALSE_ALARMS_PER_HOUR,
                       max_substitution_rate: float = MAX_SUBSTITUTION_RATE) -> dict | None:
     """Per-word thresholds for `words` with the highest recall within both limits on the runs,
@@ -491,7 +491,8 @@ def _state_max(detector: Detector) -> float:
 
 
 def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], words, threshold,
-             window_s: list[float], refractory_s: float, peak_wait_s: float, long_window_s: float,
+             window_s: list[float], refractory_s: float, peak_wait_s: float,
+             long_window_s: float | None,
              det_png: Path | None, speech_cache: Path | None, choose: bool = False) -> dict:
     """One stream per seed through a Detector with the first readout window, scored together;
     the DET curve and operating point of every window in `window_s`, from the same logits;
@@ -521,7 +522,7 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
     result.update({
         "split": split, "minutes": sum(r.seconds for r in runs) / 60, "seeds": list(seeds),
         "threshold": used.popitem()[1] if len(set(used.values())) == 1 else used,
-        "window_s": window_s[0], "long_window_s": long_window_s, "refractory_s": refractory_s,
+        "window_s": window_s[0], "long_window_s": detector.long_window_s, "refractory_s": refractory_s,
         "peak_wait_s": peak_wait_s, "words": list(words),
         "real_time_factor": sum(r.compute_seconds for r in runs) / sum(r.seconds for r in runs),
         "per_seed": [{"seed": seed, **{k: t.summary()[k] for k in DET_KEYS}}
@@ -548,7 +549,7 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
 
 def long_run_check(model, data: Path, split: str, minutes: float, seeds: list[int], words,
                    threshold, window_s: list[float], refractory_s: float, peak_wait_s: float,
-                   long_window_s: float,
+                   long_window_s: float | None,
                    speech_cache: Path | None, compare_minutes: float) -> dict:
     """One stream of `minutes`: the same `compare_minutes` of audio at its start and its end,
     other audio between. Passes when memory stays within 5 MB after the first compare window
@@ -591,6 +592,7 @@ def long_run_check(model, data: Path, split: str, minutes: float, seeds: list[in
                 and last["false_alarms_per_hour"] <= first["false_alarms_per_hour"])
     return {
         "minutes": run.seconds / 60, "compare_minutes": compare_minutes,
+        "long_window_s": detector.long_window_s,
         "rss_after_warmup_bytes": baseline, "rss_growth_bytes": growth,
         "memory_flat": growth <= MEMORY_TOLERANCE_BYTES,
         "state_max_first": max(v for t, v in state_max if t <= compare_s),
@@ -617,8 +619,9 @@ def _thresholds_text(threshold) -> str:
 def _print_report(r: dict):
     print(f"streams: {r['minutes']:.1f} min of the {r['split']} split (seeds "
           f"{', '.join(map(str, r['seeds']))}), {r['keywords']} keywords, threshold "
-          f"{_thresholds_text(r['threshold'])}, window {r['window_s']} s, refractory {r['refractory_s']} s, "
-          f"peak wait {r['peak_wait_s']} s")
+          f"{_thresholds_text(r['threshold'])}, window {r['window_s']} s"
+          + (f" and {r['long_window_s']:g} s" if r['long_window_s'] else "")
+          + f", refractory {r['refractory_s']} s, peak wait {r['peak_wait_s']} s")
     print(f"keywords: {r['hits']} hits ({r['recall']:.1%}), {r['substitutions']} substitutions "
           f"({r['substitution_rate']:.1%}), {r['misses']} misses")
     print(f"false alarms: {r['false_alarms']} in {r['keyword_free_hours']:.2f} h of keyword-free "
@@ -749,9 +752,10 @@ def register(sub):
                    default=[DEFAULT_WINDOW_S], help=f"seconds of logits averaged into a score "
                    f"({DEFAULT_WINDOW_S:g}); more than one, e.g. 1,0.5: the first runs, each "
                    "gets a DET curve and operating point from the same logits")
-    p.add_argument("--long-window-s", type=float, default=DEFAULT_LONG_WINDOW_S,
+    p.add_argument("--long-window-s", type=float,
                    help="0 for none; else a word's score is the lower of its score over the window "
-                        f"and over this many seconds ({DEFAULT_LONG_WINDOW_S:g})")
+                        "and over this many seconds (default: the model's own, the readout its "
+                        "thresholds were chosen with; 1.25 s for the shipped model)")
     p.add_argument("--refractory-s", type=float, default=DEFAULT_REFRACTORY_S)
     p.add_argument("--peak-wait-s", type=float, default=DEFAULT_PEAK_WAIT_S,
                    help=f"how long a detection may wait for its score's peak ({DEFAULT_PEAK_WAIT_S:g})")

@@ -421,7 +421,8 @@ def test_health_is_ok_and_names_the_model_and_the_detector_settings(client, mode
         "status": "ok", "detail": None, "model": "small.pt", "model_license": "MIT",
         "listener": {"state": "off", "detail": None},
         "detector": {"threshold": DEFAULT_THRESHOLD,
-                     "words": [w for w in LABELS if w != "_background_"]}}
+                     "words": [w for w in LABELS if w != "_background_"],
+                     "long_window_s": 0.0}}
     assert str(model_path.parent) not in client.get("/health").text
     head = client.head("/health")
     assert head.status_code == 200 and head.content == b""
@@ -431,16 +432,19 @@ def test_health_shows_the_threshold_and_words_the_service_was_given(model_path):
     settings = Settings(model=model_path, threshold={"no": 0.6}, words=("yes", "no"))
     with client_for(settings) as client:
         assert client.get("/health").json()["detector"] == {
-            "threshold": {"yes": DEFAULT_THRESHOLD, "no": 0.6}, "words": ["yes", "no"]}
+            "threshold": {"yes": DEFAULT_THRESHOLD, "no": 0.6}, "words": ["yes", "no"],
+            "long_window_s": 0.0}
 
 
-def test_the_service_uses_and_shows_the_models_own_thresholds(model_path, tmp_path):
-    (tmp_path / "t.json").write_text(json.dumps({"thresholds": {"yes": 0.9}}))
+def test_the_service_uses_and_shows_the_models_own_thresholds_and_long_window(model_path, tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps({"thresholds": {"yes": 0.9},
+                                                 "chosen_on": {"long_window_s": 1.25}}))
     assert main(["export", str(model_path), str(tmp_path / "tuned.npz"),
                  "--thresholds", str(tmp_path / "t.json")]) == 0
     with client_for(Settings(model=tmp_path / "tuned.npz", words=("yes", "no"))) as client:
         assert client.get("/health").json()["detector"] == {
-            "threshold": {"yes": 0.9, "no": DEFAULT_THRESHOLD}, "words": ["yes", "no"]}
+            "threshold": {"yes": 0.9, "no": DEFAULT_THRESHOLD}, "words": ["yes", "no"],
+            "long_window_s": 1.25}
 
 
 def test_health_names_the_licence_of_the_served_weights(model_path, tmp_path):

@@ -216,7 +216,7 @@ def test_average_is_the_mean_of_the_weights_with_taps_at_the_rounded_mean_positi
     paths = []
     for seed, shift in enumerate([0.0, 1.0, 1.0]):
         paths.append(tmp_path / f"tuned{seed}.pt")
-        save_model(fine_tune_of(base, seed, shift), paths[-1], meta={"thresholds": {"yes": 0.9}, "seed": seed})
+        save_model(fine_tune_of(base, seed, shift), paths[-1], meta={"thresholds": {"yes": 0.9}, "long_window_s": 1.25, "seed": seed})
     tuned = [load_model(p).state_dict() for p in paths]
     model, meta = average_models(paths)
     for name, value in model.state_dict().items():
@@ -227,9 +227,11 @@ def test_average_is_the_mean_of_the_weights_with_taps_at_the_rounded_mean_positi
         else:
             assert torch.allclose(value, mean, atol=1e-6), name
     assert [source["seed"] for source in meta["averaged"]] == [0, 1, 2]
-    assert all("thresholds" not in source for source in meta["averaged"])
+    assert all("thresholds" not in source and "long_window_s" not in source
+               for source in meta["averaged"])
     save_model(model, tmp_path / "soup.pt", meta)
-    assert load_model(tmp_path / "soup.pt").thresholds == {}
+    soup = load_model(tmp_path / "soup.pt")
+    assert (soup.thresholds, soup.long_window_s) == ({}, 0.0)
 
 
 def test_averaging_one_model_with_itself_changes_no_output(saved):

@@ -50,16 +50,20 @@ def test_text_names_the_config_and_sizes(model_file, capsys):
         assert key in out
 
 
-def test_info_lists_the_models_own_thresholds(model_file, capsys, tmp_path):
+def test_info_lists_the_models_own_thresholds_and_long_window(model_file, capsys, tmp_path):
     path, model = model_file
     assert main(["info", "--model", str(path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["thresholds"] == {}
-    (tmp_path / "t.json").write_text(json.dumps({"thresholds": {"no": 0.97}}))
+    info = json.loads(capsys.readouterr().out)
+    assert (info["thresholds"], info["long_window_s"]) == ({}, 0.0)
+    (tmp_path / "t.json").write_text(json.dumps({"thresholds": {"no": 0.97},
+                                                 "chosen_on": {"long_window_s": 1.25}}))
     assert main(["export", str(path), str(tmp_path / "tuned.npz"), "--thresholds", str(tmp_path / "t.json")]) == 0
     assert main(["info", "--model", str(tmp_path / "tuned.npz"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["thresholds"] == {"no": 0.97}
+    info = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (info["thresholds"], info["long_window_s"]) == ({"no": 0.97}, 1.25)
     assert main(["info", "--model", str(tmp_path / "tuned.npz")]) == 0
-    assert "thresholds: no 0.97" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "thresholds: no 0.97" in out and "long window: 1.25 s" in out
 
 
 def test_info_names_the_licence_of_the_weights(model_file, capsys, tmp_path):

@@ -46,15 +46,17 @@ def test_the_start_state_in_the_metadata_is_the_models(tmp_path):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-7)
 
 
-def test_the_models_thresholds_are_in_the_metadata(tmp_path):
+def test_the_models_thresholds_and_long_window_are_in_the_metadata(tmp_path):
     import json
 
     import onnxruntime
 
-    save_model(small_model("edge", seed=15), tmp_path / "m.pt", {"thresholds": {"yes": 0.9}})
+    save_model(small_model("edge", seed=15), tmp_path / "m.pt",
+               {"thresholds": {"yes": 0.9}, "long_window_s": 1.25})
     assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "m.onnx")]) == 0
     meta = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).get_modelmeta().custom_metadata_map
     assert json.loads(meta["kws.thresholds"]) == {"yes": 0.9}
+    assert float(meta["kws.long_window_s"]) == 1.25
 
 
 def test_onnx_without_the_onnx_package_says_how_to_install_it(tmp_path, monkeypatch, capsys):

@@ -191,6 +191,44 @@ def test_export_stores_per_word_thresholds_that_travel_from_checkpoint_to_model_
     assert load_engine(tmp_path / "m.npz").thresholds == {"yes": 0.9}
 
 
+def test_the_long_window_travels_with_the_thresholds_it_was_chosen_with(tmp_path, capsys):
+    from kws.model import save_model
+    from kws.stream import Detector
+
+    save_model(small_model("edge", seed=11), tmp_path / "m.pt")
+    chosen = {"thresholds": {"yes": 0.9}, "chosen_on": {"long_window_s": 1.25}}
+    (tmp_path / "long.json").write_text(json.dumps(chosen))
+    (tmp_path / "plain.json").write_text(json.dumps({"thresholds": {"yes": 0.8}}))
+    assert load_model(tmp_path / "m.pt").long_window_s == 0.0
+    assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "tuned.pt"),
+                 "--thresholds", str(tmp_path / "long.json")]) == 0
+    assert load_model(tmp_path / "tuned.pt").long_window_s == 1.25
+    # on into the model file with the checkpoint's own thresholds, and into the Detector
+    assert main(["export", str(tmp_path / "tuned.pt"), str(tmp_path / "tuned.npz")]) == 0
+    engine = load_engine(tmp_path / "tuned.npz")
+    assert (engine.thresholds, engine.long_window_s) == ({"yes": 0.9}, 1.25)
+    assert Detector(engine).long_window_s == 1.25
+    assert Detector(engine, long_window_s=0).long_window_s == 0.0  # a caller may turn it off
+    # thresholds chosen without one replace both: a file naming no long window means none
+    assert main(["export", str(tmp_path / "tuned.pt"), str(tmp_path / "plain.npz"),
+                 "--thresholds", str(tmp_path / "plain.json")]) == 0
+    engine = load_engine(tmp_path / "plain.npz")
+    assert (engine.thresholds, engine.long_window_s) == ({"yes": 0.8}, 0.0)
+    assert "long_window_s" not in engine.description
+
+
+def test_export_refuses_a_thresholds_file_with_a_bad_long_window(tmp_path, capsys):
+    from kws.model import save_model
+
+    save_model(small_model("edge", seed=11), tmp_path / "m.pt")
+    (tmp_path / "t.json").write_text(json.dumps({"thresholds": {"yes": 0.9},
+                                                 "chosen_on": {"long_window_s": -2}}))
+    assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "m.npz"),
+                 "--thresholds", str(tmp_path / "t.json")]) == 2
+    assert "long window is -2" in capsys.readouterr().err
+    assert not (tmp_path / "m.npz").exists()
+
+
 def test_the_weights_licence_travels_from_checkpoint_to_every_exported_file(tmp_path, capsys):
     from kws.export import OnnxStream
     from kws.model import save_model
@@ -258,7 +296,10 @@ def test_a_missing_damaged_or_foreign_file_is_one_clear_error(engine_file, tmp_p
     (lambda d, a: d["model"].update(width=32), "the config needs"),
     (lambda d, a: d.update(thresholds={"yes": 2.0}), "probabilities in"),
     (lambda d, a: d.update(thresholds=[0.9]), "must map words"),
-], ids=["missing", "shape", "unexpected", "nan", "config", "threshold", "thresholds"])
+    (lambda d, a: d.update(long_window_s=-1.0), "long window is -1.0"),
+    (lambda d, a: d.update(long_window_s="1.25"), "long window is '1.25'"),
+], ids=["missing", "shape", "unexpected", "nan", "config", "threshold", "thresholds",
+        "long-window", "long-window-text"])
 def test_a_file_whose_arrays_do_not_fit_its_config_is_refused(engine_file, tmp_path, change, words):
     _, description, arrays = engine_file
     description, arrays = json.loads(json.dumps(description)), {k: v.copy() for k, v in arrays.items()}

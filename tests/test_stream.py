@@ -27,6 +27,7 @@ class ScriptedModel:
 
     labels, stride = LABELS, STRIDE
     thresholds = {}  # no per-word thresholds of its own: DEFAULT_THRESHOLD for every word
+    long_window_s = 0.0  # and no long window of its own
 
     def start_state(self):
         return [np.zeros(0, np.float32)]  # no memory: silence leaves nothing behind
@@ -190,6 +191,20 @@ def test_with_a_long_window_scores_are_the_lower_of_the_two_windows_softmax():
 def test_a_long_window_no_longer_than_the_window_is_a_user_error():
     with pytest.raises(KwsError, match="longer than the window"):
         Detector(ScriptedModel(), window_s=1.0, long_window_s=0.8)
+
+
+class LongWindowScriptedModel(ScriptedModel):
+    long_window_s = 1.25  # as a model file whose thresholds were chosen with a long window
+
+
+def test_a_models_own_long_window_is_the_default_and_a_given_one_overrides_it():
+    brief = script((BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 2.0))
+    assert Detector(LongWindowScriptedModel()).long_window_s == 1.25
+    assert detect(LongWindowScriptedModel(), brief, threshold=0.8) == []  # as with 1.25 given
+    found = detect(LongWindowScriptedModel(), brief, threshold=0.8, long_window_s=0)
+    assert [d.label for d in found] == ["yes"]
+    with pytest.raises(KwsError, match=r"long window \(1.25 s, the model's own\)"):
+        Detector(LongWindowScriptedModel(), window_s=1.5)
 
 
 def rising_and_falling(word_logits: dict[str, list[float]], before: int = 10,

@@ -139,7 +139,7 @@ def test_the_operating_point_is_the_best_recall_within_both_limits():
 
 class RecordedLogits:
     """A stand-in engine for replays, which read only recorded logits."""
-    labels, stride, thresholds = LABELS, 160, {}
+    labels, stride, thresholds, long_window_s = LABELS, 160, {}, 0.0
 
     def start_state(self):
         return None
@@ -319,6 +319,23 @@ def test_chosen_thresholds_are_written_for_threshold_and_export_to_read(dataset,
     assert result["threshold"] == record["thresholds"] or set(record["thresholds"].values()) == {result["threshold"]}
     assert result["recall"] == chosen["recall"]
     assert result["false_alarms_per_hour"] == pytest.approx(chosen["false_alarms_per_hour"])
+
+
+def test_eval_stream_runs_the_models_own_long_window_and_records_it_with_the_choice(
+        dataset, tiny_edge_model_path, tmp_path, capsys):
+    (tmp_path / "t.json").write_text(json.dumps({"thresholds": {"yes": 0.9, "no": 0.9},
+                                                 "chosen_on": {"long_window_s": 1.5}}))
+    assert main(["export", str(tiny_edge_model_path), str(tmp_path / "long.pt"),
+                 "--thresholds", str(tmp_path / "t.json")]) == 0
+    args = ["eval-stream", "--model", str(tmp_path / "long.pt"), "--data", str(dataset),
+            "--minutes", "0.3", "--speech-cache", str(tmp_path), "--det-png", "", "--json",
+            "--threshold", "0.5", "--choose-thresholds", str(tmp_path / "chosen.json")]
+    capsys.readouterr()
+    main(args)
+    assert json.loads(capsys.readouterr().out)["long_window_s"] == 1.5
+    assert json.loads((tmp_path / "chosen.json").read_text())["chosen_on"]["long_window_s"] == 1.5
+    main(args + ["--long-window-s", "0"])
+    assert json.loads(capsys.readouterr().out)["long_window_s"] == 0.0
 
 
 def test_long_run_check_reports_memory_and_start_versus_end(dataset, tiny_edge_model_path, capsys,
