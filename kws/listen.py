@@ -372,9 +372,9 @@ def register(sub):
                    "one for all words, per word (yes=0.98,no=0.99; words not named keep their "
                    "default), or a JSON file of per-word thresholds. Default: the model's own "
                    "per-word thresholds, chosen on validation streams for the most words heard "
-                   "with at most one false alarm an hour (`kws info` lists them), and "
-                   f"{DEFAULT_THRESHOLD} for a word without one. Lower hears more words and "
-                   "fires more often.")
+                   "with at most one false alarm an hour, for the model's readout (`kws info` "
+                   f"lists both), and {DEFAULT_THRESHOLD} for a word without one. Lower hears "
+                   "more words and fires more often.")
     p.add_argument("--words", type=argument(parse_words),
                    help="report only these words, comma separated (default: the words the "
                    "model has thresholds for, the 17 well-covered ones for the shipped models; "

@@ -142,6 +142,7 @@ def test_each_shipped_file_gives_its_checkpoints_stream_within_1e4_under_its_lic
     engine = load_engine(MODELS_DIR / f"{name}.npz")
     assert model.license == engine.license == license
     assert engine.thresholds == model.thresholds and engine.thresholds  # chosen on validation streams
+    assert engine.long_window_s == model.long_window_s  # the readout they were chosen with
     audio = noisy_bursts(4.0, seed=10)
     expected = reference_logits(model, audio)
     for sizes in [(512,), (160, 7, 4000)]:
