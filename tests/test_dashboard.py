@@ -99,7 +99,11 @@ class Chromium:
 
 
 def test_dashboard_shows_level_timeline_peak_scores_detector_and_memory(model_path, tmp_path):  # noqa: F811
-    app = create_app(Settings(model=model_path, threshold=0.9))
+    from kws.model import load_model, save_model
+
+    # a model with a long readout window, as the shipped one has
+    save_model(load_model(model_path), tmp_path / "long.pt", {"long_window_s": 1.25})
+    app = create_app(Settings(model=tmp_path / "long.pt", threshold=0.9))
     with serving(app) as url:
         service = app.state.service
         for _ in range(5):  # the server's memory history, from before the page was opened
@@ -139,6 +143,7 @@ def test_dashboard_shows_level_timeline_peak_scores_detector_and_memory(model_pa
             browser.close()
     assert history >= 5 and no_input == "no input"
     assert "threshold 0.900 ·" in detector and "all 35" in detector  # three decimals: defaults near 1
+    assert "the lower of its 1-s and 1.25-s scores" in detector
     assert "marvin" in shown and "0.99" in shown
     assert sorted(lines.split(",")) == ["_background_", "marvin", "sheila"]
     assert "-23 dBFS" in level and "listening" in level.lower()
