@@ -91,7 +91,8 @@ class Service:
         self.memory = RssHistory()
         self.detector_options = {"threshold": settings.threshold, "words": settings.words}
         detector = Detector(engine, **self.detector_options)
-        thresholds, values = detector.thresholds, set(detector.thresholds.values())
+        thresholds = detector.thresholds
+        values = set(thresholds.values())
         self.detector_settings = DetectorSettings(
             threshold=values.pop() if len(values) == 1 else thresholds, words=list(thresholds),
             long_window_s=detector.long_window_s)

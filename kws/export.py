@@ -178,14 +178,11 @@ def export(checkpoint, out, steps: int = ONNX_STEPS, thresholds: dict | None = N
 
 
 def run(args):
-    from kws.stream import read_chosen_long_window, read_thresholds
+    from kws.stream import read_choice
 
     if args.steps < 1:
         raise KwsError(f"--steps must be positive, got {args.steps}")
-    thresholds, long_window_s = None, 0.0
-    if args.thresholds:
-        thresholds = read_thresholds(args.thresholds)
-        long_window_s = read_chosen_long_window(args.thresholds)
+    thresholds, long_window_s = read_choice(args.thresholds) if args.thresholds else (None, 0.0)
     difference = export(args.checkpoint, args.out, args.steps, thresholds, long_window_s)
     print(f"kws export: wrote {args.out} (logits within {difference:.1e} of the checkpoint's)",
           file=sys.stderr)

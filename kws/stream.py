@@ -35,9 +35,9 @@ layer) and the last `window_s` (or `long_window_s`) seconds of logits in fixed-s
 No reset is needed to keep the recurrence healthy: the minGRU hidden state is a convex
 combination of the previous state and a positive candidate, h_t = (1 - z_t) h_{t-1} + z_t g(.),
 so it stays between 0 and the largest candidate seen and cannot drift or blow up; the delay line
-forgets everything older than `delay_window` steps. The model is trained with 0.5 s of unrelated audio before every
-clip and the state carried through it, so it expects arbitrary prior state rather than zeros;
-a stream starts from the state 0.5 s of silence leaves.
+forgets everything older than `delay_window` steps. The model is trained with 0.5 s of
+unrelated audio before every clip and the state carried through it, so it expects arbitrary
+prior state rather than zeros; a stream starts from the state 0.5 s of silence leaves.
 `kws eval-stream --long-run-check` verifies this on an hour of audio (memory flat, recall and
 substitutions and false alarms in the last ten minutes no worse than in the first ten).
 """
@@ -51,7 +51,7 @@ import numpy as np
 
 from kws.audio import SAMPLE_RATE
 from kws.errors import KwsError
-from kws.labels import BACKGROUND, long_window_problem
+from kws.labels import BACKGROUND
 from kws.runtime import StreamEngine
 
 # A word's threshold when its model has none of its own (the shipped model has one for each of
@@ -354,35 +354,28 @@ def parse_threshold(text: str) -> "float | dict[str, float]":
 def read_thresholds(path: "str | Path") -> dict[str, float]:
     """The per-word thresholds of a JSON file as `kws eval-stream --choose-thresholds` writes
     it: {"thresholds": {word: probability}, ...}."""
-    data = _read_thresholds_file(path)
+    return read_choice(path)[0]
+
+
+def read_choice(path: "str | Path") -> tuple[dict[str, float], object]:
+    """(thresholds, long window) of a file `kws eval-stream --choose-thresholds` wrote:
+    {"thresholds": {word: probability}, "chosen_on": {"long_window_s": seconds, ...}, ...}. The
+    long window, as the file has it (`kws export` checks it), is 0 when the file names none:
+    files written before the long window existed were chosen without one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise KwsError(f"cannot read thresholds from {path}: {e.strerror}") from None
+    except ValueError:
+        raise KwsError(f"{path} is not a JSON file") from None
     thresholds = data.get("thresholds") if isinstance(data, dict) else None
     if not isinstance(thresholds, dict) or not all(
             isinstance(t, (int, float)) and not isinstance(t, bool) for t in thresholds.values()):
         raise KwsError(f'{path} holds no per-word thresholds: expected {{"thresholds": '
                        f'{{"yes": 0.9, ...}}}}, as kws eval-stream --choose-thresholds writes')
-    return {w: float(t) for w, t in thresholds.items()}
-
-
-def read_chosen_long_window(path: "str | Path") -> float:
-    """The long window a thresholds file's thresholds were chosen with ("chosen_on":
-    {"long_window_s": seconds}); 0 when it names none: files written before the long window
-    existed were chosen without one."""
-    data = _read_thresholds_file(path)
-    chosen_on = data.get("chosen_on") if isinstance(data, dict) else None
-    seconds = chosen_on.get("long_window_s", 0.0) if isinstance(chosen_on, dict) else 0.0
-    problem = long_window_problem(seconds)
-    if problem:
-        raise KwsError(f"{path}: {problem}")
-    return float(seconds)
-
-
-def _read_thresholds_file(path: "str | Path"):
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as e:
-        raise KwsError(f"cannot read thresholds from {path}: {e.strerror}") from None
-    except ValueError:
-        raise KwsError(f"{path} is not a JSON file") from None
+    chosen_on = data.get("chosen_on")
+    long_window_s = chosen_on.get("long_window_s", 0.0) if isinstance(chosen_on, dict) else 0.0
+    return {w: float(t) for w, t in thresholds.items()}, long_window_s
 
 
 def parse_words(text: str) -> list[str]:
