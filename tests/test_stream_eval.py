@@ -169,6 +169,28 @@ def test_chosen_thresholds_keep_each_words_hits_and_drop_its_false_alarms():
     assert max(p["recall"] for p in points if p["false_alarms_per_hour"] == 0) == 0.5
 
 
+def test_the_false_alarm_budget_the_prices_leave_is_spent_on_more_hits():
+    # "yes" held 0.7 s (its score peaks near 0.86) is heard only at 0.8, where a word-like
+    # moment with no word in it fires too: one hit for one false alarm, a move no price of
+    # FALSE_ALARM_PRICES takes (at 1 hit a false alarm it ties, and a tie keeps the higher
+    # threshold). "no" peaks near 0.96.
+    segments = [(BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 3.0), ("yes", 0.7),
+                (BACKGROUND, 3.0), ("no", 0.85), (BACKGROUND, 3.0)]
+    placements = [Placement("yes", 2.0, 2.7), Placement("no", 8.7, 9.55)]
+    logits = held(segments)
+
+    def chosen_over(seconds):  # the rest of the stream counts as keyword-free audio
+        run = StreamRun([], placements, seconds, logits, 0.0)
+        return choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05)
+
+    two_hours = chosen_over(7200.0)  # one false alarm is 0.5 an hour: within the limit
+    assert two_hours["thresholds"] == {"yes": 0.8, "no": 0.95}
+    assert two_hours["recall"] == 1.0 and two_hours["false_alarms_per_hour"] == pytest.approx(0.5, rel=1e-3)
+    one_hour = chosen_over(3600.0)  # just over 1 an hour: the move is refused
+    assert one_hour["thresholds"] == {"yes": CHOICE_GRID[-1], "no": 0.95}
+    assert one_hour["recall"] == 0.5 and one_hour["false_alarms_per_hour"] == 0
+
+
 def test_no_thresholds_are_chosen_when_no_set_meets_the_limits():
     # a false alarm that outscores every threshold of the grid
     logits = held([(BACKGROUND, 2.0), ("yes", 1.0), (BACKGROUND, 3.0)])
