@@ -368,11 +368,11 @@ def choose_thresholds(model, runs: list[StreamRun], words, window_s: float, refr
 
         chosen = {w: max(grid, key=lambda t: (value(alone[w][t]), t)) for w in words}
         summary = replayed(chosen).summary()
-        if within(summary) and (best is None or summary["recall"] > best[1]["recall"]):
-            best = (chosen, summary, price)
+        if within(summary) and (best is None or summary["recall"] > best_summary["recall"]):
+            best, best_summary, best_price = chosen, summary, price
     if best is None:
         return None
-    chosen, summary, price = best
+    chosen, summary = best, best_summary
     while True:
         moves = []
         for w in words:
@@ -387,7 +387,7 @@ def choose_thresholds(model, runs: list[StreamRun], words, window_s: float, refr
         if not moves:
             break
         _, chosen, summary = max(moves, key=lambda m: m[0])  # the first word's on a tie
-    return {"thresholds": chosen, "false_alarm_price": price,
+    return {"thresholds": chosen, "false_alarm_price": best_price,  # of the set the budget step began from
             **{k: summary[k] for k in DET_KEYS + ("latency_ms_p90", "recall_per_word")}}
 
 
