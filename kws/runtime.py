@@ -77,7 +77,7 @@ _ONE_PLUS_ERF = 1.0 + np.array([math.erf(u) for u in _ERF_GRID])
 _ERF_TABLE = _ONE_PLUS_ERF[:-1].astype(np.float32)
 _ERF_SLOPE = np.diff(_ONE_PLUS_ERF).astype(np.float32)  # per grid step
 # float32 scalars made once: a Python number costs a conversion on every call
-_ONE, _HALF, _TINY = np.float32(1), np.float32(0.5), np.float32(1e-6)
+_ONE, _HALF = np.float32(1), np.float32(0.5)
 _ERF_STEPS, _ERF_OFFSET = np.float32(ERF_STEPS_PER_UNIT), np.float32(ERF_RANGE * ERF_STEPS_PER_UNIT)
 
 
@@ -330,6 +330,8 @@ class _Frontend:
         H = int(model["width"])
         self.gabor = model["frontend"] == "gabor"
         if self.gabor:
+            # files exported before the floor was a setting were all trained and run at 1e-6
+            self.floor = np.float32(model.get("power_floor", 1e-6))
             n = int(model["frontend_filters"])
             w = weights.get("frontend.weight", (2 * n, self.kernel)).T
             self.w = np.stack((w[:, :n], w[:, n:]))  # the filters' two quadratures, as blocks
@@ -353,7 +355,7 @@ class _Frontend:
         y = frames[..., None, :, :] @ self.w  # (..., 2, steps, filters): contiguous halves
         y *= y
         power = np.add(y[..., 0, :, :], y[..., 1, :, :])
-        power += _TINY
+        power += self.floor
         np.log(power, out=power)
         return self.b.add_to(power @ self.proj_w)
 

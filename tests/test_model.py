@@ -345,6 +345,28 @@ def test_the_gabor_front_end_starts_from_those_filters():
     torch.testing.assert_close(model.frontend.conv.weight[:, 0], gabor_atoms(8, model.cfg.frontend_kernel))
 
 
+def test_the_power_floor_is_the_quietest_level_the_front_end_tells_apart():
+    """Audio whose bands sit below the floor reads as silence; a lower floor tells it apart."""
+    torch.manual_seed(0)
+    quiet = 1e-4 * torch.randn(1, 4000)
+    silence = torch.zeros(1, 4000)
+    features = {}
+    for floor in (1e-2, 1e-9):
+        torch.manual_seed(1)  # the same weights for both floors
+        model = MGRADE(preset("edge", LABELS, frontend_filters=8, power_floor=floor, **SMALL)).eval()
+        with torch.no_grad():
+            features[floor] = (model.frontend.encode(quiet), model.frontend.encode(silence))
+    floored, kept = features[1e-2], features[1e-9]
+    torch.testing.assert_close(floored[0], floored[1], atol=1e-3, rtol=0)
+    assert (kept[0] - kept[1]).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("floor", [0.0, -1e-6, 2.0, math.nan])
+def test_a_power_floor_outside_0_to_1_is_refused(floor):
+    with pytest.raises(ValueError, match="power_floor"):
+        preset("edge", LABELS, power_floor=floor)
+
+
 def test_positions_start_inside_the_window_and_clamp_back_into_it():
     model = MGRADE(preset("edge", LABELS, **SMALL))
     window = model.cfg.delay_window

@@ -2,6 +2,7 @@
 model shape, in any chunking, with a fixed-size state; its torch-free file (`kws export`) gives
 the same numbers, and a damaged or foreign file is a clear error."""
 
+import dataclasses
 import json
 import warnings
 
@@ -70,6 +71,22 @@ def test_gaussian_taps_at_inference_are_read_in_full():
         np.testing.assert_allclose(got, reference_logits(model, audio), atol=2e-5, rtol=1e-4)
     finally:
         model.set_gaussian_at_inference(False)
+
+
+def test_the_engine_reads_the_models_power_floor_and_takes_1e_6_where_a_file_has_none():
+    audio = 1e-3 * noisy_bursts(1.0, seed=4)  # quiet: many bands near the floor
+    torch.manual_seed(0)
+    low = MGRADE(preset("edge", LABELS, frontend_filters=8, power_floor=1e-10, **SMALL)).eval()
+    got, _ = engine_logits(low, audio, (512,))
+    np.testing.assert_allclose(got, reference_logits(low, audio), atol=2e-5, rtol=1e-4)
+    # A file exported before the floor was a setting: its description has no power_floor.
+    description, arrays = low.inference_arrays()
+    del description["model"]["power_floor"]
+    older, _ = engine_logits(StreamEngine(description, arrays), audio, (512,))
+    at_default = MGRADE(dataclasses.replace(low.cfg, power_floor=1e-6)).eval()
+    at_default.load_state_dict(low.state_dict())
+    np.testing.assert_allclose(older, reference_logits(at_default, audio), atol=2e-5, rtol=1e-4)
+    assert np.abs(older - got).max() > 1e-3  # the two floors do differ on this audio
 
 
 @pytest.mark.parametrize("bias", [80.0, 100.0], ids=["underflow", "overflow"])
