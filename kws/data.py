@@ -164,7 +164,10 @@ class TrainingBatches:
     an example of steady noise never does. `noise_switches` makes the noise give way, at a
     random sample, to another stretch of noise (most often another recording) 30 dB quieter to
     30 dB louder, through a 10-ms fade each way: one sound giving way to another, as where two
-    slots of an evaluation stream meet.
+    slots of an evaluation stream meet. `quieter_db` and `louder_db` move the whole example's
+    level by a draw from -quieter_db to +louder_db dB (clipped at full scale, as a converter
+    clips): a microphone's gain and the talker's distance, which set the level a user's audio
+    arrives at (both 0: off).
     """
 
     def __init__(self, real: np.ndarray, real_labels: list[int], synth: np.ndarray,
@@ -174,13 +177,16 @@ class TrainingBatches:
                  speech_negatives: float = 0.0, vtlp: float = 0.0, reverb: float = 0.0, masks: float = 0.0,
                  sentences: list[np.ndarray] | None = None, sentence_negatives: float = 0.0,
                  noise_onsets: float = 0.0, near_miss_sentences: list[np.ndarray] | None = None,
-                 near_misses: float = 0.0, noise_switches: float = 0.0):
+                 near_misses: float = 0.0, noise_switches: float = 0.0, quieter_db: float = 0.0,
+                 louder_db: float = 0.0):
         for name, value in {"speech_negatives": speech_negatives, "vtlp": vtlp, "reverb": reverb,
                             "masks": masks, "sentence_negatives": sentence_negatives,
                             "noise_onsets": noise_onsets, "near_misses": near_misses,
                             "noise_switches": noise_switches}.items():
             if not 0.0 <= value <= 1.0:
                 raise DataError(f"{name} is a fraction from 0 to 1, not {value}")
+        if not (0.0 <= quieter_db <= 60.0 and 0.0 <= louder_db <= 60.0):
+            raise DataError(f"quieter_db and louder_db are 0 to 60 dB, not {quieter_db} and {louder_db}")
         if speech_negatives + sentence_negatives > 1.0:
             raise DataError(f"speech_negatives and sentence_negatives share the background examples: "
                             f"together at most 1, not {speech_negatives + sentence_negatives:g}")
@@ -194,6 +200,7 @@ class TrainingBatches:
         self.near_misses = near_misses
         self.vtlp, self.reverb, self.masks, self.noise_onsets = vtlp, reverb, masks, noise_onsets
         self.noise_switches = noise_switches
+        self.quieter_db, self.louder_db = quieter_db, louder_db
         # Kept apart, not concatenated: each epoch (and each batch worker) builds its own
         # TrainingBatches, and a copy of every clip would cost seconds and a gigabyte each time.
         self.real, self.synth = real, synth
@@ -300,6 +307,8 @@ class TrainingBatches:
             x = x + noise * (level / (np.sqrt(np.mean(noise ** 2)) + 1e-8))
         if self.masks > 0 and self.rng.random() < self.masks:
             x = self._mask(x)
+        if self.quieter_db > 0 or self.louder_db > 0:
+            x = x * np.float32(10 ** (self.rng.uniform(-self.quieter_db, self.louder_db) / 20))
         return np.clip(x, -1, 1), label, word_free
 
     def _onset(self, noise: np.ndarray) -> np.ndarray:

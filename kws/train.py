@@ -59,6 +59,8 @@ class TrainConfig:
     masks: float = 0.0  # share of examples with a silenced time span and frequency band
     noise_onsets: float = 0.0  # share of noisy examples whose noise starts or stops within them
     noise_switches: float = 0.0  # share of noisy examples whose noise gives way to another within them
+    quieter_db: float = 0.0  # each example's whole level moved by -quieter_db .. +louder_db dB
+    louder_db: float = 0.0  # (a microphone's gain, the talker's distance); both 0: off
     # Loss weight (0: off) for the streaming operating point: of each word-free background
     # example, the 1-s window (every one the detector would read) that least reads background.
     window_negatives: float = 0.0
@@ -206,7 +208,8 @@ def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
                            speech_negatives=cfg.speech_negatives, vtlp=cfg.vtlp, reverb=cfg.reverb,
                            masks=cfg.masks, sentences=d["sentences"], sentence_negatives=cfg.sentence_negatives,
                            noise_onsets=cfg.noise_onsets, near_miss_sentences=d["near_miss_sentences"],
-                           near_misses=cfg.near_misses, noise_switches=cfg.noise_switches)
+                           near_misses=cfg.near_misses, noise_switches=cfg.noise_switches,
+                           quieter_db=cfg.quieter_db, louder_db=cfg.louder_db)
 
 
 class WorkerBatches(torch.utils.data.IterableDataset):
@@ -308,6 +311,9 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
         if not (low <= value < high or (high_ok and value == high)):
             raise KwsError(f"{flag} is a fraction from {low:g} to {high:g}{'' if high_ok else ' (not included)'}, "
                            f"not {value}")
+    for flag, value in {"--quieter-db": cfg.quieter_db, "--louder-db": cfg.louder_db}.items():
+        if not 0.0 <= value <= 60.0:
+            raise KwsError(f"{flag} is 0 (off) to 60 dB, not {value}")
     if cfg.speech_negatives + cfg.sentence_negatives > 1.0:
         raise KwsError(f"--speech-negatives and --sentence-negatives share the background examples: "
                        f"together at most 1, not {cfg.speech_negatives + cfg.sentence_negatives:g}")

@@ -512,6 +512,30 @@ def test_reverberation_keeps_the_level_and_smears_a_click_over_the_room():
     assert np.abs(y[1000 + 4000:1000 + 6000]).max() > 1e-4  # still ringing 250 ms later
 
 
+def example_levels_db(b: TrainingBatches, n: int = 300) -> np.ndarray:
+    x = b.batch(n)[0].double()
+    return 10 * np.log10(x.square().mean(1).numpy() + 1e-20)
+
+
+def test_quieter_and_louder_move_whole_examples_and_clip_at_full_scale(training_arrays):
+    """A draw from -quieter_db to +louder_db moves each example's level: 30 dB quieter at most
+    moves the median level down by about 15 dB; 40 dB louder drives examples into the
+    converter's limit, which no sample passes."""
+    options = dict(seed=9, synth=3)
+    as_recorded = example_levels_db(batches(training_arrays, **options))
+    quieter = example_levels_db(batches(training_arrays, quieter_db=30.0, **options))
+    assert 10 < np.median(as_recorded) - np.median(quieter) < 20
+    loud, _, _ = batches(training_arrays, louder_db=40.0, **options).batch(100)
+    assert float(loud.abs().max()) == 1.0
+    assert (loud.abs().amax(1) == 1.0).sum() > 10
+
+
+@pytest.mark.parametrize("quieter, louder", [(-1.0, 0.0), (0.0, 61.0), (float("nan"), 0.0)])
+def test_a_level_range_outside_0_to_60_db_is_a_data_error(training_arrays, quieter, louder):
+    with pytest.raises(DataError, match="0 to 60 dB"):
+        batches(training_arrays, quieter_db=quieter, louder_db=louder)
+
+
 def largest_level_step_db(x: np.ndarray, frame: int = 800) -> float:
     """The largest difference in dB between the mean power before and after a frame boundary."""
     power = np.mean(x[: len(x) // frame * frame].reshape(-1, frame).astype(np.float64) ** 2, axis=1) + 1e-12

@@ -653,6 +653,9 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--noise-onsets", "1.5"],
     ["--near-misses", "1.5"],
     ["--noise-switches", "-0.5"],
+    ["--quieter-db", "-3"],
+    ["--louder-db", "70"],
+    ["--set", "power_floor=0"],
     ["--near-misses", "0.5"],  # a share of the sentence negatives, without any
     ["--distill-share", "0"],
     ["--distill-temperature", "0"],
