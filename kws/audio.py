@@ -133,3 +133,9 @@ def fit_length(audio: np.ndarray, length: int = CLIP_SAMPLES) -> np.ndarray:
     if len(audio) >= length:
         return audio[:length]
     return np.pad(audio, (0, length - len(audio)))
+
+
+def at_gain(audio: np.ndarray, db: float) -> np.ndarray:
+    """`audio` `db` dB louder (negative: quieter), clipped at full scale as a converter clips it:
+    what a microphone set higher or lower, or a talker nearer or farther, would have recorded."""
+    return np.clip(audio * np.float32(10 ** (db / 20)), -1, 1).astype(np.float32)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kws.audio import CLIP_SAMPLES
+from kws.audio import CLIP_SAMPLES, at_gain
 from kws.data import load_clips, noise_segment, read_noise, read_split
 from kws.labels import BACKGROUND, CORE_WORDS, WELL_COVERED, WORDS
 from kws.errors import KwsError
@@ -78,10 +78,10 @@ def accuracy_report(truth: list[str], predicted: list[str], labels) -> dict:
 
 
 def evaluate(model: "MGRADE | list[MGRADE]", data, split: str = "testing", seed: int = 0,
-             rounding: bool = True) -> dict:
+             rounding: bool = True, gain_db: float = 0.0) -> dict:
     """The report of one model, or of several as an ensemble: the average of their logits (what
-    `kws train --anchor` with several models learns from). The Gaussian-taps comparison
-    (`rounding`) is one model's."""
+    `kws train --anchor` with several models learns from), on the clips played `gain_db` louder
+    (`kws.audio.at_gain`). The Gaussian-taps comparison (`rounding`) is one model's."""
     models = model if isinstance(model, list) else [model]
     labels = models[0].cfg.labels
     missing = [w for w in WORDS + (BACKGROUND,) if w not in labels]
@@ -90,13 +90,15 @@ def evaluate(model: "MGRADE | list[MGRADE]", data, split: str = "testing", seed:
     if any(m.cfg.labels != labels for m in models[1:]):
         raise KwsError("an ensemble's models must read the same labels in the same order")
     audio, truth = split_audio(data, split, seed)
+    if gain_db:
+        audio = at_gain(audio, gain_db)
     for m in models:
         m.eval()
     logits = torch.stack([clip_logits(m, audio) for m in models]).mean(0)
     predicted = [labels[i] for i in logits.argmax(-1).tolist()]
     report = accuracy_report(truth, predicted, labels)
     confusion = report.pop("confusion")
-    result = {"split": split, **report, "models": len(models),
+    result = {"split": split, "gain_db": gain_db, **report, "models": len(models),
               "parameters": sum(parameter_count(m) for m in models),
               "footprint_bytes": sum(footprint_bytes(m) for m in models), "labels": list(labels),
               "confusion": confusion}
@@ -161,7 +163,8 @@ def plot_confusion(result: dict, path: Path):
 
 def print_report(result: dict):
     print(f"{result['split']} split: {result['clips']} word clips, {result['silence_clips']} silence clips"
-          + (f", an ensemble of {result['models']} models" if result["models"] > 1 else ""))
+          + (f", an ensemble of {result['models']} models" if result["models"] > 1 else "")
+          + (f", played {result['gain_db']:+g} dB" if result["gain_db"] else ""))
     print(f"  35-word accuracy      {result['accuracy']:.4f}")
     well, scarce = len(WELL_COVERED), len(WORDS) - len(WELL_COVERED)
     print(f"  {well} well-covered words {result['accuracy_well_covered']:.4f}")
@@ -185,7 +188,8 @@ def run(args):
     if args.confusion:
         pyplot()  # without matplotlib, say so before the evaluation rather than after it
     models = [load(path) for path in args.model] if args.model else [load()]
-    result = evaluate(models, args.data, args.split, seed=args.seed, rounding=not args.no_rounding)
+    result = evaluate(models, args.data, args.split, seed=args.seed, rounding=not args.no_rounding,
+                      gain_db=args.gain_db)
     if args.confusion:
         plot_confusion(result, Path(args.confusion))
     if args.json:
@@ -197,6 +201,8 @@ def run(args):
 
 
 def register(sub):
+    from kws.listen import gain_db
+
     p = sub.add_parser("eval", help="clip accuracy on a Speech Commands split")
     p.add_argument("--model", nargs="+", metavar="MODEL",
                    help="PyTorch checkpoint (.pt; default: $KWS_MODEL or the shipped one); several: "
@@ -207,6 +213,9 @@ def register(sub):
                    help="write the confusion matrix here (needs matplotlib: pip install 'kws[plots]')")
     p.add_argument("--seed", type=int, default=0, help="seed for the silence clips")
     p.add_argument("--no-rounding", action="store_true", help="skip the Gaussian-taps comparison")
+    p.add_argument("--gain-db", type=gain_db, default=0.0, metavar="DB",
+                   help="play every clip this many dB louder, or quieter if negative (clipped at "
+                        "full scale): how the model copes with a quiet or a hot microphone (0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--with-confusion", action="store_true", help="include the matrix in --json")
     p.set_defaults(func=run)

@@ -358,6 +358,21 @@ def positive(kind):
     return parse
 
 
+GAIN_DB_RANGE = (-60.0, 40.0)
+
+
+def gain_db(text: str) -> float:
+    """An argparse type: a gain in dB within GAIN_DB_RANGE (what --gain-db takes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    low, high = GAIN_DB_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a gain from {low:g} to {high:g} dB")
+    return value
+
+
 def register(sub):
     from kws.cli import COMMANDS
 

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from app.hardening import encoded, silence_flac
-from kws.audio import MAX_CHANNELS, MAX_RATE, AudioError, decode
+from kws.audio import MAX_CHANNELS, MAX_RATE, AudioError, at_gain, decode
 
 
 def unknown_length(flac: bytes) -> bytes:
@@ -98,3 +98,10 @@ def test_a_file_longer_than_its_header_says_is_decoded_whole(monkeypatch):
     monkeypatch.setattr(sf.SoundFile, "frames", property(lambda f: real_frames.fget(f) // 3))
     audio, _ = decode(data)
     np.testing.assert_array_equal(audio, samples[:, 0])
+
+
+def test_at_gain_moves_the_level_by_decibels_and_clips_at_full_scale():
+    x = np.array([0.1, -0.5, 0.05], np.float32)
+    np.testing.assert_allclose(at_gain(x, -20.0), x / 10, rtol=1e-6)
+    np.testing.assert_allclose(at_gain(x, 20.0), [1.0, -1.0, 0.5], rtol=1e-6)
+    assert at_gain(x, 6.0).dtype == np.float32

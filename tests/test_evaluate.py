@@ -90,6 +90,25 @@ def test_rounding_effect_compares_gaussian_taps_with_integer_delays(tiny_result)
     assert not any(layer.delay.gaussian_at_inference for layer in model.layers)  # switched back
 
 
+def test_clips_played_quieter_are_the_clips_at_that_gain(speech_commands, tiny_result):
+    model, at_recorded_level = tiny_result
+    quiet = evaluate(model, speech_commands.root, "testing", rounding=False, gain_db=-40.0)
+    assert quiet["gain_db"] == -40.0 and at_recorded_level["gain_db"] == 0.0
+    audio, _ = split_audio(speech_commands.root, "testing")
+    expected = clip_logits(model, (audio * np.float32(0.01)).astype(np.float32)).argmax(-1)
+    assert np.array_equal(np.sum(quiet["confusion"], 0), np.bincount(expected.numpy(), minlength=len(LABELS))
+                          [[LABELS.index(w) for w in quiet["labels"]]])
+    assert quiet["confusion"] != at_recorded_level["confusion"]  # this model hears the level
+
+
+@pytest.mark.parametrize("gain", ["loud", "-80", "41", "nan"])
+def test_kws_eval_with_a_gain_outside_its_range_exits_2_naming_it(speech_commands, tiny_model_path, capsys, gain):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--model", str(tiny_model_path), "--data", str(speech_commands.root), "--gain-db", gain])
+    assert stop.value.code == 2
+    assert "-60 to 40 dB" in capsys.readouterr().err
+
+
 def test_to_12_keeps_the_ten_core_words_and_maps_the_rest_to_unknown_or_silence():
     assert len(LABELS_12) == 12 and len(CORE_WORDS) == 10
     mapped = {label: to_12(label) for label in LABELS}

@@ -74,6 +74,16 @@ def test_stream_slots_are_seeded_and_place_each_word_and_sentence_where_its_audi
         assert rms(word) > 1.5 * rms(before)  # SNR >= 5 dB
 
 
+def test_a_stream_played_quieter_is_the_same_stream_that_many_db_down(dataset, tmp_path):
+    clips, noise = read_split(dataset, "testing"), read_noise(dataset, "testing")
+    as_made = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path))
+    quiet = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path, gain_db=-20.0))
+    assert [s[1] for s in quiet] == [s[1] for s in as_made]  # the same words at the same times
+    loud = np.concatenate([s[0] for s in as_made])
+    assert np.abs(loud).max() < 1.0  # nothing clipped, so the quiet one is exactly a tenth
+    np.testing.assert_allclose(np.concatenate([s[0] for s in quiet]), loud / 10, rtol=1e-6, atol=1e-9)
+
+
 def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
 
@@ -296,6 +306,7 @@ def test_eval_stream_json_reports_the_issue_keys_and_writes_the_det_png(dataset,
     assert 0 < result["keyword_free_hours"] < result["hours"] == pytest.approx(1 / 60)
     assert result["clips"] == 12 and result["minutes"] == pytest.approx(1.0)
     assert [s["seed"] for s in result["per_seed"]] == [0, 1]
+    assert result["gain_db"] == 0.0
     assert [r["window_s"] for r in result["readouts"]] == [1.0, 0.5]
     assert result["det_curve"] == result["readouts"][0]["det_curve"]
     recalls = [p["recall"] for p in result["det_curve"]]
@@ -306,6 +317,18 @@ def test_eval_stream_json_reports_the_issue_keys_and_writes_the_det_png(dataset,
     assert at_run["false_alarms_per_hour"] == pytest.approx(result["false_alarms_per_hour"])
     assert any((tmp_path / "speech").iterdir())  # sentences were rendered into the cache
     read_png(png.read_bytes())
+
+
+def test_eval_stream_at_a_gain_says_so_and_reports_it(dataset, tiny_edge_model_path, tmp_path, capsys):
+    args = ["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset), "--minutes",
+            "0.3", "--words", "yes,no,up", "--speech-cache", str(tmp_path), "--det-png", "", "--gain-db"]
+    assert main([*args, "-20"]) == 0
+    assert "played -20 dB" in capsys.readouterr().out
+    assert main([*args, "-20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gain_db"] == -20.0
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "-61"])
+    assert stop.value.code == 2 and "-60 to 40 dB" in capsys.readouterr().err
 
 
 def test_eval_stream_prints_each_error_type_for_a_reader(dataset, tiny_edge_model_path, tmp_path,
