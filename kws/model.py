@@ -639,8 +639,10 @@ def _weight_mismatch(model: MGRADE, state_dict: dict) -> str:
 def average_models(paths: "list[str | Path]") -> tuple[MGRADE, dict]:
     """(model, meta): the uniform average of the weights of several fine-tunes of one model (a
     "model soup", Wortsman et al. 2022), with every tap at the rounded mean of its positions, an
-    integer delay as inference reads it. Per-word thresholds and their long window are not carried
-    over: they belong to one set of weights and are chosen again for the average."""
+    integer delay as inference reads it, run with the first checkpoint's settings (fine-tunes may
+    change what does not change the shape, such as `power_floor`). Per-word thresholds and their
+    long window are not carried over: they belong to one set of weights and are chosen again for
+    the average."""
     if len(paths) < 2:
         raise CheckpointError("averaging needs at least two checkpoints")
     checkpoints = [read_checkpoint(p) for p in paths]

@@ -658,7 +658,8 @@ def register(sub):
 
     p = sub.add_parser("average", help="average the weights of fine-tunes of one model (a model soup)")
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="two or more fine-tunes of one "
-                   "model, e.g. `kws train --init M --seed N` for several N (M itself may be one)")
+                   "model, e.g. `kws train --init M --seed N` for several N (M itself may be one); the "
+                   "average runs with the first one's settings (--set ones such as power_floor)")
     p.add_argument("--out", required=True, help="where to save the averaged checkpoint (choose its "
                    "thresholds again: kws eval-stream --choose-thresholds, kws export --thresholds)")
     p.set_defaults(func=run_average)

@@ -1,6 +1,7 @@
 """Checkpoints: a saved model loads back identical, and anything else is refused with a
 CheckpointError that says what is wrong, without ever running code from the file."""
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -239,6 +240,16 @@ def test_averaging_one_model_with_itself_changes_no_output(saved):
     audio = torch.randn(1, 4000, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.allclose(model(audio), load_model(saved)(audio), atol=1e-6)
+
+
+def test_the_average_runs_with_the_first_checkpoints_settings(tmp_path):
+    base = small_model()
+    lower = MGRADE(dataclasses.replace(base.cfg, power_floor=1e-8)).eval()
+    lower.load_state_dict(base.state_dict())
+    save_model(base, tmp_path / "base.pt")
+    save_model(lower, tmp_path / "lower.pt")
+    assert average_models([tmp_path / "lower.pt", tmp_path / "base.pt"])[0].cfg.power_floor == 1e-8
+    assert average_models([tmp_path / "base.pt", tmp_path / "lower.pt"])[0].cfg.power_floor == 1e-6
 
 
 def test_averaging_refuses_different_models_and_different_licences(saved, tmp_path):
