@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioError, fit_length, load_audio
+from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioError, at_gain, fit_length, load_audio
 from kws.errors import KwsError
 from kws.labels import WORDS
 
@@ -308,7 +308,7 @@ class TrainingBatches:
         if self.masks > 0 and self.rng.random() < self.masks:
             x = self._mask(x)
         if self.quieter_db > 0 or self.louder_db > 0:
-            x = x * np.float32(10 ** (self.rng.uniform(-self.quieter_db, self.louder_db) / 20))
+            x = at_gain(x, self.rng.uniform(-self.quieter_db, self.louder_db))
         return np.clip(x, -1, 1), label, word_free
 
     def _onset(self, noise: np.ndarray) -> np.ndarray:
