@@ -587,13 +587,13 @@ def long_run_check(model, data: Path, split: str, minutes: float, seeds: list[in
     compare_s, total_s = compare_minutes * 60, minutes * 60
     seed = seeds[0]
 
+    def part(seconds: float, part_seed: int, start_s: float = 0.0):
+        return stream_slots(clips, noise, seconds, part_seed, start_s=start_s,
+                            speech_cache=speech_cache, gain_db=gain_db)
+
     def slots():
-        return itertools.chain(
-            stream_slots(clips, noise, compare_s, seed, speech_cache=speech_cache, gain_db=gain_db),
-            stream_slots(clips, noise, total_s - 2 * compare_s, seed + 1, start_s=compare_s,
-                         speech_cache=speech_cache, gain_db=gain_db),
-            stream_slots(clips, noise, compare_s, seed, start_s=total_s - compare_s,
-                         speech_cache=speech_cache, gain_db=gain_db))
+        return itertools.chain(part(compare_s, seed), part(total_s - 2 * compare_s, seed + 1, compare_s),
+                               part(compare_s, seed, total_s - compare_s))
 
     # A first pass renders every sentence into the cache, so that the memory watched is the
     # detector's and the stream's, not the TTS engines'.
