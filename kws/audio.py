@@ -139,3 +139,38 @@ def at_gain(audio: np.ndarray, db: float) -> np.ndarray:
     """`audio` `db` dB louder (negative: quieter), clipped at full scale as a converter clips it:
     what a microphone set higher or lower, or a talker nearer or farther, would have recorded."""
     return np.clip(audio * np.float32(10 ** (db / 20)), -1, 1).astype(np.float32)
+
+
+FILTER_PAD = 4096  # samples of silence each side: a smooth response's ringing dies out well within
+
+
+def equalized(audio: np.ndarray, gain_at_hz) -> np.ndarray:
+    """`audio` (..., samples) through a zero-phase filter whose amplitude gain at f Hz is
+    `gain_at_hz(f)` (f an array from 0 to Nyquist), clipped at full scale: what a microphone with
+    that frequency response would have recorded. Padded with silence, so nothing wraps around."""
+    audio = np.asarray(audio, dtype=np.float32)
+    n = audio.shape[-1]
+    size = 1 << (n + 2 * FILTER_PAD - 1).bit_length()
+    padded = np.pad(audio, [(0, 0)] * (audio.ndim - 1) + [(FILTER_PAD, FILTER_PAD)])
+    spectrum = np.fft.rfft(padded, size) * gain_at_hz(np.fft.rfftfreq(size, 1 / SAMPLE_RATE))
+    out = np.fft.irfft(spectrum, size)[..., FILTER_PAD:FILTER_PAD + n]
+    return np.clip(out, -1, 1).astype(np.float32)
+
+
+def band_gain(hz: np.ndarray, low_hz: float = 0.0, high_hz: float | None = None, order: int = 4) -> np.ndarray:
+    """The amplitude response of Butterworth high-pass (corner `low_hz`) and low-pass (`high_hz`)
+    filters of `order` in series: -3 dB at each corner, then 6 * order dB an octave."""
+    gain = np.ones_like(hz, dtype=np.float64)
+    if low_hz > 0:
+        with np.errstate(divide="ignore"):
+            gain /= np.sqrt(1 + (low_hz / np.asarray(hz, dtype=np.float64)) ** (2 * order))
+    if high_hz is not None:
+        gain /= np.sqrt(1 + (np.asarray(hz, dtype=np.float64) / high_hz) ** (2 * order))
+    return gain
+
+
+def through_band(audio: np.ndarray, low_hz: float, high_hz: float) -> np.ndarray:
+    """`audio` as a microphone that hears only `low_hz` to `high_hz` would record it (a
+    telephone: 300 to 3,400 Hz; a small laptop microphone loses the bass below a few hundred)."""
+    return equalized(audio, lambda hz: band_gain(hz, low_hz, high_hz if high_hz < SAMPLE_RATE / 2 else None))
+

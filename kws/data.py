@@ -2,6 +2,7 @@
 kws.labels, which needs no torch)."""
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioError, at_gain, fit_length, load_audio
+from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioError, at_gain, band_gain, equalized, fit_length, load_audio
 from kws.errors import KwsError
 from kws.labels import WORDS
 
@@ -167,7 +168,10 @@ class TrainingBatches:
     slots of an evaluation stream meet. `quieter_db` and `louder_db` move the whole example's
     level by a draw from -quieter_db to +louder_db dB (clipped at full scale, as a converter
     clips): a microphone's gain and the talker's distance, which set the level a user's audio
-    arrives at (both 0: off).
+    arrives at (both 0: off). `mic_response` is the share of examples recorded through a random
+    microphone (`microphone_response`): bass lost below 50-600 Hz, treble above 3-7.5 kHz in half
+    of them, and two resonances of up to 10 dB either way, as small and cheap microphones,
+    their housings and a talker's distance colour speech and noise alike.
     """
 
     def __init__(self, real: np.ndarray, real_labels: list[int], synth: np.ndarray,
@@ -178,11 +182,11 @@ class TrainingBatches:
                  sentences: list[np.ndarray] | None = None, sentence_negatives: float = 0.0,
                  noise_onsets: float = 0.0, near_miss_sentences: list[np.ndarray] | None = None,
                  near_misses: float = 0.0, noise_switches: float = 0.0, quieter_db: float = 0.0,
-                 louder_db: float = 0.0):
+                 louder_db: float = 0.0, mic_response: float = 0.0):
         for name, value in {"speech_negatives": speech_negatives, "vtlp": vtlp, "reverb": reverb,
                             "masks": masks, "sentence_negatives": sentence_negatives,
                             "noise_onsets": noise_onsets, "near_misses": near_misses,
-                            "noise_switches": noise_switches}.items():
+                            "noise_switches": noise_switches, "mic_response": mic_response}.items():
             if not 0.0 <= value <= 1.0:
                 raise DataError(f"{name} is a fraction from 0 to 1, not {value}")
         if not (0.0 <= quieter_db <= 60.0 and 0.0 <= louder_db <= 60.0):
@@ -199,7 +203,7 @@ class TrainingBatches:
             raise DataError("near_misses needs near-miss sentences to cut them from")
         self.near_misses = near_misses
         self.vtlp, self.reverb, self.masks, self.noise_onsets = vtlp, reverb, masks, noise_onsets
-        self.noise_switches = noise_switches
+        self.noise_switches, self.mic_response = noise_switches, mic_response
         self.quieter_db, self.louder_db = quieter_db, louder_db
         # Kept apart, not concatenated: each epoch (and each batch worker) builds its own
         # TrainingBatches, and a copy of every clip would cost seconds and a gigabyte each time.
@@ -307,6 +311,8 @@ class TrainingBatches:
             x = x + noise * (level / (np.sqrt(np.mean(noise ** 2)) + 1e-8))
         if self.masks > 0 and self.rng.random() < self.masks:
             x = self._mask(x)
+        if self.mic_response > 0 and self.rng.random() < self.mic_response:
+            x = self._through_microphone(x)
         if self.quieter_db > 0 or self.louder_db > 0:
             x = at_gain(x, self.rng.uniform(-self.quieter_db, self.louder_db))
         return np.clip(x, -1, 1), label, word_free
@@ -343,6 +349,11 @@ class TrainingBatches:
         start = self.context + self.rng.randrange(CLIP_SAMPLES - span)
         x[start:start + span] = 0.0
         return x
+
+    def _through_microphone(self, x: np.ndarray) -> np.ndarray:
+        """x recorded through a random microphone, at its level before (the level is --quieter-db's)."""
+        y = equalized(x, microphone_response(self.rng))
+        return y * np.float32(np.sqrt(np.mean(x ** 2)) / (np.sqrt(np.mean(y ** 2)) + 1e-12))
 
     def state(self) -> str:
         """Where the batches stand, as JSON text: `set_state` continues from here."""
@@ -409,6 +420,25 @@ def synthetic_rir(rt60: float, rng: np.random.Generator) -> np.ndarray:
     rir = tail * (10 ** (rng.uniform(-6, 6) / 20) / (np.sqrt(np.sum(tail ** 2)) + 1e-12))  # reverberant/direct
     rir[0] = 1.0
     return rir
+
+
+def microphone_response(rng: random.Random):
+    """A random microphone's amplitude response, as a function of frequency in Hz: bass lost
+    below a corner at 50-600 Hz (12 dB an octave; small capsules and ports roll off early), in
+    half of them treble lost above 3-7.5 kHz (24 dB an octave; band-limited codecs, cheap
+    capsules), and two resonances (a housing, a desk, proximity) of -10 to +10 dB at 150 Hz to
+    6 kHz, each 0.3-1 octave wide."""
+    low = math.exp(rng.uniform(math.log(50), math.log(600)))
+    high = math.exp(rng.uniform(math.log(3000), math.log(7500))) if rng.random() < 0.5 else None
+    peaks = [(math.exp(rng.uniform(math.log(150), math.log(6000))), rng.uniform(-10, 10), rng.uniform(0.3, 1.0))
+             for _ in range(2)]
+
+    def gain(hz: np.ndarray) -> np.ndarray:
+        octaves = np.log2(np.maximum(hz, 1.0))
+        db = sum(g * np.exp(-0.5 * ((octaves - math.log2(f)) / width) ** 2) for f, g, width in peaks)
+        response = band_gain(hz, low, order=2) * 10 ** (db / 20)
+        return response if high is None else response * band_gain(hz, high_hz=high)
+    return gain
 
 
 def reverberate(x: np.ndarray, rir: np.ndarray) -> np.ndarray:

@@ -61,6 +61,7 @@ class TrainConfig:
     noise_switches: float = 0.0  # share of noisy examples whose noise gives way to another within them
     quieter_db: float = 0.0  # each example's whole level moved by -quieter_db .. +louder_db dB
     louder_db: float = 0.0  # (a microphone's gain, the talker's distance); both 0: off
+    mic_response: float = 0.0  # share of examples recorded through a random microphone's response
     # Loss weight (0: off) for the streaming operating point: of each word-free background
     # example, the 1-s window (every one the detector would read) that least reads background.
     window_negatives: float = 0.0
@@ -209,7 +210,8 @@ def epoch_batches(d: dict, cfg: TrainConfig, epoch: int, rank: int = 0,
                            masks=cfg.masks, sentences=d["sentences"], sentence_negatives=cfg.sentence_negatives,
                            noise_onsets=cfg.noise_onsets, near_miss_sentences=d["near_miss_sentences"],
                            near_misses=cfg.near_misses, noise_switches=cfg.noise_switches,
-                           quieter_db=cfg.quieter_db, louder_db=cfg.louder_db)
+                           quieter_db=cfg.quieter_db, louder_db=cfg.louder_db,
+                           mic_response=cfg.mic_response)
 
 
 class WorkerBatches(torch.utils.data.IterableDataset):
@@ -305,6 +307,7 @@ def check_config(cfg: TrainConfig, world: int = 1) -> int:
                  "--noise-switches": (cfg.noise_switches, 0.0, 1.0, True),
                  "--vtlp": (cfg.vtlp, 0.0, 1.0, True), "--reverb": (cfg.reverb, 0.0, 1.0, True),
                  "--masks": (cfg.masks, 0.0, 1.0, True), "--noise-onsets": (cfg.noise_onsets, 0.0, 1.0, True),
+                 "--mic-response": (cfg.mic_response, 0.0, 1.0, True),
                  "--label-smoothing": (cfg.label_smoothing, 0.0, 1.0, False),
                  "--rounded-fraction": (cfg.rounded_fraction, 0.0, 1.0, False)}
     for flag, (value, low, high, high_ok) in fractions.items():

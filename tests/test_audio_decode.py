@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from app.hardening import encoded, silence_flac
-from kws.audio import MAX_CHANNELS, MAX_RATE, AudioError, at_gain, decode
+from kws.audio import MAX_CHANNELS, MAX_RATE, AudioError, at_gain, decode, equalized, through_band
 
 
 def unknown_length(flac: bytes) -> bytes:
@@ -105,3 +105,21 @@ def test_at_gain_moves_the_level_by_decibels_and_clips_at_full_scale():
     np.testing.assert_allclose(at_gain(x, -20.0), x / 10, rtol=1e-6)
     np.testing.assert_allclose(at_gain(x, 20.0), [1.0, -1.0, 0.5], rtol=1e-6)
     assert at_gain(x, 6.0).dtype == np.float32
+
+
+def test_equalized_audio_keeps_the_length_and_a_flat_response_gives_it_back():
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (3, 1000)).astype(np.float32)
+    np.testing.assert_allclose(equalized(x, np.ones_like), x, atol=1e-6)
+    quiet = equalized(x, lambda hz: np.full_like(hz, 0.1))
+    assert quiet.shape == x.shape and quiet.dtype == np.float32
+    np.testing.assert_allclose(quiet, x / 10, atol=1e-6)
+
+
+@pytest.mark.parametrize("hz, expected_db", [(1000, 0.0), (300, -3.0), (3400, -3.0), (150, -24.1), (6800, -24.1)])
+def test_a_band_passes_its_middle_and_falls_24_db_an_octave_beyond_its_corners(hz, expected_db):
+    t = np.arange(32000) / 16000
+    x = (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+    y = through_band(x, 300, 3400)
+    middle = slice(4000, -4000)  # away from the ends, where the tone starts and stops
+    db = 20 * np.log10(np.sqrt(np.mean(y[middle] ** 2)) / np.sqrt(np.mean(x[middle] ** 2)))
+    assert db == pytest.approx(expected_db, abs=0.2)

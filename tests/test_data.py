@@ -579,7 +579,7 @@ def test_noise_switches_make_the_noise_give_way_to_another_recording_once_within
     assert np.mean(switched) > 0.3  # about half switch to the other recording (else to another stretch)
 
 
-@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets", "noise_switches"])
+@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets", "noise_switches", "mic_response"])
 def test_each_augmentation_is_off_by_default_and_changes_the_examples_when_on(training_arrays, option):
     plain_a, plain_b = batches(training_arrays, seed=4), batches(training_arrays, seed=4, **{option: 0.0})
     xa, ya, _ = plain_a.batch(16)
@@ -590,6 +590,29 @@ def test_each_augmentation_is_off_by_default_and_changes_the_examples_when_on(tr
     assert xc.abs().max() <= 1.0
 
 
+def tone_levels_db(mic_response: float, seed: int = 3) -> np.ndarray:
+    """(40-Hz level - 1-kHz level) in dB of 64 background examples of noise that holds both
+    tones equally loud."""
+    t = np.arange(3 * 16000) / 16000
+    noise = [(np.sin(2 * np.pi * 40 * t) + np.sin(2 * np.pi * 1000 * t)).astype(np.float32)]
+    clips = np.stack([tone_burst(), tone_burst()])
+    b = TrainingBatches(clips, [0, 0], clips[:0], [], noise, len(LABELS), BG, seed=seed,
+                        background_weight=1000.0, mic_response=mic_response)
+    x, y, _ = b.batch(64)
+    assert (y.numpy() == BG).all()
+    spectrum = np.abs(np.fft.rfft(x.numpy() * np.hanning(x.shape[1]), axis=1))
+    hz = np.fft.rfftfreq(x.shape[1], 1 / 16000)
+    level = lambda f: 20 * np.log10(spectrum[:, np.argmin(np.abs(hz - f))])
+    return level(40) - level(1000)
+
+
+def test_a_random_microphone_loses_the_bass_and_colours_each_example_differently():
+    flat, coloured = tone_levels_db(0.0), tone_levels_db(1.0)
+    assert np.abs(flat).max() < 0.5  # no microphone: the two tones as loud as each other
+    assert np.median(coloured) < -8  # corners at 50-600 Hz: 40 Hz always loses at least 5 dB
+    assert coloured.std() > 3  # each example its own microphone
+
+
 def test_a_masked_example_has_a_silent_span_in_its_target(training_arrays):
     x, _, _ = batches(training_arrays, seed=5, masks=1.0, context_s=0.5).batch(8)
     for example in x.numpy():
@@ -598,7 +621,7 @@ def test_a_masked_example_has_a_silent_span_in_its_target(training_arrays):
         assert zero_runs.max() - 1 >= 160  # at least 10 ms of exact silence
 
 
-@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets", "noise_switches"])
+@pytest.mark.parametrize("option", ["vtlp", "reverb", "masks", "noise_onsets", "noise_switches", "mic_response"])
 def test_augmentation_shares_outside_0_to_1_are_refused(training_arrays, option):
     with pytest.raises(DataError, match=option):
         batches(training_arrays, **{option: 1.5})

@@ -360,15 +360,15 @@ def test_near_misses_are_off_unless_asked_for_and_kws_train_passes_the_near_miss
 
 
 def test_augmentations_are_off_by_default_and_kws_train_passes_them(speech_commands, tmp_path, monkeypatch):
-    names = ("vtlp", "reverb", "masks", "noise_onsets", "noise_switches")
+    names = ("vtlp", "reverb", "masks", "noise_onsets", "noise_switches", "mic_response")
     assert all(getattr(TrainConfig(), name) == 0.0 for name in names)
     seen = {name: batches_option(monkeypatch, name) for name in names}
     code = main(["train", "--data", str(speech_commands.root), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
                  "--examples-per-epoch", "8", "--batch-size", "8", "--warmup-steps", "1",
                  "--vtlp", "0.3", "--reverb", "0.4", "--masks", "0.5", "--noise-onsets", "0.6",
-                 "--noise-switches", "0.7", *TINY_SET])
+                 "--noise-switches", "0.7", "--mic-response", "0.8", *TINY_SET])
     assert code == 0 and seen == {"vtlp": [0.3], "reverb": [0.4], "masks": [0.5], "noise_onsets": [0.6],
-                                  "noise_switches": [0.7]}
+                                  "noise_switches": [0.7], "mic_response": [0.8]}
 
 
 # ----------------------------------------------------------------------------- a tiny run
@@ -653,6 +653,7 @@ def test_resume_with_other_model_settings_is_a_clear_error(speech_commands, tmp_
     ["--noise-onsets", "1.5"],
     ["--near-misses", "1.5"],
     ["--noise-switches", "-0.5"],
+    ["--mic-response", "1.5"],
     ["--quieter-db", "-3"],
     ["--louder-db", "70"],
     ["--set", "power_floor=0"],
