@@ -1,7 +1,9 @@
-"""Audio constants and decoding: every path into kws reads audio through here."""
+"""Audio constants and decoding (every path into kws reads audio through here), and what
+another microphone would have recorded: louder or quieter, or through a narrower band."""
 
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +176,29 @@ def through_band(audio: np.ndarray, low_hz: float, high_hz: float) -> np.ndarray
     telephone: 300 to 3,400 Hz; a small laptop microphone loses the bass below a few hundred)."""
     return equalized(audio, lambda hz: band_gain(hz, low_hz, high_hz if high_hz < SAMPLE_RATE / 2 else None))
 
+
+@dataclass(frozen=True)
+class Microphone:
+    """How evaluation plays audio to the model, as another microphone would have recorded it:
+    only the band `band_hz` (low, high) heard (`through_band`; None: all of it), then `gain_db`
+    louder or quieter and clipped at full scale (`at_gain`). The default changes nothing."""
+    gain_db: float = 0.0
+    band_hz: tuple[float, float] | None = None
+
+    def record(self, audio: np.ndarray) -> np.ndarray:
+        if self.band_hz is not None:
+            audio = through_band(audio, *self.band_hz)
+        return at_gain(audio, self.gain_db)
+
+    def report(self) -> dict:
+        """The JSON keys of a report that say how its audio was played: gain_db, band_hz."""
+        return {"gain_db": self.gain_db, "band_hz": list(self.band_hz) if self.band_hz else None}
+
+    @classmethod
+    def of_report(cls, report: dict) -> "Microphone":
+        return cls(report["gain_db"], tuple(report["band_hz"]) if report.get("band_hz") else None)
+
+    def describe(self) -> str:
+        """'' for the default, else e.g. ', played -20 dB, through 300-3400 Hz' for a report."""
+        return ((f", played {self.gain_db:+g} dB" if self.gain_db else "")
+                + (f", through {self.band_hz[0]:g}-{self.band_hz[1]:g} Hz" if self.band_hz else ""))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kws.audio import CLIP_SAMPLES, at_gain
+from kws.audio import CLIP_SAMPLES, Microphone
 from kws.data import load_clips, noise_segment, read_noise, read_split
 from kws.labels import BACKGROUND, CORE_WORDS, WELL_COVERED, WORDS
 from kws.errors import KwsError
@@ -78,10 +78,10 @@ def accuracy_report(truth: list[str], predicted: list[str], labels) -> dict:
 
 
 def evaluate(model: "MGRADE | list[MGRADE]", data, split: str = "testing", seed: int = 0,
-             rounding: bool = True, gain_db: float = 0.0) -> dict:
+             rounding: bool = True, mic: Microphone = Microphone()) -> dict:
     """The report of one model, or of several as an ensemble: the average of their logits (what
-    `kws train --anchor` with several models learns from), on the clips played `gain_db` louder
-    (`kws.audio.at_gain`). The Gaussian-taps comparison (`rounding`) is one model's."""
+    `kws train --anchor` with several models learns from), on the clips as `mic` records them.
+    The Gaussian-taps comparison (`rounding`) is one model's."""
     models = model if isinstance(model, list) else [model]
     labels = models[0].cfg.labels
     missing = [w for w in WORDS + (BACKGROUND,) if w not in labels]
@@ -90,15 +90,14 @@ def evaluate(model: "MGRADE | list[MGRADE]", data, split: str = "testing", seed:
     if any(m.cfg.labels != labels for m in models[1:]):
         raise KwsError("an ensemble's models must read the same labels in the same order")
     audio, truth = split_audio(data, split, seed)
-    if gain_db:
-        audio = at_gain(audio, gain_db)
+    audio = mic.record(audio)
     for m in models:
         m.eval()
     logits = torch.stack([clip_logits(m, audio) for m in models]).mean(0)
     predicted = [labels[i] for i in logits.argmax(-1).tolist()]
     report = accuracy_report(truth, predicted, labels)
     confusion = report.pop("confusion")
-    result = {"split": split, "gain_db": gain_db, **report, "models": len(models),
+    result = {"split": split, **mic.report(), **report, "models": len(models),
               "parameters": sum(parameter_count(m) for m in models),
               "footprint_bytes": sum(footprint_bytes(m) for m in models), "labels": list(labels),
               "confusion": confusion}
@@ -164,7 +163,7 @@ def plot_confusion(result: dict, path: Path):
 def print_report(result: dict):
     print(f"{result['split']} split: {result['clips']} word clips, {result['silence_clips']} silence clips"
           + (f", an ensemble of {result['models']} models" if result["models"] > 1 else "")
-          + (f", played {result['gain_db']:+g} dB" if result["gain_db"] else ""))
+          + Microphone.of_report(result).describe())
     print(f"  35-word accuracy      {result['accuracy']:.4f}")
     well, scarce = len(WELL_COVERED), len(WORDS) - len(WELL_COVERED)
     print(f"  {well} well-covered words {result['accuracy_well_covered']:.4f}")
@@ -189,7 +188,7 @@ def run(args):
         pyplot()  # without matplotlib, say so before the evaluation rather than after it
     models = [load(path) for path in args.model] if args.model else [load()]
     result = evaluate(models, args.data, args.split, seed=args.seed, rounding=not args.no_rounding,
-                      gain_db=args.gain_db)
+                      mic=Microphone(args.gain_db, args.band_hz))
     if args.confusion:
         plot_confusion(result, Path(args.confusion))
     if args.json:
@@ -201,7 +200,7 @@ def run(args):
 
 
 def register(sub):
-    from kws.listen import gain_db
+    from kws.listen import band_hz, gain_db
 
     p = sub.add_parser("eval", help="clip accuracy on a Speech Commands split")
     p.add_argument("--model", nargs="+", metavar="MODEL",
@@ -216,6 +215,10 @@ def register(sub):
     p.add_argument("--gain-db", type=gain_db, default=0.0, metavar="DB",
                    help="play every clip this many dB louder, or quieter if negative (clipped at "
                         "full scale): how the model copes with a quiet or a hot microphone (0)")
+    p.add_argument("--band-hz", type=band_hz, metavar="LOW,HIGH",
+                   help="play every clip through a band-pass filter (Butterworth, 4th order each side), "
+                        "e.g. 300,3400 (a telephone) or 500,8000 (a small microphone that loses the bass); "
+                        "0 as LOW: no bass cut (default: the whole band)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--with-confusion", action="store_true", help="include the matrix in --json")
     p.set_defaults(func=run)

@@ -373,6 +373,18 @@ def gain_db(text: str) -> float:
     return value
 
 
+def band_hz(text: str) -> tuple[float, float]:
+    """An argparse type: 'LOW,HIGH' in Hz, 0 <= LOW < HIGH <= 8000 (what --band-hz takes)."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        low = high = math.nan
+    if not 0 <= low < high <= SAMPLE_RATE / 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH in Hz with 0 <= LOW < HIGH <= "
+                                         f"{SAMPLE_RATE // 2}")
+    return low, high
+
+
 def register(sub):
     from kws.cli import COMMANDS
 

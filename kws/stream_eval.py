@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kws.audio import SAMPLE_RATE, at_gain, load_audio
+from kws.audio import SAMPLE_RATE, Microphone, load_audio
 from kws.data import read_noise, read_split, word_bounds
 from kws.labels import WELL_COVERED
 from kws.errors import KwsError
@@ -100,11 +100,11 @@ def noise_piece(noise: list[np.ndarray], length: int, rng: np.random.Generator) 
 
 
 def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int,
-                 start_s: float = 0.0, speech_cache: Path | None = None, gain_db: float = 0.0
+                 start_s: float = 0.0, speech_cache: Path | None = None, mic: Microphone = Microphone()
                  ) -> Iterator[tuple[np.ndarray, list[Placement]]]:
     """Seeded slots of a test stream, generated one at a time (constant memory), until
-    `seconds` of audio: (audio, placements in stream time counted from `start_s`), all of it
-    `gain_db` louder than its levels below (`kws.audio.at_gain`). Sentences are rendered into
+    `seconds` of audio: (audio, placements in stream time counted from `start_s`), each slot
+    as `mic` records it (its levels below then `mic`'s band and gain). Sentences are rendered into
     (or read from) `speech_cache` (default: kws.speech.default_cache())."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(clips))
@@ -116,7 +116,7 @@ def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int,
         background = noise_piece(noise, length, rng)
         kind = rng.random()
         if kind < KEYWORD_FREE_SLOTS or length < 2 * SAMPLE_RATE:
-            yield at_gain(background * 10 ** (rng.uniform(*QUIET_DBFS) / 20), gain_db), []
+            yield mic.record(background * 10 ** (rng.uniform(*QUIET_DBFS) / 20)), []
             made += length
             continue
         if kind < KEYWORD_FREE_SLOTS + SPEECH_SLOTS:
@@ -135,7 +135,7 @@ def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int,
         audio[at:at + len(speech)] += speech
         first, last = word_bounds(speech)
         t0 = start_s + (made + at) / SAMPLE_RATE
-        yield (at_gain(audio, gain_db),
+        yield (mic.record(audio),
                [Placement(label, t0 + first / SAMPLE_RATE, t0 + last / SAMPLE_RATE)])
         made += length
 
@@ -392,13 +392,13 @@ def choose_thresholds(model, runs: list[StreamRun], words, window_s: float, refr
             **{k: summary[k] for k in DET_KEYS + ("latency_ms_p90", "recall_per_word")}}
 
 
-def clip_accuracy(model, clips, seed: int, batch: int = 64, gain_db: float = 0.0) -> dict:
-    """Clip accuracy (mean-logit readout over each clip's own steps, the clips `gain_db`
-    louder) with the stream state reset before every clip to the state a stream starts in
+def clip_accuracy(model, clips, seed: int, batch: int = 64, mic: Microphone = Microphone()) -> dict:
+    """Clip accuracy (mean-logit readout over each clip's own steps, the clips as `mic`
+    records them) with the stream state reset before every clip to the state a stream starts in
     (`model.primed_state`, what `classify` does), and carried from one clip to the next in a
     seeded order."""
     order = np.random.default_rng(seed).permutation(len(clips))
-    audio = [at_gain(np.pad(a, (0, max(0, SAMPLE_RATE - len(a))))[:SAMPLE_RATE], gain_db)
+    audio = [mic.record(np.pad(a, (0, max(0, SAMPLE_RATE - len(a))))[:SAMPLE_RATE])
              for a in (load_audio(clips[i].path) for i in order)]
     labels = [model.cfg.labels.index(clips[i].label) for i in order]
     reset, carried = [], []
@@ -518,7 +518,7 @@ def _state_max(detector: Detector) -> float:
 def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], words, threshold,
              window_s: list[float], refractory_s: float, peak_wait_s: float,
              long_window_s: float | None, det_png: Path | None, speech_cache: Path | None,
-             gain_db: float = 0.0, choose: bool = False) -> dict:
+             mic: Microphone = Microphone(), choose: bool = False) -> dict:
     """One stream per seed through a Detector with the first readout window, scored together;
     the DET curve and operating point of every window in `window_s`, from the same logits;
     with `choose`, per-word thresholds for the first window (`choose_thresholds`)."""
@@ -533,7 +533,7 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
                             refractory_s=refractory_s, peak_wait_s=peak_wait_s,
                             long_window_s=long_window_s)
         runs.append(run_stream(detector, stream_slots(clips, noise, minutes * 60, seed,
-                                                      speech_cache=speech_cache, gain_db=gain_db),
+                                                      speech_cache=speech_cache, mic=mic),
                                record_logits=True))
     tallies = [score(r.detections, r.placements, words, r.seconds) for r in runs]
     result = sum(tallies, Tally()).summary()
@@ -546,7 +546,7 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
     used = detector.thresholds
     result.update({
         "split": split, "minutes": sum(r.seconds for r in runs) / 60, "seeds": list(seeds),
-        "gain_db": gain_db,
+        **mic.report(),
         "threshold": used.popitem()[1] if len(set(used.values())) == 1 else used,
         "window_s": window_s[0], "long_window_s": detector.long_window_s, "refractory_s": refractory_s,
         "peak_wait_s": peak_wait_s, "words": list(words),
@@ -564,7 +564,7 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
         result["chosen_thresholds"] = choose_thresholds(engine, runs, words, window_s[0],
                                                         refractory_s, peak_wait_s,
                                                         long_window_s=long_window_s)
-    result.update(clip_accuracy(model, clips, seeds[0], gain_db=gain_db))
+    result.update(clip_accuracy(model, clips, seeds[0], mic=mic))
     if det_png:
         write_png(det_png, det_image(result["det_curve"], result),
                   "DET curve of kws eval-stream: x false alarms per hour of keyword-free audio "
@@ -576,7 +576,7 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
 def long_run_check(model, data: Path, split: str, minutes: float, seeds: list[int], words,
                    threshold, window_s: list[float], refractory_s: float, peak_wait_s: float,
                    long_window_s: float | None, speech_cache: Path | None, compare_minutes: float,
-                   gain_db: float = 0.0) -> dict:
+                   mic: Microphone = Microphone()) -> dict:
     """One stream of `minutes`: the same `compare_minutes` of audio at its start and its end,
     other audio between. Passes when memory stays within 5 MB after the first compare window
     and the end scores no worse than the start (same audio, so only the carried state differs)."""
@@ -589,7 +589,7 @@ def long_run_check(model, data: Path, split: str, minutes: float, seeds: list[in
 
     def part(seconds: float, part_seed: int, start_s: float = 0.0):
         return stream_slots(clips, noise, seconds, part_seed, start_s=start_s,
-                            speech_cache=speech_cache, gain_db=gain_db)
+                            speech_cache=speech_cache, mic=mic)
 
     def slots():
         return itertools.chain(part(compare_s, seed), part(total_s - 2 * compare_s, seed + 1, compare_s),
@@ -617,7 +617,7 @@ def long_run_check(model, data: Path, split: str, minutes: float, seeds: list[in
                 and last["substitution_rate"] <= first["substitution_rate"]
                 and last["false_alarms_per_hour"] <= first["false_alarms_per_hour"])
     return {
-        "minutes": run.seconds / 60, "compare_minutes": compare_minutes, "gain_db": gain_db,
+        "minutes": run.seconds / 60, "compare_minutes": compare_minutes, **mic.report(),
         "long_window_s": detector.long_window_s,
         "rss_after_warmup_bytes": baseline, "rss_growth_bytes": growth,
         "memory_flat": growth <= MEMORY_TOLERANCE_BYTES,
@@ -648,7 +648,7 @@ def _print_report(r: dict):
           f"{_thresholds_text(r['threshold'])}, window {r['window_s']} s"
           + (f" and {r['long_window_s']:g} s" if r['long_window_s'] else "")
           + f", refractory {r['refractory_s']} s, peak wait {r['peak_wait_s']} s"
-          + (f", played {r['gain_db']:+g} dB" if r["gain_db"] else ""))
+          + Microphone.of_report(r).describe())
     print(f"keywords: {r['hits']} hits ({r['recall']:.1%}), {r['substitutions']} substitutions "
           f"({r['substitution_rate']:.1%}), {r['misses']} misses")
     print(f"false alarms: {r['false_alarms']} in {r['keyword_free_hours']:.2f} h of keyword-free "
@@ -702,7 +702,7 @@ def eval_stream(args) -> int:
                   window_s=args.window_s, refractory_s=args.refractory_s,
                   peak_wait_s=args.peak_wait_s, long_window_s=args.long_window_s,
                   speech_cache=Path(args.speech_cache) if args.speech_cache else None,
-                  gain_db=args.gain_db)
+                  mic=Microphone(args.gain_db, args.band_hz))
     if args.long_run_check:
         result = long_run_check(**common, compare_minutes=args.compare_minutes)
         if args.json:
@@ -756,7 +756,7 @@ def _numbers(kind, what: str):
 
 
 def register(sub):
-    from kws.listen import argument, gain_db, positive
+    from kws.listen import argument, band_hz, gain_db, positive
 
     p = sub.add_parser("eval-stream", help="hits, substitutions, misses, false alarms per hour "
                        "and latency on long test streams through the live detection path")
@@ -804,6 +804,10 @@ def register(sub):
     p.add_argument("--gain-db", type=gain_db, default=0.0, metavar="DB",
                    help="play the whole stream this many dB louder, or quieter if negative (clipped "
                         "at full scale): how detection copes with a quiet or a hot microphone (0)")
+    p.add_argument("--band-hz", type=band_hz, metavar="LOW,HIGH",
+                   help="play the whole stream through a band-pass filter (Butterworth, 4th order each "
+                        "side), e.g. 300,3400 (a telephone) or 500,8000 (a small microphone that loses "
+                        "the bass); 0 as LOW: no bass cut (default: the whole band)")
     p.add_argument("--threads", type=positive(int), default=1, help="torch threads (1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=eval_stream)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from kws.audio import Microphone, through_band
 from kws.cli import main
 from kws.data import NOISE_DIR, load_clips, read_split
 from kws.labels import BACKGROUND, CORE_WORDS, LABELS, WORDS
@@ -92,7 +93,7 @@ def test_rounding_effect_compares_gaussian_taps_with_integer_delays(tiny_result)
 
 def test_clips_played_quieter_are_the_clips_at_that_gain(speech_commands, tiny_result):
     model, at_recorded_level = tiny_result
-    quiet = evaluate(model, speech_commands.root, "testing", rounding=False, gain_db=-40.0)
+    quiet = evaluate(model, speech_commands.root, "testing", rounding=False, mic=Microphone(-40.0))
     assert quiet["gain_db"] == -40.0 and at_recorded_level["gain_db"] == 0.0
     audio, _ = split_audio(speech_commands.root, "testing")
     expected = clip_logits(model, (audio * np.float32(0.01)).astype(np.float32)).argmax(-1)
@@ -107,6 +108,24 @@ def test_kws_eval_with_a_gain_outside_its_range_exits_2_naming_it(speech_command
         main(["eval", "--model", str(tiny_model_path), "--data", str(speech_commands.root), "--gain-db", gain])
     assert stop.value.code == 2
     assert "-60 to 40 dB" in capsys.readouterr().err
+
+
+def test_clips_through_a_band_are_the_clips_filtered_to_it(speech_commands, tiny_result):
+    model, whole_band = tiny_result
+    banded = evaluate(model, speech_commands.root, "testing", rounding=False, mic=Microphone(band_hz=(300, 3400)))
+    assert banded["band_hz"] == [300, 3400] and whole_band["band_hz"] is None
+    audio, _ = split_audio(speech_commands.root, "testing")
+    expected = clip_logits(model, through_band(audio, 300, 3400)).argmax(-1)
+    assert np.array_equal(np.sum(banded["confusion"], 0), np.bincount(expected.numpy(), minlength=len(LABELS))
+                          [[LABELS.index(w) for w in banded["labels"]]])
+
+
+@pytest.mark.parametrize("band", ["3400,300", "300", "-1,3400", "300,9000", "a,b"])
+def test_kws_eval_with_a_band_that_is_not_one_exits_2_naming_the_form(speech_commands, tiny_model_path, capsys, band):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--model", str(tiny_model_path), "--data", str(speech_commands.root), f"--band-hz={band}"])
+    assert stop.value.code == 2
+    assert "LOW,HIGH in Hz" in capsys.readouterr().err
 
 
 def test_to_12_keeps_the_ten_core_words_and_maps_the_rest_to_unknown_or_silence():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from kws.audio import Microphone, through_band
 from kws.cli import main
 from kws.data import read_noise, read_split
 from conftest import tiny_model
@@ -77,11 +78,21 @@ def test_stream_slots_are_seeded_and_place_each_word_and_sentence_where_its_audi
 def test_a_stream_played_quieter_is_the_same_stream_that_many_db_down(dataset, tmp_path):
     clips, noise = read_split(dataset, "testing"), read_noise(dataset, "testing")
     as_made = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path))
-    quiet = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path, gain_db=-20.0))
+    quiet = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path, mic=Microphone(-20.0)))
     assert [s[1] for s in quiet] == [s[1] for s in as_made]  # the same words at the same times
     loud = np.concatenate([s[0] for s in as_made])
     assert np.abs(loud).max() < 1.0  # nothing clipped, so the quiet one is exactly a tenth
     np.testing.assert_allclose(np.concatenate([s[0] for s in quiet]), loud / 10, rtol=1e-6, atol=1e-9)
+
+
+def test_a_stream_through_a_band_is_each_slot_of_the_same_stream_filtered_to_it(dataset, tmp_path):
+    clips, noise = read_split(dataset, "testing"), read_noise(dataset, "testing")
+    as_made = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path))
+    banded = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path, mic=Microphone(band_hz=(500, 8000))))
+    assert [s[1] for s in banded] == [s[1] for s in as_made]
+    for (filtered, _), (original, _) in zip(banded, as_made):
+        np.testing.assert_allclose(filtered, through_band(original, 500, 8000), atol=1e-6)
+    assert rms(np.concatenate([s[0] for s in banded])) < rms(np.concatenate([s[0] for s in as_made]))
 
 
 def rms(x: np.ndarray) -> float:
@@ -329,6 +340,18 @@ def test_eval_stream_at_a_gain_says_so_and_reports_it(dataset, tiny_edge_model_p
     with pytest.raises(SystemExit) as stop:
         main([*args, "-61"])
     assert stop.value.code == 2 and "-60 to 40 dB" in capsys.readouterr().err
+
+
+def test_eval_stream_through_a_band_says_so_and_reports_it(dataset, tiny_edge_model_path, tmp_path, capsys):
+    args = ["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset), "--minutes",
+            "0.3", "--words", "yes,no,up", "--speech-cache", str(tmp_path), "--det-png", "", "--band-hz"]
+    assert main([*args, "300,3400"]) == 0
+    assert "through 300-3400 Hz" in capsys.readouterr().out
+    assert main([*args, "300,3400", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["band_hz"] == [300, 3400]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "300,300"])
+    assert stop.value.code == 2 and "LOW,HIGH in Hz" in capsys.readouterr().err
 
 
 def test_eval_stream_prints_each_error_type_for_a_reader(dataset, tiny_edge_model_path, tmp_path,
