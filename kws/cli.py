@@ -7,6 +7,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def require_torch(what: str):
     """A KwsError naming the fix when PyTorch is not installed."""
     if not has_torch():
         raise KwsError(f"{what} needs PyTorch, which is not installed: {INSTALL_TORCH}")
+
+
+def check_writable(out: Path, flag: str):
+    """A KwsError now, not after a long run, when the file `out` (given as `flag`) cannot be written."""
+    if out.is_dir():
+        raise KwsError(f"{flag} {out} is a folder; give a file name in it")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or (
+            out.exists() and not os.access(out, os.W_OK)):
+        raise KwsError(f"cannot write {flag} {out}: {folder} is not a writable folder")
 
 
 def load(path=None):

@@ -182,10 +182,11 @@ def print_report(result: dict):
 
 
 def run(args):
-    from kws.cli import load
+    from kws.cli import check_writable, load
 
-    if args.confusion:
-        pyplot()  # without matplotlib, say so before the evaluation rather than after it
+    if args.confusion:  # say so before the evaluation rather than after it
+        pyplot()
+        check_writable(Path(args.confusion), "--confusion")
     models = [load(path) for path in args.model] if args.model else [load()]
     result = evaluate(models, args.data, args.split, seed=args.seed, rounding=not args.no_rounding,
                       mic=Microphone(args.gain_db, args.band_hz))

@@ -692,8 +692,12 @@ def default_words(model, threshold) -> list[str]:
 
 
 def eval_stream(args) -> int:
-    from kws.cli import load
+    from kws.cli import check_writable, load
 
+    # Before the streams run, not after: a run can take an hour.
+    for flag, path in {"--det-png": args.det_png, "--choose-thresholds": args.choose_thresholds}.items():
+        if path and not args.long_run_check:
+            check_writable(Path(path), flag)
     torch.set_num_threads(args.threads)
     model = load(args.model)
     words = args.words or default_words(model, args.threshold)

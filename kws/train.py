@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from kws import PROJECT_LICENSE
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE
+from kws.cli import check_writable
 from kws.data import TrainingBatches, load_clips, read_noise, read_split, read_synth
 from kws.labels import BACKGROUND, LABELS
 from kws.errors import KwsError
@@ -351,18 +352,6 @@ def load_anchor(path: Path, model_cfg: ModelConfig) -> MGRADE:
     return anchor.requires_grad_(False)  # load_model gives it in eval mode
 
 
-def check_writable(out: Path):
-    """A KwsError now, not after an epoch, when the model cannot be saved at `out`."""
-    if out.is_dir():
-        raise KwsError(f"--out {out} is a folder; give a file name such as {out / 'model.pt'}")
-    folder = out.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or (
-            out.exists() and not os.access(out, os.W_OK)):
-        raise KwsError(f"cannot write --out {out}: {folder} is not a writable folder")
-
-
 # Run states saved before accuracy() returned a plain float hold the best accuracy as a numpy
 # float64; torch.load(weights_only=True) needs its reconstructor and dtype allowed to read them.
 _NUMPY_FLOAT_GLOBALS = [np.float64(0).__reduce__()[0], np.dtype, type(np.dtype(np.float64))]
@@ -385,7 +374,7 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
     model_cfg = model_config(cfg, overrides, init)  # bad settings fail before minutes of loading
     rank, world = distributed()
     steps_per_epoch = check_config(cfg, world)
-    check_writable(out)
+    check_writable(out, "--out")
     distilling = cfg.distill_repr > 0 or cfg.distill_logits > 0
     if distilling != (teacher is not None):
         raise KwsError("distillation needs both --teacher FILE and a weight (--distill-repr, --distill-logits)")
@@ -612,7 +601,7 @@ def run(args):
         raise KwsError(f"--threads must be 0 (torch's choice) or more, not {args.threads}")
     if args.workers < 0:
         raise KwsError(f"--workers must be 0 (batches made in the training process) or more, not {args.workers}")
-    check_writable(Path(args.out))
+    check_writable(Path(args.out), "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -625,7 +614,7 @@ def run(args):
 
 
 def run_average(args):
-    check_writable(Path(args.out))
+    check_writable(Path(args.out), "--out")
     model, meta = average_models(args.checkpoints)
     save_model(model, args.out, meta)
     print(json.dumps({"averaged": len(args.checkpoints), "out": args.out}))

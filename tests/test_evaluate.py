@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+import kws.evaluate
 from kws.audio import Microphone, through_band
 from kws.cli import main
 from kws.data import NOISE_DIR, load_clips, read_split
@@ -271,12 +272,15 @@ def test_kws_eval_with_a_missing_model_exits_2(speech_commands, tmp_path, capsys
                           "none.pt")
 
 
-def test_kws_eval_with_an_unwritable_confusion_path_exits_2(speech_commands, tiny_model_path, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["under a file", "a folder"])
+def test_kws_eval_with_an_unwritable_confusion_path_exits_2_before_evaluating(
+        speech_commands, tiny_model_path, tmp_path, capsys, monkeypatch, where):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
+    monkeypatch.setattr(kws.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated first"))
+    path = {"under a file": blocker / "c.png", "a folder": tmp_path}[where]
     expect_one_line_error(capsys, ["eval", "--model", str(tiny_model_path), "--data", str(speech_commands.root),
-                                   "--no-rounding", "--confusion", str(blocker / "c.png")],
-                          "cannot write the confusion matrix")
+                                   "--no-rounding", "--confusion", str(path)], "--confusion")
 
 
 def test_kws_eval_confusion_without_matplotlib_exits_2_naming_the_extra(

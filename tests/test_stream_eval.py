@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import kws.stream_eval
 from kws.audio import Microphone, through_band
 from kws.cli import main
 from kws.data import read_noise, read_split
@@ -340,6 +341,20 @@ def test_eval_stream_at_a_gain_says_so_and_reports_it(dataset, tiny_edge_model_p
     with pytest.raises(SystemExit) as stop:
         main([*args, "-61"])
     assert stop.value.code == 2 and "-60 to 40 dB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--det-png", "--choose-thresholds"])
+@pytest.mark.parametrize("where", ["under a file", "a folder"])
+def test_eval_stream_with_an_output_it_cannot_write_exits_2_before_any_stream(
+        dataset, tiny_edge_model_path, tmp_path, capsys, monkeypatch, flag, where):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    monkeypatch.setattr(kws.stream_eval, "evaluate", lambda *a, **k: pytest.fail("streams ran first"))
+    path = {"under a file": blocker / "out", "a folder": tmp_path}[where]
+    code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset), "--minutes", "0.3",
+                 "--speech-cache", str(tmp_path), flag, str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and flag in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_eval_stream_through_a_band_says_so_and_reports_it(dataset, tiny_edge_model_path, tmp_path, capsys):
