@@ -32,7 +32,8 @@ def dbfs(amplitude: float) -> float:
 
 class MeteredBlocks(queue.Queue):
     """The listener's block queue, measuring the level of each block the worker takes (in the
-    worker's thread, which also reads the level: no lock needed)."""
+    worker's thread, which also reads the level: no lock needed). The end marker (None) and a
+    source's AudioError pass unmeasured."""
 
     def __init__(self, maxsize: int):
         super().__init__(maxsize)
@@ -40,7 +41,7 @@ class MeteredBlocks(queue.Queue):
 
     def get(self, block=True, timeout=None):
         audio = super().get(block, timeout)
-        if audio is not None and len(audio):
+        if isinstance(audio, np.ndarray) and len(audio):
             self.squares += float(np.dot(audio, audio))
             self.samples += len(audio)
             self.peak = max(self.peak, float(np.abs(audio).max()))
@@ -84,6 +85,12 @@ class LiveListener:
     def running(self) -> bool:
         return bool(self._threads) and self._threads[0].is_alive()
 
+    @property
+    def problem(self) -> str | None:
+        """Why the input file ended early (damaged, truncated, not numbers), or None."""
+        error = self._worker.source_error if self._worker is not None else None
+        return None if error is None else f"{self.input_file} ended early: {error}"
+
     def start(self) -> str:
         """Open the input and start; returns what it listens to."""
         if self.input_file:
@@ -117,6 +124,10 @@ class LiveListener:
         if self._worker.error is not None:  # the service goes on without its listener, and says why
             e = self._worker.error
             log.error("kws serve: the live listener failed: %s: %s", type(e).__name__, e)
+            return
+        if self.problem is not None:
+            log.error("kws serve: the live listener stopped after %.1f s of audio: %s",
+                      self.detector.time_s, self.problem)
             return
         log.info("kws serve: the live listener stopped after %.1f s of audio", self.detector.time_s)
 

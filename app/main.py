@@ -99,7 +99,9 @@ class Service:
 
     def listener_state(self) -> Listener:
         if self.listener is not None:
-            return Listener(state="running" if self.listener.running else "stopped")
+            if self.listener.running:
+                return Listener(state="running")
+            return Listener(state="stopped", detail=self.listener.problem)
         if self.listener_problem is not None:
             return Listener(state="unavailable", detail=self.listener_problem)
         return Listener(state="off")

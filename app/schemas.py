@@ -72,9 +72,10 @@ class MemoryHistory(BaseModel):
 
 class Listener(BaseModel):
     state: Literal["off", "running", "stopped", "unavailable"] = Field(
-        description="off: not asked for; stopped: its input file ended; unavailable: no usable "
-                    "input device (see detail)")
-    detail: str | None = Field(None, description="why the listener is unavailable")
+        description="off: not asked for; running: listening; stopped: its input file ended (see "
+                    "detail when it ended early); unavailable: no usable input device (see detail)")
+    detail: str | None = Field(None, description="why the listener is unavailable, or why its input "
+                                                 "file ended early")
 
 
 class DetectorSettings(BaseModel):

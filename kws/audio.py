@@ -3,6 +3,7 @@ another microphone would have recorded: louder or quieter, or through a narrower
 
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,26 +89,8 @@ def _read_mono(f: sf.SoundFile, limit: int | None, max_seconds: float | None) ->
     known = f.frames < UNKNOWN_FRAMES
     # A known length is filled in place; an unknown one is gathered block by block.
     out, blocks, frames = (np.empty(f.frames, np.float32) if known else None), [], 0
-    block = np.empty((BLOCK_FRAMES, f.channels), np.float32)
-    while True:
-        block.fill(np.nan)
-        try:
-            read = f.buffer_read_into(block, "float32")
-        except sf.LibsndfileError:
-            if known:
-                raise
-            # soundfile seeks after every read, and libsndfile cannot seek to the end of a FLAC
-            # of unknown length: the last read failed after filling the block. The frames it
-            # read are those no longer NaN (FLAC holds integers, never NaN).
-            read = int(np.isfinite(block[:, 0]).sum())
-            if read == 0:
-                break
-        if read == 0:
-            break
-        got = block[:read]
-        if not np.isfinite(got).all():
-            raise AudioError("audio contains NaN or infinite samples")
-        mono = to_mono(np.clip(got, -1.0, 1.0))
+    for mono in mono_blocks(f):
+        read = len(mono)
         if out is not None and frames + read > len(out):  # more than declared (MP3 estimates)
             out, blocks = None, [out[:frames]]
         if out is not None:
@@ -117,11 +100,37 @@ def _read_mono(f: sf.SoundFile, limit: int | None, max_seconds: float | None) ->
         frames += read
         if limit is not None and frames > limit:
             raise AudioError(f"audio is longer than the limit of {max_seconds:g} s")
-        if read < BLOCK_FRAMES:
-            break
     if out is not None:
         return out[:frames]
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+
+def mono_blocks(f: sf.SoundFile, block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:
+    """The audio of an open sound file as mono float32 blocks of up to `block_frames`, clipped
+    to full scale (float files may hold any value): what `decode` gathers and `kws listen
+    --input` plays. AudioError where a sample is NaN or infinite, or where the file cannot be
+    decoded on (damaged, or shorter than its header says)."""
+    known = f.frames < UNKNOWN_FRAMES
+    block = np.empty((block_frames, f.channels), np.float32)
+    while True:
+        block.fill(np.nan)
+        try:
+            read = f.buffer_read_into(block, "float32")
+        except sf.LibsndfileError as e:
+            if known:
+                raise AudioError(f"cannot decode audio: {e.error_string}") from None
+            # soundfile seeks after every read, and libsndfile cannot seek to the end of a FLAC
+            # of unknown length: the last read failed after filling the block. The frames it
+            # read are those no longer NaN (FLAC holds integers, never NaN).
+            read = int(np.isfinite(block[:, 0]).sum())
+        if read == 0:
+            return
+        got = block[:read]
+        if not np.isfinite(got).all():
+            raise AudioError("audio contains NaN or infinite samples")
+        yield to_mono(np.clip(got, -1.0, 1.0))
+        if read < block_frames:
+            return
 
 
 def load_audio(source: "str | Path | bytes | io.IOBase", sr: int = SAMPLE_RATE) -> np.ndarray:

@@ -25,7 +25,7 @@ import soundfile as sf
 import soxr
 from threadpoolctl import threadpool_limits
 
-from kws.audio import RESAMPLE_QUALITY, SAMPLE_RATE, to_mono
+from kws.audio import RESAMPLE_QUALITY, SAMPLE_RATE, AudioError, check_header, mono_blocks
 from kws.errors import KwsError
 from kws.stream import DEFAULT_THRESHOLD, Detection, Detector, parse_threshold, parse_words
 
@@ -144,34 +144,49 @@ def open_microphone(device: int, rate: int, block_seconds: float, blocks: queue.
 
 
 def file_rate(path: str) -> int:
+    """The sample rate of the audio file at `path`, once its header is checked as /predict checks it."""
     if not Path(path).is_file():
         raise KwsError(f"no audio file at {path}")
     try:
-        return sf.info(path).samplerate
+        info = sf.info(path)
     except (sf.LibsndfileError, RuntimeError) as e:
         raise KwsError(f"cannot read {path}: {e}") from None
+    try:
+        check_header(info.samplerate, info.channels)
+    except AudioError as e:
+        raise KwsError(f"cannot play {path}: {e}") from None
+    return info.samplerate
 
 
 def play_file(path: str, block_seconds: float, fast: bool, blocks: queue.Queue,
               stop: threading.Event):
-    """Read `path` block by block into `blocks` (constant memory), at real-time pace unless
-    `fast`. Ends with None. Runs in its own thread."""
+    """Read `path` block by block into `blocks` (constant memory), each block when it would have
+    been recorded (its end) unless `fast`. Ends with None; a file that cannot be played to its
+    end (damaged, truncated, samples that are not numbers, no audio at all) puts an AudioError
+    before it, after the audio that could be read. Runs in its own thread."""
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                blocks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     try:
         with sf.SoundFile(path) as f:
             block = max(1, round(f.samplerate * block_seconds))
             start, sent = time.monotonic(), 0
-            for data in f.blocks(blocksize=block, dtype="float32", always_2d=True):
+            for data in mono_blocks(f, block):
+                sent += len(data)
                 if not fast:
                     time.sleep(max(0.0, start + sent / f.samplerate - time.monotonic()))
-                while not stop.is_set():
-                    try:
-                        blocks.put(to_mono(data), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(data):
                     return
-                sent += len(data)
+            if sent == 0:
+                raise AudioError("it holds no audio samples")
+    except (AudioError, sf.LibsndfileError, RuntimeError) as e:
+        offer(e if isinstance(e, AudioError) else AudioError(f"cannot decode audio: {e}"))
     finally:
         blocks.put(None)
 
@@ -190,7 +205,8 @@ class Worker:
     """The detecting side of the pipeline: takes blocks at `rate` from the queue, resamples,
     detects, and hands the detections of every call to `on_detections`; stops at None, after
     flushing the detector so that a word at the very end is reported. `kws listen` prints them;
-    the service publishes them. Run `run` in a thread of its own."""
+    the service publishes them. Run `run` in a thread of its own. `source_error` is why the
+    source ended early (an AudioError it queued), `error` what failed here."""
 
     def __init__(self, detector: Detector, rate: int, blocks: queue.Queue,
                  on_detections: Callable[[list[Detection]], None]):
@@ -200,6 +216,7 @@ class Worker:
         self.compute_seconds = 0.0  # wall-clock time in the resampler and the detector
         self.compute_cpu_seconds = 0.0  # this thread's CPU time there (waits for a core excluded)
         self.error: BaseException | None = None
+        self.source_error: AudioError | None = None
         # Waited on instead of a join: a join interrupted by Ctrl-C can mark a running thread
         # as finished (CPython's bpo-45274 handling), and the interpreter would then exit under
         # a thread still inside the model.
@@ -226,7 +243,10 @@ class Worker:
         waiting = []
         block = self.blocks.get()
         while block is not None:
-            waiting.append(block)
+            if isinstance(block, AudioError):
+                self.source_error = block
+            else:
+                waiting.append(block)
             try:
                 block = self.blocks.get_nowait()
             except queue.Empty:
@@ -305,6 +325,8 @@ def listen(args) -> int:
     if worker.error is not None:
         raise worker.error
     print(summary(worker, counters), file=sys.stderr, flush=True)
+    if worker.source_error is not None:  # after the detections and the summary of what was heard
+        raise KwsError(f"could not play {args.input} to its end: {worker.source_error}")
     return 0
 
 

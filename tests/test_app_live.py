@@ -12,6 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import soundfile as sf
 from test_app import audio_bytes, free_socket, model_path, serving, small_model  # noqa: F401
 
 from app.live import MeteredBlocks
@@ -103,6 +104,22 @@ def test_listener_fed_from_a_file_reaches_detections_events_and_stats(yes_model_
     assert [d["label"] for d in found] == ["yes"]  # once: it re-arms only below threshold
     assert health["listener"]["state"] in ("running", "stopped")  # stopped once the file ends
     assert stats["detections"] == 1 and stats["dropped_frames"] == 0
+
+
+def test_a_listener_whose_file_holds_a_nan_stops_and_health_says_why(model_path, tmp_path, caplog):
+    clip = tmp_path / "nan.wav"
+    audio = np.zeros(4000, np.float32)  # a quarter second, played in real time
+    audio[2000] = np.nan
+    sf.write(clip, audio, 16000, subtype="FLOAT")
+    settings = Settings(model=model_path, listen=True, listen_input=str(clip))
+    with caplog.at_level(logging.INFO, logger="kws.serve"):
+        with serving(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
+            deadline = time.monotonic() + 10
+            while (listener := client.get("/health").json()["listener"])["state"] == "running":
+                assert time.monotonic() < deadline, "the listener never stopped"
+                time.sleep(0.05)
+    assert listener["state"] == "stopped" and "NaN or infinite" in listener["detail"], listener
+    assert any("ended early" in r.getMessage() for r in caplog.records if r.name == "kws.serve")
 
 
 def test_listener_without_a_usable_device_logs_one_line_and_predict_still_works(model_path, caplog):

@@ -20,7 +20,7 @@ from conftest import noisy_bursts
 from kws.audio import SAMPLE_RATE, load_audio, resample
 from kws.cli import main
 from kws.labels import LABELS
-from kws.listen import Resampler, Worker
+from kws.listen import Resampler, Worker, play_file
 from kws.model import load_model
 from kws.stream import DEFAULT_THRESHOLD, detect
 
@@ -189,16 +189,58 @@ def exit_code(argv) -> int:
     (["--threshold", "yes=high"], "give a probability"),
     (["--words", "yes,banana", "--input", "WAV"], "unknown word(s) 'banana'"),
     (["--input", "NOT_AUDIO"], "cannot read"),
+    (["--input", "RATE_1K"], "sample rate 1000 Hz is not supported"),
+    (["--input", "NO_SAMPLES"], "holds no audio samples"),
 ])
 def test_bad_listen_options_give_one_clear_line_and_exit_2(argv, message, tiny_edge_model_path, capsys,
                                                            tmp_path):
     sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
     (tmp_path / "b.wav").write_text("not audio")
-    argv = [{"WAV": str(tmp_path / "a.wav"), "NOT_AUDIO": str(tmp_path / "b.wav")}.get(a, a)
-            for a in argv]
+    sf.write(tmp_path / "c.wav", np.zeros(1600, np.float32), 1000)
+    sf.write(tmp_path / "d.wav", np.zeros(0, np.float32), 16000)
+    argv = [{"WAV": str(tmp_path / "a.wav"), "NOT_AUDIO": str(tmp_path / "b.wav"), "RATE_1K": str(tmp_path / "c.wav"),
+             "NO_SAMPLES": str(tmp_path / "d.wav")}.get(a, a) for a in argv]
     assert exit_code(["listen", "--model", str(tiny_edge_model_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_file_with_a_sample_that_is_not_a_number_keeps_what_came_before_and_exits_2_naming_it(
+        tiny_edge_model_path, tmp_path, capsys, bad):
+    audio = noisy_bursts(6.0, seed=1)
+    audio[4 * SAMPLE_RATE] = bad  # a NaN would silence every detection after it: the state is poisoned
+    wav = tmp_path / "bad.wav"
+    sf.write(wav, audio, 16000, subtype="FLOAT")
+    code, lines, err = run_listen(["--model", str(tiny_edge_model_path), "--input", str(wav), "--fast",
+                                   "--json", "--threshold", "0.05", "--chunk-ms", "100"], capsys)
+    before = detect(load_model(tiny_edge_model_path), audio[:4 * SAMPLE_RATE], threshold=0.05)
+    assert code == 2 and lines and len(lines) == len(before)  # the four seconds before it, flushed
+    last = err.strip().splitlines()[-1]
+    assert "could not play" in last and "NaN or infinite" in last and "Traceback" not in err
+    assert "4.0 s of audio" in err  # the summary comes first
+
+
+def test_a_truncated_flac_gives_what_it_holds_then_one_line_and_exit_2(tiny_edge_model_path, tmp_path, capsys):
+    whole = tmp_path / "whole.flac"
+    sf.write(whole, noisy_bursts(6.0, seed=3), 16000)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # the header still says 6 s
+    code, _, err = run_listen(["--model", str(tiny_edge_model_path), "--input", str(cut), "--fast"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"could not play {cut} to its end" in err.strip().splitlines()[-1]
+    assert "0.0 s of audio" not in err  # what the file held was played
+
+
+def test_a_file_played_in_real_time_hands_over_each_block_when_it_would_have_been_recorded(tmp_path):
+    wav = tmp_path / "half.wav"
+    sf.write(wav, np.zeros(SAMPLE_RATE // 2, np.float32), SAMPLE_RATE)
+    blocks, start = queue.Queue(), time.monotonic()
+    threading.Thread(target=play_file, args=(str(wav), 10.0, False, blocks, threading.Event())).start()
+    first = blocks.get(timeout=10)
+    assert len(first) == SAMPLE_RATE // 2
+    assert time.monotonic() - start >= 0.45  # at its end, not at its start: a microphone cannot be early
+    assert blocks.get(timeout=10) is None
 
 
 class RecordingDetector:
