@@ -53,10 +53,13 @@ class Settings:
             object.__setattr__(self, "words", tuple(self.words))
         if self.allowed_hosts is not None:
             object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
+        if self.port > 65535:
+            raise KwsError(f"port must be at most 65535, got {self.port}")
         if not self.read_timeout_s > 0:
             raise KwsError(f"read_timeout_s must be positive, got {self.read_timeout_s}")
         if not 0 < self.min_duration_s < self.max_duration_s:
-            raise KwsError("durations must satisfy 0 < min_duration_s < max_duration_s")
+            raise KwsError(f"max_duration_s must be longer than the shortest clip /predict takes "
+                           f"({self.min_duration_s:g} s), got {self.max_duration_s:g}")
 
     @property
     def on_loopback(self) -> bool:

@@ -82,7 +82,8 @@ def test_set_but_empty_variables_count_as_unset(variable, name, monkeypatch):
     ({"KWS_PORT": "eighty"}, "KWS_PORT='eighty'"),
     ({"KWS_LISTEN": "maybe"}, "KWS_LISTEN='maybe'"),
     ({"KWS_WORKERS": "0"}, "workers must be a positive integer"),
-    ({"KWS_MAX_DURATION_S": "0.05"}, "min_duration_s < max_duration_s"),
+    ({"KWS_MAX_DURATION_S": "0.05"}, "max_duration_s must be longer than the shortest clip /predict takes"),
+    ({"KWS_PORT": "70000"}, "port must be at most 65535"),
     ({"KWS_THRESHOLD": "yes=high"}, "KWS_THRESHOLD: 'yes=high': give a probability"),
     ({"KWS_WORDS": ","}, "KWS_WORDS: ',': give words"),
 ])
@@ -132,6 +133,12 @@ def test_served_connections_send_without_nagle_delay():
 def test_serve_input_file_needs_listen(model_path, capsys):  # noqa: F811
     assert main(["serve", "--model", str(model_path), "--input", "x.wav"]) == 2
     assert "add --listen" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_beyond_65535_is_a_one_line_error(model_path, capsys):  # noqa: F811
+    assert main(["serve", "--model", str(model_path), "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "port must be at most 65535" in err and err.count("\n") == 1
 
 
 def test_settings_reject_a_zero_port():
