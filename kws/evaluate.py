@@ -208,10 +208,11 @@ def register(sub):
                    help="PyTorch checkpoint (.pt; default: $KWS_MODEL or the shipped one); several: "
                         "their ensemble (the average of their logits)")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
-    p.add_argument("--split", default="testing", choices=["testing", "validation", "training"])
+    p.add_argument("--split", default="testing", choices=["testing", "validation", "training"],
+                   help="which speakers' clips (testing)")
     p.add_argument("--confusion", metavar="PNG",
                    help="write the confusion matrix here (needs matplotlib: pip install 'kws[plots]')")
-    p.add_argument("--seed", type=int, default=0, help="seed for the silence clips")
+    p.add_argument("--seed", type=int, default=0, help="seed for the silence clips (0)")
     p.add_argument("--no-rounding", action="store_true", help="skip the Gaussian-taps comparison")
     p.add_argument("--gain-db", type=gain_db, default=0.0, metavar="DB",
                    help="play every clip this many dB louder, or quieter if negative (clipped at "

@@ -380,6 +380,17 @@ def positive(kind):
     return parse
 
 
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
+    return value
+
+
 GAIN_DB_RANGE = (-60.0, 40.0)
 
 

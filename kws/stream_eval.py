@@ -760,14 +760,15 @@ def _numbers(kind, what: str):
 
 
 def register(sub):
-    from kws.listen import argument, band_hz, gain_db, positive
+    from kws.listen import argument, band_hz, gain_db, non_negative, positive
 
     p = sub.add_parser("eval-stream", help="hits, substitutions, misses, false alarms per hour "
                        "and latency on long test streams through the live detection path")
     p.add_argument("--model", help="PyTorch checkpoint (.pt; default: $KWS_MODEL or the "
                    "shipped one)")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
-    p.add_argument("--split", default="testing", choices=("validation", "testing"))
+    p.add_argument("--split", default="testing", choices=("validation", "testing"),
+                   help="which speakers' clips and which end of the noise recordings (testing)")
     p.add_argument("--minutes", type=positive(float), default=10.0,
                    help="length of each stream (10)")
     p.add_argument("--seed", type=argument(_numbers(int, "seeds (integers >= 0)")), default=[0],
@@ -784,12 +785,13 @@ def register(sub):
                    default=[DEFAULT_WINDOW_S], help=f"seconds of logits averaged into a score "
                    f"({DEFAULT_WINDOW_S:g}); more than one, e.g. 1,0.5: the first runs, each "
                    "gets a DET curve and operating point from the same logits")
-    p.add_argument("--long-window-s", type=float,
+    p.add_argument("--long-window-s", type=non_negative,
                    help="0 for none; else a word's score is the lower of its score over the window "
                         "and over this many seconds (default: the model's own, the readout its "
                         "thresholds were chosen with; 1.25 s for the shipped model)")
-    p.add_argument("--refractory-s", type=float, default=DEFAULT_REFRACTORY_S)
-    p.add_argument("--peak-wait-s", type=float, default=DEFAULT_PEAK_WAIT_S,
+    p.add_argument("--refractory-s", type=non_negative, default=DEFAULT_REFRACTORY_S,
+                   help=f"after a detection, how long nothing fires ({DEFAULT_REFRACTORY_S:g})")
+    p.add_argument("--peak-wait-s", type=non_negative, default=DEFAULT_PEAK_WAIT_S,
                    help=f"how long a detection may wait for its score's peak ({DEFAULT_PEAK_WAIT_S:g})")
     p.add_argument("--speech-cache", help="folder of rendered non-keyword sentences "
                    "(default ~/.cache/kws/speech)")

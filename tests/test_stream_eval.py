@@ -447,3 +447,12 @@ def test_by_default_eval_stream_scores_the_words_the_listener_reports():
         reported = Detector(model, threshold=threshold).thresholds
         assert sorted(default_words(model, threshold)) == sorted(reported)
     assert sorted(default_words(model, {"marvin": 0.9})) == ["marvin", "seven", "yes"]
+
+
+@pytest.mark.parametrize("flag", ["--refractory-s", "--peak-wait-s", "--long-window-s"])
+@pytest.mark.parametrize("value", ["-0.5", "inf", "soon"])
+def test_eval_stream_refuses_a_time_that_is_not_zero_or_more_seconds(dataset, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval-stream", "--data", str(dataset), "--speech-cache", str(tmp_path), f"{flag}={value}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and flag in err and "0 or more" in err
