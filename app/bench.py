@@ -189,7 +189,7 @@ def bench_http(args) -> int:
 def register(bench_sub):
     p = bench_sub.add_parser("http", help="requests/s, latency and memory growth of kws serve "
                              "under concurrent /predict load")
-    p.add_argument("--model", help="model file or checkpoint (default: the shipped model or $KWS_MODEL)")
+    p.add_argument("--model", help="model file or checkpoint (default: $KWS_MODEL or the shipped model)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
     p.add_argument("--requests", type=int, default=2000, help="timed requests (2000)")
     p.add_argument("--warmup", type=int, default=200, help="untimed requests first (200)")

@@ -455,9 +455,9 @@ def register(sub):
 
     s = bench_sub.add_parser("stream", help="streaming vs sliding-window cost, state size, "
                              "peak memory of kws listen (one thread)")
-    s.add_argument("--model", help="model file or checkpoint (default: the shipped model or $KWS_MODEL)")
+    s.add_argument("--model", help="model file or checkpoint (default: $KWS_MODEL or the shipped model)")
     s.add_argument("--seconds", type=float, default=20.0, help="audio per timed run (20)")
-    s.add_argument("--repeats", type=positive(int), default=5)
+    s.add_argument("--repeats", type=positive(int), default=5, help="timed runs; the median is reported (5)")
     s.add_argument("--rss-seconds", type=positive(float), default=60.0,
                    help="length of the file kws listen streams for the memory figure (60)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
@@ -465,7 +465,7 @@ def register(sub):
 
     v = bench_sub.add_parser("live", help="a file played in real time through kws listen's "
                              "path: its real-time factor beside the bench's (one thread)")
-    v.add_argument("--model", help="model file or checkpoint (default: the shipped model or $KWS_MODEL)")
+    v.add_argument("--model", help="model file or checkpoint (default: $KWS_MODEL or the shipped model)")
     v.add_argument("--seconds", type=positive(float), default=20.0, help="audio played (20)")
     v.add_argument("--rate", type=positive(int), default=SAMPLE_RATE,
                    help="sample rate of the played file, as a microphone's (16000)")
@@ -477,7 +477,7 @@ def register(sub):
     m = bench_sub.add_parser("model", help="training and inference time of each preset (needs torch)")
     m.add_argument("--presets", type=lambda s: s.split(","), default=["paper", "edge"],
                    help="comma separated (default: paper,edge)")
-    m.add_argument("--repeats", type=positive(int), default=5)
+    m.add_argument("--repeats", type=positive(int), default=5, help="timed runs; the median is reported (5)")
     m.add_argument("--batch", type=positive(int), default=8, help="training batch size (8)")
     m.add_argument("--threads", type=int, default=0,
                    help="torch threads, and the stream engine's BLAS threads (default: the libraries')")

@@ -145,8 +145,10 @@ def open_microphone(device: int, rate: int, block_seconds: float, blocks: queue.
 
 def file_rate(path: str) -> int:
     """The sample rate of the audio file at `path`, once its header is checked as /predict checks it."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise KwsError(f"no audio file at {path}")
+    if not Path(path).is_file():
+        raise KwsError(f"{path} is not a regular file (a folder, a pipe or a device): give an audio file")
     try:
         info = sf.info(path)
     except (sf.LibsndfileError, RuntimeError) as e:
@@ -279,6 +281,8 @@ def listen(args) -> int:
         return 0
     if args.input and args.device is not None:
         raise KwsError("--input and --device exclude each other: pick a file or a device")
+    if args.input and args.rate is not None:
+        raise KwsError("--rate is a device's sample rate; a file plays at its own (resampled to 16 kHz)")
     from kws.cli import load_engine
 
     if args.input:
@@ -422,8 +426,8 @@ def register(sub):
     from kws.cli import COMMANDS
 
     p = sub.add_parser("listen", help=COMMANDS["listen"][1])
-    p.add_argument("--model", help="model file from kws export, or a checkpoint (default: the "
-                   "shipped model or $KWS_MODEL)")
+    p.add_argument("--model", help="model file from kws export, or a checkpoint (default: "
+                   "$KWS_MODEL or the shipped model)")
     p.add_argument("--device", help="input device name (or part of it) or index")
     p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--rate", type=positive(int), help="device sample rate in Hz "

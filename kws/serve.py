@@ -166,6 +166,6 @@ def register(sub):
                    "separated ($KWS_WORDS, default: the words the model has thresholds for, as in `kws listen`)")
     p.add_argument("--workers", type=int, help="threads that decode uploads ($KWS_WORKERS, default 2)")
     p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+                   choices=["critical", "error", "warning", "info", "debug"], help="(info)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     p.set_defaults(func=serve)

@@ -127,15 +127,23 @@ class Detector:
         """(n_classes,) thresholds; labels that must never fire get infinity."""
         candidates = [label for label in self.labels if label != BACKGROUND]
         own = self.engine.thresholds
+        if isinstance(threshold, dict):  # before the words, which take their names from it
+            self._check_labels(threshold, "threshold")
+        elif threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+            raise KwsError(f"threshold {float(threshold):g} is not a probability in [0, 1]")
         if words is None and own:
             words = reported_words(own, threshold)
         if words is not None:
             words = list(words)
             self._check_labels(words, "--words")
+            left_out = [w for w in (threshold if isinstance(threshold, dict) else {}) if w not in words]
+            if left_out:
+                raise KwsError(f"the threshold names {', '.join(map(repr, left_out))}, which the words "
+                               f"listened for leave out: add {'it' if len(left_out) == 1 else 'them'} "
+                               f"to --words")
             candidates = [w for w in candidates if w in words]
         per_label = {w: own.get(w, DEFAULT_THRESHOLD) for w in candidates}
         if isinstance(threshold, dict):
-            self._check_labels(threshold, "threshold")
             per_label.update((w, float(t)) for w, t in threshold.items() if w in per_label)
         elif threshold is not None:
             per_label = dict.fromkeys(candidates, float(threshold))

@@ -185,7 +185,9 @@ def exit_code(argv) -> int:
 @pytest.mark.parametrize("argv, message", [
     (["--input", "/nonexistent/a.wav"], "no audio file at /nonexistent/a.wav"),
     (["--input", "WAV", "--device", "1"], "exclude each other"),
-    (["--threshold", "1.5", "--input", "WAV"], "thresholds are probabilities"),
+    (["--input", "WAV", "--rate", "44100"], "a file plays at its own"),
+    (["--input", "FOLDER"], "is not a regular file"),
+    (["--threshold", "1.5", "--input", "WAV"], "threshold 1.5 is not a probability"),
     (["--threshold", "yes=high"], "give a probability"),
     (["--words", "yes,banana", "--input", "WAV"], "unknown word(s) 'banana'"),
     (["--input", "NOT_AUDIO"], "cannot read"),
@@ -199,7 +201,7 @@ def test_bad_listen_options_give_one_clear_line_and_exit_2(argv, message, tiny_e
     sf.write(tmp_path / "c.wav", np.zeros(1600, np.float32), 1000)
     sf.write(tmp_path / "d.wav", np.zeros(0, np.float32), 16000)
     argv = [{"WAV": str(tmp_path / "a.wav"), "NOT_AUDIO": str(tmp_path / "b.wav"), "RATE_1K": str(tmp_path / "c.wav"),
-             "NO_SAMPLES": str(tmp_path / "d.wav")}.get(a, a) for a in argv]
+             "NO_SAMPLES": str(tmp_path / "d.wav"), "FOLDER": str(tmp_path)}.get(a, a) for a in argv]
     assert exit_code(["listen", "--model", str(tiny_edge_model_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err

@@ -12,6 +12,7 @@ from conftest import noisy_bursts
 from kws.labels import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import MGRADE, load_model, preset
+from kws.runtime import StreamEngine
 from kws.stream import DEFAULT_THRESHOLD, Detector, detect, parse_threshold
 
 STRIDE = 160
@@ -310,10 +311,25 @@ def test_unknown_words_and_bad_thresholds_are_user_errors():
         Detector(ScriptedModel(), words=["yes", "banana"])
     with pytest.raises(KwsError, match="unknown word"):
         Detector(ScriptedModel(), threshold={"banana": 0.5})
-    with pytest.raises(KwsError, match="probabilities"):
+    with pytest.raises(KwsError, match=r"threshold 1.5 is not a probability in \[0, 1\]"):
         Detector(ScriptedModel(), threshold=1.5)
+    with pytest.raises(KwsError, match=r"threshold for 'yes' is 1.5; thresholds are probabilities"):
+        Detector(ScriptedModel(), threshold={"yes": 1.5})
     with pytest.raises(KwsError, match="mono"):
         Detector(ScriptedModel()).process(np.zeros((10, 2), np.float32))
+
+
+def test_a_threshold_for_an_unknown_word_names_the_threshold_even_where_it_names_the_words(tiny_model):
+    engine = StreamEngine.from_model(tiny_model)
+    engine.thresholds = {"yes": 0.9, "no": 0.9}  # a model with its own words: they come from the threshold too
+    with pytest.raises(KwsError, match=r"^threshold: unknown word\(s\) 'banana'"):
+        Detector(engine, threshold={"banana": 0.5})
+
+
+def test_a_threshold_for_a_word_the_words_leave_out_is_refused_not_dropped(tiny_model):
+    with pytest.raises(KwsError, match="names 'stop', which the words listened for leave out"):
+        Detector(tiny_model, words=["yes"], threshold={"stop": 0.5})
+    assert Detector(tiny_model, words=["yes", "stop"], threshold={"stop": 0.5}).thresholds["stop"] == 0.5
 
 
 # ----------------------------------------------------------------------------- a real model
