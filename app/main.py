@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.requests import ClientDisconnect
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
+from pydantic.json_schema import models_json_schema
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from threadpoolctl import threadpool_limits
 
@@ -38,8 +39,8 @@ from app.live import LiveListener, start_listener
 from app.batcher import ClipBatcher, reuse_freed_memory
 from app.predict import (DETECT_ABOVE_S, clip_for_classifier, decode_upload, prediction,
                          streaming_detections)
-from app.schemas import (Detections, DetectorSettings, Error, Health, Listener, MemoryHistory,
-                         MemorySample, Prediction, Stats)
+from app.schemas import (Detections, DetectorSettings, Error, Health, InputLevel, Listener, LiveScores,
+                         MemoryHistory, MemorySample, Prediction, Stats)
 from app.settings import Settings, from_env
 from app.stats import (CountRequests, RequestCounts, RssHistory, memory_bytes,
                        prometheus_registry)
@@ -213,6 +214,24 @@ SSE_EVENT = {
 }
 
 
+def with_event_schemas(app: FastAPI) -> FastAPI:
+    """The schema also defines what /events' data holds (LiveScores, InputLevel), which no route
+    returns, so that the names its description gives resolve in `components`."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()  # cached on the app: completed in place, once
+            _, definitions = models_json_schema([(m, "serialization") for m in (LiveScores, InputLevel)],
+                                                ref_template="#/components/schemas/{model}")
+            known = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in definitions["$defs"].items():
+                known.setdefault(name, definition)
+        return app.openapi_schema
+    app.openapi = openapi
+    return app
+
+
 def sse(event: str, data) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -365,4 +384,4 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
         """The live dashboard: detections, top scores and memory over time."""
         return dashboard_html
 
-    return app
+    return with_event_schemas(app)

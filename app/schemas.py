@@ -93,7 +93,8 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"] = Field(
         description="degraded: the service cannot take work now (see detail)")
     detail: str | None = Field(None, description="why the service is degraded")
-    model: str = Field(description="file name of the checkpoint being served")
+    model: str = Field(description="file name of the model being served (a kws export .npz, or a "
+                                   "checkpoint converted on loading)")
     model_license: str = Field(description="licence of the served model's weights (SPDX id)")
     listener: Listener
     detector: DetectorSettings

@@ -5,6 +5,7 @@ nothing here depends on a trained model's accuracy."""
 
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -481,6 +482,16 @@ def test_openapi_describes_bodies_and_every_error(client):
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     for name in ("Prediction", "Detections", "Stats", "Health", "Error"):
         assert name in schema["components"]["schemas"]
+
+
+def test_every_schema_the_events_description_names_is_defined_and_every_reference_resolves(client):
+    schema = client.get("/openapi.json").json()
+    defined = schema["components"]["schemas"]
+    data = schema["paths"]["/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    named = re.findall(r"\b([A-Z][a-z]+[A-Z][A-Za-z]*)\b", data["properties"]["data"]["description"])
+    assert {"LiveDetection", "LiveScores", "InputLevel"} <= set(named) and set(named) <= set(defined), named
+    references = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(schema)))
+    assert references and references <= set(defined), references - set(defined)
 
 
 def test_bad_query_parameter_is_a_422_error_shaped_like_the_schema(client):
