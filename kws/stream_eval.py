@@ -68,6 +68,7 @@ CHOICE_GRID = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.993, 0.995, 0.997, 0.999, 0.9
 SUBSTITUTION_PRICE = 2.0
 FALSE_ALARM_PRICES = (1, 2, 3, 5, 8, 12, 20, 30, 50, 100, 200)
 MEMORY_TOLERANCE_BYTES = 5 * 2**20
+DEFAULT_COMPARE_MINUTES = 10.0  # --long-run-check: the stretch compared at the start and the end
 SUMMARY_KEYS = ("recall", "substitution_rate", "false_alarms_per_hour", "keywords",
                 "latency_ms_median")
 
@@ -694,6 +695,8 @@ def default_words(model, threshold) -> list[str]:
 def eval_stream(args) -> int:
     from kws.cli import check_writable, load
 
+    if args.compare_minutes and not args.long_run_check:
+        raise KwsError("--compare-minutes is for --long-run-check: add it, or leave --compare-minutes out")
     # Before the streams run, not after: a run can take an hour.
     for flag, path in {"--det-png": args.det_png, "--choose-thresholds": args.choose_thresholds}.items():
         if path and not args.long_run_check:
@@ -708,7 +711,7 @@ def eval_stream(args) -> int:
                   speech_cache=Path(args.speech_cache) if args.speech_cache else None,
                   mic=Microphone(args.gain_db, args.band_hz))
     if args.long_run_check:
-        result = long_run_check(**common, compare_minutes=args.compare_minutes)
+        result = long_run_check(**common, compare_minutes=args.compare_minutes or DEFAULT_COMPARE_MINUTES)
         if args.json:
             print(json.dumps(result))
         else:
@@ -805,8 +808,9 @@ def register(sub):
                    "--threshold and kws export")
     p.add_argument("--long-run-check", action="store_true", help="instead: check that memory "
                    "stays flat and detection does not degrade over --minutes (use >= 60)")
-    p.add_argument("--compare-minutes", type=positive(float), default=10.0,
-                   help="with --long-run-check: minutes compared at the start and the end (10)")
+    p.add_argument("--compare-minutes", type=positive(float),
+                   help=f"with --long-run-check: minutes compared at the start and the end "
+                        f"({DEFAULT_COMPARE_MINUTES:g})")
     p.add_argument("--gain-db", type=gain_db, default=0.0, metavar="DB",
                    help="play the whole stream this many dB louder, or quieter if negative (clipped "
                         "at full scale): how detection copes with a quiet or a hot microphone (0)")

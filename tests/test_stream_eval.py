@@ -456,3 +456,9 @@ def test_eval_stream_refuses_a_time_that_is_not_zero_or_more_seconds(dataset, tm
         main(["eval-stream", "--data", str(dataset), "--speech-cache", str(tmp_path), f"{flag}={value}"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and flag in err and "0 or more" in err
+
+
+def test_compare_minutes_without_the_long_run_check_is_refused_not_ignored(dataset, tmp_path, capsys):
+    code = main(["eval-stream", "--data", str(dataset), "--speech-cache", str(tmp_path), "--compare-minutes", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--compare-minutes is for --long-run-check" in err and err.count("\n") == 1
