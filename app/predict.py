@@ -27,6 +27,11 @@ def check_sample_rate(rate: int):
                          "such as 8000, 16000, 22050, 44100 or 48000 Hz")
 
 
+# A recorder writing a WAV to a pipe cannot go back to write the length: it leaves a placeholder
+# near 2**31 or 2**32 (0x7FFFF000, 0x7FFFFFFF, 0xFFFFFFFF), never a length an upload could hold.
+STREAMED_WAV_SIZE = 0x7FFFF000
+
+
 def wav_is_truncated(data: bytes) -> bool:
     """A WAV whose data chunk holds fewer bytes than its header says. libsndfile quietly reads
     what is there, so a cut-off upload would otherwise pass as a shorter clip."""
@@ -36,7 +41,7 @@ def wav_is_truncated(data: bytes) -> bool:
     while at + 8 <= len(data):
         chunk_id, size = data[at:at + 4], struct.unpack("<I", data[at + 4:at + 8])[0]
         if chunk_id == b"data":
-            return size != 0xFFFFFFFF and at + 8 + size > len(data)  # 0xFFFFFFFF: streamed WAV
+            return size < STREAMED_WAV_SIZE and at + 8 + size > len(data)
         at += 8 + size + (size & 1)  # chunks are word-aligned
     return True  # the header ends before the data chunk starts
 

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -229,6 +230,16 @@ def test_bad_upload_is_a_4xx_naming_the_problem(client, case):
     assert_error(upload(client, body, content_type=content_type), status, *words)
     assert_error(client.post("/predict", content=body, headers={"Content-Type": content_type}),
                  status, *words)
+
+
+@pytest.mark.parametrize("placeholder", [0xFFFFFFFF, 0x7FFFFFFF, 0x7FFFF000])
+def test_a_wav_recorded_to_a_pipe_with_a_placeholder_length_is_classified_like_the_file(client, placeholder):
+    whole = audio_bytes(1.0)
+    at = whole.index(b"data")
+    streamed = whole[:4] + struct.pack("<I", placeholder) + whole[8:at + 4] + struct.pack("<I", placeholder) + whole[at + 8:]
+    answers = [upload(client, body, content_type="audio/wav") for body in (whole, streamed)]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    assert answers[1].json()["top"] == answers[0].json()["top"]
 
 
 @pytest.mark.parametrize("wrap", [bytes, io.BytesIO], ids=["bytes", "file object"])
