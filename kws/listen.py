@@ -384,6 +384,20 @@ def positive(kind):
     return parse
 
 
+MAX_CHUNK_MS = 1000.0
+
+
+def chunk_ms(text: str) -> float:
+    """--chunk-ms: a block length in milliseconds, above 0 and at most MAX_CHUNK_MS."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_CHUNK_MS:
+        raise KwsError(f"{text!r} is not a block length above 0 and at most {MAX_CHUNK_MS:g} ms")
+    return value
+
+
 def non_negative(text: str) -> float:
     """An argparse type: a finite number of seconds, 0 or more."""
     try:
@@ -447,8 +461,9 @@ def register(sub):
     p.add_argument("--input", metavar="FILE", help="stream this audio file instead of a device")
     p.add_argument("--fast", action="store_true", help="with --input: as fast as possible, "
                    "not in real time")
-    p.add_argument("--chunk-ms", type=positive(float), default=32.0,
-                   help="audio block length (32 ms)")
+    p.add_argument("--chunk-ms", type=argument(chunk_ms), default=32.0,
+                   help=f"audio block length, at most {MAX_CHUNK_MS:g} ms: a block delays every "
+                        f"detection in it by its length (32 ms)")
     p.add_argument("--threads", type=positive(int), default=1,
                    help="BLAS threads for the model (1)")
     p.add_argument("--json", action="store_true", help="one JSON object per detection")

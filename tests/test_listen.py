@@ -187,6 +187,8 @@ def exit_code(argv) -> int:
     (["--input", "WAV", "--device", "1"], "exclude each other"),
     (["--input", "WAV", "--rate", "44100"], "a file plays at its own"),
     (["--input", "FOLDER"], "is not a regular file"),
+    (["--input", "WAV", "--chunk-ms", "100000"], "at most 1000 ms"),
+    (["--input", "WAV", "--chunk-ms", "0"], "above 0"),
     (["--threshold", "1.5", "--input", "WAV"], "threshold 1.5 is not a probability"),
     (["--threshold", "yes=high"], "give a probability"),
     (["--words", "yes,banana", "--input", "WAV"], "unknown word(s) 'banana'"),
