@@ -419,17 +419,23 @@ def clip_accuracy(model, clips, seed: int, batch: int = 64, mic: Microphone = Mi
 
 # ----------------------------------------------------------------------------- DET picture
 
-_DIGITS = {  # 3x5 pixel glyphs for tick labels
+_GLYPHS = {  # 3x5 pixel glyphs for tick labels, the axis title and the legend
     "0": "111101101101111", "1": "010110010010111", "2": "111001111100111",
     "3": "111001111001111", "4": "101101111001001", "5": "111100111001111",
     "6": "111100111101111", "7": "111001001001001", "8": "111101111101111",
     "9": "111101111001111", ".": "000000000000010", "%": "101001010100101",
+    " ": "000000000000000", "A": "010101111101101", "B": "110101110101110",
+    "C": "011100100100011", "D": "110101101101110", "E": "111100110100111", "F": "111100110100100",
+    "H": "101101111101101", "I": "111010010010111", "L": "100100100100111",
+    "M": "101111111101101", "N": "110101101101101", "O": "010101101101010",
+    "P": "110101110100100", "R": "110101110101101", "S": "011100010001110",
+    "T": "111010010010010", "U": "101101101101111",
 }
 
 
 def _text(image: np.ndarray, x: int, y: int, text: str, scale: int = 2):
     for k, ch in enumerate(text):
-        glyph = np.array([int(b) for b in _DIGITS[ch]], bool).reshape(5, 3)
+        glyph = np.array([int(b) for b in _GLYPHS[ch]], bool).reshape(5, 3)
         block = np.kron(glyph, np.ones((scale, scale), bool))
         x0 = x + k * 4 * scale
         region = image[y:y + block.shape[0], x0:x0 + block.shape[1]]
@@ -447,11 +453,15 @@ def _line(image: np.ndarray, p0, p1, color, width: int = 1):
             image[y, x] = color
 
 
+RECALL_COLOR, SUBSTITUTION_COLOR, RUN_COLOR = (30, 80, 200), (240, 140, 20), (220, 30, 30)
+
+
 def det_image(points: list[dict], operating: dict | None = None) -> np.ndarray:
     """A DET plot, (H, W, 3) uint8: x false alarms per hour of keyword-free audio (log,
     0.1-1000; none at all is drawn at 0.1), y 0-100%: recall in blue and the substitution rate
-    beside it in orange, one point per threshold; the operating point's recall in red."""
-    h, w, left, bottom, top, right = 360, 480, 60, 40, 14, 30
+    beside it in orange, one point per threshold; the operating point's recall in red. The x
+    axis is titled and the three colours named below it."""
+    h, w, left, bottom, top, right = 380, 480, 60, 60, 14, 30
     image = np.full((h, w, 3), 255, np.uint8)
     x_range = (-1.0, 3.0)
 
@@ -469,7 +479,15 @@ def det_image(points: list[dict], operating: dict | None = None) -> np.ndarray:
         _text(image, 4, int(y) - 5, label)
     _line(image, (left, top), (left, h - bottom), (0, 0, 0))
     _line(image, (left, h - bottom), (w - right, h - bottom), (0, 0, 0))
-    for key, color in (("substitution_rate", (240, 140, 20)), ("recall", (30, 80, 200))):
+    title = "FALSE ALARMS PER HOUR"
+    _text(image, (left + w - right) // 2 - 4 * len(title), h - bottom + 24, title)
+    x = left
+    for name, color in (("RECALL", RECALL_COLOR), ("SUBSTITUTIONS", SUBSTITUTION_COLOR),
+                        ("RUN THRESHOLD", RUN_COLOR)):
+        _line(image, (x, h - 13), (x + 14, h - 13), color, width=4)
+        _text(image, x + 20, h - 18, name)
+        x += 20 + 8 * len(name) + 24
+    for key, color in (("substitution_rate", SUBSTITUTION_COLOR), ("recall", RECALL_COLOR)):
         curve = sorted((p["false_alarms_per_hour"], p[key]) for p in points)
         for a, b in zip(curve, curve[1:]):
             _line(image, xy(*a), xy(*b), color, width=2)
@@ -477,7 +495,7 @@ def det_image(points: list[dict], operating: dict | None = None) -> np.ndarray:
             _line(image, xy(*p), xy(*p), color, width=5)
     if operating:
         point = xy(operating["false_alarms_per_hour"], operating["recall"])
-        _line(image, point, point, (220, 30, 30), width=9)
+        _line(image, point, point, RUN_COLOR, width=9)
     return image
 
 

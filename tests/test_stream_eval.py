@@ -297,6 +297,10 @@ def test_det_image_draws_recall_substitutions_and_the_operating_point():
     assert cols.max() - cols.min() > 150
     # Recall (near the top) lies above the substitution rate (near the bottom).
     assert np.flatnonzero(blue.any(axis=1)).mean() < np.flatnonzero(orange.any(axis=1)).mean()
+    # Below the plot: the x axis's title (black) and a legend naming each colour.
+    assert all(mask[-20:].any() for mask in (blue, orange, red))
+    title = image[-40:-20]
+    assert (title.sum(axis=2) == 0).sum() > 100  # black text
 
 
 def test_eval_stream_json_reports_the_issue_keys_and_writes_the_det_png(dataset, tiny_edge_model_path,
