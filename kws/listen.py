@@ -448,7 +448,8 @@ def register(sub):
                    "(default: 16000 if the device takes it, else its default rate)")
     p.add_argument("--threshold", type=argument(parse_threshold), help="detection probability: "
                    "one for all words, per word (yes=0.98,no=0.99; words not named keep their "
-                   "default), or a JSON file of per-word thresholds. Default: the model's own "
+                   "default), or a JSON file of per-word thresholds ({\"thresholds\": {\"yes\": 0.9}}, as "
+                   "kws eval-stream --choose-thresholds writes it). Default: the model's own "
                    "per-word thresholds, chosen on validation streams for the most words heard "
                    "with at most one false alarm an hour, for the model's readout (`kws info` "
                    f"lists both), and {DEFAULT_THRESHOLD} for a word without one. Lower hears "

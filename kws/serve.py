@@ -161,7 +161,7 @@ def register(sub):
                    help="detection probability for the listener and long /predict clips, as in "
                    "`kws listen` ($KWS_THRESHOLD; default: the model's own per-word "
                    f"thresholds, {DEFAULT_THRESHOLD} for a word without one; per word: "
-                   "yes=0.98,no=0.99; or a JSON file of them)")
+                   "yes=0.98,no=0.99; or a JSON file of them, {\"thresholds\": {\"yes\": 0.9}})")
     p.add_argument("--words", type=argument(parse_words), help="report only these words, comma "
                    "separated ($KWS_WORDS, default: the words the model has thresholds for, as in `kws listen`)")
     p.add_argument("--workers", type=int, help="threads that decode uploads ($KWS_WORKERS, default 2)")

@@ -353,7 +353,7 @@ def parse_threshold(text: str) -> "float | dict[str, float]":
     try:
         if "=" not in text:
             return float(text)
-        return {w.strip(): float(t) for w, t in (item.split("=", 1) for item in text.split(","))}
+        return {w.strip(): float(t) for w, t in (item.split("=", 1) for item in text.split(",") if item.strip())}
     except ValueError:
         raise KwsError(f"{text!r}: give a probability like 0.8, "
                        f"or per word like yes=0.9,no=0.7") from None

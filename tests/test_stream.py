@@ -127,6 +127,8 @@ def test_a_thresholds_file_is_read_as_per_word_thresholds(tmp_path):
     path.write_text(json.dumps({"thresholds": {"yes": 0.9, "no": 0.75}, "command": "kws ..."}))
     assert parse_threshold(str(path)) == {"yes": 0.9, "no": 0.75}
     assert parse_threshold("0.8") == 0.8 and parse_threshold("yes=0.9") == {"yes": 0.9}
+    # an empty item is skipped, as --words skips one
+    assert parse_threshold("yes=0.5,,no=0.3,") == {"yes": 0.5, "no": 0.3}
 
 
 @pytest.mark.parametrize("content, message", [
