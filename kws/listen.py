@@ -384,44 +384,26 @@ def positive(kind):
     return parse
 
 
+def number_where(holds, what: str):
+    """An argparse type: a number for which `holds(value)` is true, else "'TEXT' is not WHAT"."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
 MAX_CHUNK_MS = 1000.0
-
-
-def chunk_ms(text: str) -> float:
-    """--chunk-ms: a block length in milliseconds, above 0 and at most MAX_CHUNK_MS."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= MAX_CHUNK_MS:
-        raise KwsError(f"{text!r} is not a block length above 0 and at most {MAX_CHUNK_MS:g} ms")
-    return value
-
-
-def non_negative(text: str) -> float:
-    """An argparse type: a finite number of seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
-    return value
-
-
 GAIN_DB_RANGE = (-60.0, 40.0)
-
-
-def gain_db(text: str) -> float:
-    """An argparse type: a gain in dB within GAIN_DB_RANGE (what --gain-db takes)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    low, high = GAIN_DB_RANGE
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a gain from {low:g} to {high:g} dB")
-    return value
+chunk_ms = number_where(lambda v: 0 < v <= MAX_CHUNK_MS,  # what --chunk-ms takes
+                        f"a block length above 0 and at most {MAX_CHUNK_MS:g} ms")
+non_negative = number_where(lambda v: 0 <= v < math.inf, "a number of seconds, 0 or more")
+gain_db = number_where(lambda v: GAIN_DB_RANGE[0] <= v <= GAIN_DB_RANGE[1],  # what --gain-db takes
+                       f"a gain from {GAIN_DB_RANGE[0]:g} to {GAIN_DB_RANGE[1]:g} dB")
 
 
 def band_hz(text: str) -> tuple[float, float]:
@@ -462,7 +444,7 @@ def register(sub):
     p.add_argument("--input", metavar="FILE", help="stream this audio file instead of a device")
     p.add_argument("--fast", action="store_true", help="with --input: as fast as possible, "
                    "not in real time")
-    p.add_argument("--chunk-ms", type=argument(chunk_ms), default=32.0,
+    p.add_argument("--chunk-ms", type=chunk_ms, default=32.0,
                    help=f"audio block length, at most {MAX_CHUNK_MS:g} ms: a block delays every "
                         f"detection in it by its length (32 ms)")
     p.add_argument("--threads", type=positive(int), default=1,
