@@ -89,7 +89,7 @@ class LiveListener:
     def problem(self) -> str | None:
         """Why the input file ended early (damaged, truncated, not numbers), or None."""
         error = self._worker.source_error if self._worker is not None else None
-        return None if error is None else f"{self.input_file} ended early: {error}"
+        return None if error is None else str(error)
 
     def start(self) -> str:
         """Open the input and start; returns what it listens to."""
@@ -126,7 +126,7 @@ class LiveListener:
             log.error("kws serve: the live listener failed: %s: %s", type(e).__name__, e)
             return
         if self.problem is not None:
-            log.error("kws serve: the live listener stopped after %.1f s of audio: %s",
+            log.error("kws serve: the live listener's input ended early, after %.1f s of audio: %s",
                       self.detector.time_s, self.problem)
             return
         log.info("kws serve: the live listener stopped after %.1f s of audio", self.detector.time_s)

@@ -261,7 +261,7 @@ def play_through_worker(engine, path: str, chunk_s: float, fast: bool = False) -
     if worker.error is not None:
         raise worker.error
     if worker.source_error is not None:
-        raise KwsError(f"could not play {path} to its end: {worker.source_error}")
+        raise worker.source_error
     return detector.time_s, worker.compute_seconds, worker.compute_cpu_seconds
 
 

@@ -188,7 +188,8 @@ def play_file(path: str, block_seconds: float, fast: bool, blocks: queue.Queue,
             if sent == 0:
                 raise AudioError("it holds no audio samples")
     except (AudioError, sf.LibsndfileError, RuntimeError) as e:
-        offer(e if isinstance(e, AudioError) else AudioError(f"cannot decode audio: {e}"))
+        reason = e if isinstance(e, AudioError) else f"cannot decode audio: {e}"
+        offer(AudioError(f"could not play {path} to its end: {reason}"))
     finally:
         blocks.put(None)
 
@@ -330,7 +331,7 @@ def listen(args) -> int:
         raise worker.error
     print(summary(worker, counters), file=sys.stderr, flush=True)
     if worker.source_error is not None:  # after the detections and the summary of what was heard
-        raise KwsError(f"could not play {args.input} to its end: {worker.source_error}")
+        raise worker.source_error
     return 0
 
 
