@@ -41,7 +41,7 @@ from app.predict import (DETECT_ABOVE_S, clip_for_classifier, decode_upload, pre
                          streaming_detections)
 from app.schemas import (Detections, DetectorSettings, Error, Health, InputLevel, Listener, LiveScores,
                          MemoryHistory, MemorySample, Prediction, Stats)
-from app.settings import Settings, from_env
+from app.settings import Settings, from_env, host_name
 from app.stats import (CountRequests, RequestCounts, RssHistory, memory_bytes,
                        prometheus_registry)
 from app.upload import REQUEST_BODY, BodyBudget, upload_body
@@ -156,13 +156,6 @@ def error_responses(*codes: int) -> dict:
     return {code: {"model": Error} for code in codes}
 
 
-def host_name(header: str) -> str:
-    """A Host header without its port: 'pi.local:8000' -> 'pi.local', '[::1]:8000' -> '::1'."""
-    if header.startswith("["):
-        return header[1:header.find("]")].lower()
-    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).lower()
-
-
 class AllowedHosts:
     """ASGI middleware: a request whose Host header names another host gets a JSON 400. A web
     page whose own name was made to point at this machine (DNS rebinding) is refused so."""
@@ -173,9 +166,12 @@ class AllowedHosts:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self.hosts is not None:
             header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if host_name(header) not in self.hosts:
+            name = host_name(header)
+            if name not in self.hosts:
+                refused = (f"host {name!r} is not allowed" if name
+                           else "a request without a Host header is refused")
                 refusal = JSONResponse(
-                    {"detail": f"host {header!r} is not allowed: add its name to KWS_ALLOWED_HOSTS"},
+                    {"detail": f"{refused}: add the name to KWS_ALLOWED_HOSTS (or set KWS_API_TOKEN)"},
                     status_code=status.HTTP_400_BAD_REQUEST)
                 return await refusal(scope, receive, send)
         await self.app(scope, receive, send)

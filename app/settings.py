@@ -2,8 +2,9 @@
 
 On a network address the service is not open to anyone by default: without `KWS_API_TOKEN`,
 `kws serve` makes a token for the run and prints it once (`with_network_token`), unless
-`KWS_ALLOW_ANONYMOUS=1`. Host headers are checked against `allowed_hosts` (loopback names and
-the bound address by default), so a web page cannot reach the service through DNS rebinding."""
+`KWS_ALLOW_ANONYMOUS=1`. Without a token, Host headers are checked against `allowed_hosts`
+(loopback names and the bound address by default), so a web page cannot reach the service
+through DNS rebinding; with one, any name is accepted, since the token keeps other pages out."""
 
 import ipaddress
 import os
@@ -66,10 +67,14 @@ class Settings:
         return is_loopback(self.host)
 
     def hosts_allowed(self) -> tuple[str, ...]:
-        """Host header names accepted (without port): the setting, or loopback names and the
-        bound address when that is one address (not 0.0.0.0 or ::)."""
+        """Host header names accepted (without port): the setting; any ("*") with a token (a
+        board's names are not known in advance, and a web page that rebinds a name still lacks
+        the token); else loopback names and the bound address when that is one address (not
+        0.0.0.0 or ::)."""
         if self.allowed_hosts is not None:
             return self.allowed_hosts
+        if self.api_token is not None:
+            return ("*",)
         hosts = ("localhost", "127.0.0.1", "::1")
         if self.host not in ("0.0.0.0", "::", "") and self.host not in hosts:
             hosts += (self.host.lower(),)
@@ -119,9 +124,21 @@ ENVIRONMENT = {
 }
 
 
+def host_name(header: str) -> str:
+    """A Host header without its port: 'pi.local:8000' -> 'pi.local', '[::1]:8000' -> '::1'."""
+    if header.startswith("["):
+        return header[1:header.find("]")].lower()
+    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).lower()
+
+
+def url_host(host: str) -> str:
+    """An address as a URL names it: '::1' -> '[::1]'."""
+    return f"[{host}]" if ":" in host else host
+
+
 def parse_hosts(text: str) -> tuple[str, ...]:
-    """'pi.local, 192.168.1.20' -> ('pi.local', '192.168.1.20'); '*' allows any host."""
-    hosts = tuple(h.strip().lower() for h in text.split(",") if h.strip())
+    """'pi.local, 192.168.1.20:8000' -> ('pi.local', '192.168.1.20'); '*' allows any host."""
+    hosts = tuple(host_name(h.strip()) for h in text.split(",") if h.strip())
     if not hosts:
         raise KwsError("expected host names separated by commas, or *")
     return hosts

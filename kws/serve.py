@@ -88,7 +88,7 @@ def server(app, read_timeout_s: float, log_level: str = "info", access_log: bool
 
 def serve(args):
     from app.main import create_app
-    from app.settings import from_env, with_network_token
+    from app.settings import from_env, url_host, with_network_token
     from kws.cli import load_engine
     from kws.stream import Detector
 
@@ -103,16 +103,16 @@ def serve(args):
     logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())
     log = logging.getLogger("kws.serve")
     log.info("kws serve: http://%s:%d (dashboard at /, API docs at /docs)",
-             settings.host, settings.port)
+             url_host(settings.host), settings.port)
     settings, token_made = with_network_token(settings)
     if token_made:
         log.warning("kws serve: %s is reachable from the network and KWS_API_TOKEN is not set; "
                     "the token for this run is %s: open http://HOST:%d/#token=%s (set "
                     "KWS_API_TOKEN to keep one, or KWS_ALLOW_ANONYMOUS=1 to serve without)",
-                    settings.host, settings.api_token, settings.port, settings.api_token)
+                    url_host(settings.host), settings.api_token, settings.port, settings.api_token)
     elif settings.open_to_network:
         log.warning("kws serve: KWS_ALLOW_ANONYMOUS=1: anyone who can reach %s:%d can follow "
-                    "what the microphone hears", settings.host, settings.port)
+                    "what the microphone hears", url_host(settings.host), settings.port)
     # uvicorn re-raises the signal it caught once it has shut down. For SIGTERM that would exit
     # 143; for SIGINT it lands in asyncio's own handler, which raises KeyboardInterrupt only if
     # the server's task still has an await ahead of it: a race. Both are ignored here, and the

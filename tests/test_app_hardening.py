@@ -26,7 +26,7 @@ from test_audio_decode import noise, silence_flac, unknown_length
 from app.hardening import mutated_uploads
 from app.main import create_app
 from app.schemas import Error, Prediction
-from app.settings import Settings, from_env, with_network_token
+from app.settings import Settings, from_env, url_host, with_network_token
 from kws.errors import KwsError
 
 
@@ -320,6 +320,21 @@ def test_allowed_hosts_from_the_environment():
     assert Settings(host="0.0.0.0").hosts_allowed() == ("localhost", "127.0.0.1", "::1")
 
 
+def test_with_a_token_any_host_name_is_accepted_unless_hosts_are_listed():
+    assert Settings(host="0.0.0.0", api_token="t").hosts_allowed() == ("*",)
+    assert Settings(api_token="t").hosts_allowed() == ("*",)
+    assert Settings(host="0.0.0.0", api_token="t", allowed_hosts=("pi.local",)).hosts_allowed() == ("pi.local",)
+
+
+def test_start_up_urls_bracket_ipv6_addresses():
+    assert [url_host(h) for h in ("::1", "::", "0.0.0.0", "pi.local")] == ["[::1]", "[::]", "0.0.0.0", "pi.local"]
+
+
+def test_allowed_hosts_may_be_written_with_their_port():
+    settings = from_env({"KWS_ALLOWED_HOSTS": "192.168.1.20:8735, [fe80::1]:80, Pi.local"})
+    assert settings.hosts_allowed() == ("192.168.1.20", "fe80::1", "pi.local")
+
+
 @pytest.mark.parametrize("host,allowed,status", [
     ("localhost:8000", None, 200), ("127.0.0.1", None, 200), ("[::1]:8000", None, 200),
     ("evil.example", None, 400), ("evil.example:8000", None, 400), ("", None, 400),
@@ -332,7 +347,10 @@ def test_host_header_is_checked_against_the_allowed_hosts(model_path, host, allo
         response = client.get("/stats", headers={"Host": host})
     assert response.status_code == status, response.text
     if status == 400:
-        assert "KWS_ALLOWED_HOSTS" in response.json()["detail"]
+        detail = response.json()["detail"]
+        assert "KWS_ALLOWED_HOSTS" in detail
+        assert (f"host {host.rsplit(':', 1)[0]!r} is not allowed" if host
+                else "without a Host header") in detail  # the name to list, without its port
 
 
 def test_kws_serve_on_a_network_address_prints_a_token_and_requires_it(model_path):  # noqa: F811
@@ -360,6 +378,9 @@ def test_kws_serve_on_a_network_address_prints_a_token_and_requires_it(model_pat
                 time.sleep(0.2)
         assert httpx.get(url + "/stats").status_code == 401
         assert httpx.get(url + "/stats", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        # reached by the board's network name, as the printed URL's HOST would be
+        by_name = {"Authorization": f"Bearer {token}", "Host": f"pi.local:{port}"}
+        assert httpx.get(url + "/stats", headers=by_name).status_code == 200
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(15)
