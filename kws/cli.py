@@ -32,6 +32,7 @@ COMMANDS = {
 }
 TORCH_MODULES = ("torch", "torchaudio")
 INSTALL_TORCH = "pip install 'kws[train]'"
+INSTALL_DISTILL = "pip install 'kws[distill]'"  # the teacher's extra: torch and its embedding
 
 
 def has_torch() -> bool:
@@ -137,7 +138,8 @@ def command_module(name: str):
         return importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as e:
         if e.name in TORCH_MODULES:
-            raise KwsError(f"kws {name} needs PyTorch, which is not installed: {INSTALL_TORCH}") from None
+            install = INSTALL_DISTILL if name == "teacher" else INSTALL_TORCH
+            raise KwsError(f"kws {name} needs PyTorch, which is not installed: {install}") from None
         raise
 
 
@@ -148,13 +150,13 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
         prog="kws", description="Streaming keyword spotting on raw audio with mGRADE.")
     parser.add_argument("--version", action="version", version=f"kws {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    full = {COMMANDS[a][0] for a in argv if a in COMMANDS}
+    full = {COMMANDS[a][0]: a for a in argv if a in COMMANDS}  # module: the command asked for
     registered = set()
     for name, (module, summary) in COMMANDS.items():
         if module not in full:
             sub.add_parser(name, help=summary)
         elif module not in registered:
-            command_module(name).register(sub)
+            command_module(full[module]).register(sub)
             registered.add(module)
     return parser
 

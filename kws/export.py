@@ -31,6 +31,7 @@ import numpy as np
 from kws.audio import SAMPLE_RATE
 from kws.errors import KwsError
 
+EXPORT_KINDS = (".npz", ".onnx", ".pt")  # what `kws export` writes, by the output's suffix
 EXPORT_TOLERANCE = 1e-4  # largest difference allowed between the file's and the model's logits
 CHECK_SECONDS = 3.0
 CHECK_CHUNK = 512  # 32 ms, as kws listen feeds it
@@ -150,21 +151,24 @@ def export(checkpoint, out, steps: int = ONNX_STEPS, thresholds: dict | None = N
     from kws.labels import long_window_problem, threshold_problem
     from kws.runtime import StreamEngine, load_engine, save_engine
 
-    model = load(checkpoint)  # first: without torch, this is the error that says how to get it
+    kind = Path(out).suffix
+    if kind not in EXPORT_KINDS:
+        raise KwsError(f"{out}: the file to write must end in {', '.join(EXPORT_KINDS)}")
+    model = load(checkpoint)  # without torch, this is the error that says how to get it
     if thresholds is not None:
         problem = (threshold_problem(thresholds, model.cfg.labels)
                    or long_window_problem(long_window_s))
         if problem:
             raise KwsError(problem)
         model.thresholds, model.long_window_s = dict(thresholds), float(long_window_s)
-    if Path(out).suffix == ".pt":
+    if kind == ".pt":
         from kws.model import read_checkpoint, save_model
 
         meta = read_checkpoint(checkpoint)[2]
         save_model(model, out, {**meta, "thresholds": model.thresholds,
                                 "long_window_s": model.long_window_s, "license": model.license})
         difference = stream_difference(model, StreamEngine.from_model(load(out)), check_audio())
-    elif Path(out).suffix == ".onnx":
+    elif kind == ".onnx":
         export_onnx(model, out, steps)
         stream = OnnxStream(out)
         difference = stream_difference(model, stream, check_audio(), stream.samples_per_call)

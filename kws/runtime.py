@@ -219,6 +219,9 @@ def load_engine(path: "str | Path") -> StreamEngine:
     path = Path(path)
     if not path.is_file():
         raise EngineFileError(f"no model file at {path}")
+    if path.suffix == ".onnx":
+        raise EngineFileError(f"{path} is an ONNX graph for other runtimes; kws reads the .npz "
+                              f"model file (or the .pt checkpoint) it was exported from")
     try:
         with np.load(path, allow_pickle=False) as npz:
             files = dict(npz)

@@ -41,17 +41,22 @@ def test_the_summary_in_help_is_the_one_each_command_registers():
     assert registered == {name: summary for name, (_, summary) in COMMANDS.items()}
 
 
-@pytest.mark.parametrize("argv", [["train", "--data", "x"], ["eval", "--data", "x"],
-                                  ["eval-stream", "--data", "x"], ["export", "a.pt", "b.npz"],
-                                  ["bench", "model"]])
-def test_a_torch_command_without_torch_says_how_to_install_it(argv):
+@pytest.mark.parametrize("argv, needs, install", [
+    (["train", "--data", "x"], "kws train", "kws[train]"),
+    (["eval", "--data", "x"], "kws eval", "kws[train]"),
+    (["eval-stream", "--data", "x"], "kws eval-stream", "kws[train]"),
+    (["export", "a.pt", "b.npz"], "reading a PyTorch checkpoint", "kws[train]"),
+    (["bench", "model"], "kws bench model", "kws[train]"),
+    (["average", "--out", "c.pt", "a.pt", "b.pt"], "kws average", "kws[train]"),
+    (["teacher", "train", "--data", "x"], "kws teacher", "kws[distill]")])
+def test_a_torch_command_without_torch_says_how_to_install_it(argv, needs, install):
     # None in sys.modules makes `import torch` fail as it does where torch is not installed.
     result = python("import sys\nsys.modules['torch'] = sys.modules['torchaudio'] = None\n"
                     f"from kws.cli import main\nsys.exit(main({argv!r}))")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kws: error: ") and "Traceback" not in result.stderr
-    assert "pip install 'kws[train]'" in lines[0]
+    assert lines[0] == f"kws: error: {needs} needs PyTorch, which is not installed: pip install '{install}'"
 
 
 @pytest.mark.parametrize("action", ["download", "synth"])

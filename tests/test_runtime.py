@@ -186,6 +186,16 @@ def test_export_writes_a_file_that_streams_as_the_checkpoint(kind, tmp_path, cap
     np.testing.assert_allclose(got, reference_logits(model, audio), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["m.bin", "m", "m.ONNX", "m.npz.tmp"])
+def test_export_refuses_a_file_name_it_would_not_write_as_named(name, tmp_path, capsys):
+    from kws.model import save_model
+
+    save_model(small_model("edge"), tmp_path / "m.pt")
+    assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / name)]) == 2
+    assert "must end in .npz, .onnx, .pt" in capsys.readouterr().err
+    assert not (tmp_path / name).exists()
+
+
 def test_export_stores_per_word_thresholds_that_travel_from_checkpoint_to_model_file(tmp_path, capsys):
     from kws.model import read_checkpoint, save_model
     from kws.stream import DEFAULT_THRESHOLD, Detector
@@ -298,8 +308,10 @@ def test_a_missing_damaged_or_foreign_file_is_one_clear_error(engine_file, tmp_p
         tmp_path / "absent.npz": "no model file",
         tmp_path / "cut.npz": "damaged or not a kws model file",
         tmp_path / "foreign.npz": "not a kws model file",
+        tmp_path / "m.onnx": "an ONNX graph for other runtimes; kws reads the .npz",
     }
     (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:5000])
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x08")  # any ONNX file: refused by its name
     np.savez(tmp_path / "foreign.npz", weights=np.ones(3))
     for bad, words in cases.items():
         with pytest.raises(EngineFileError, match=words):
