@@ -661,6 +661,24 @@ def _thresholds_text(threshold) -> str:
     return f"{threshold:g}"
 
 
+def json_text(result) -> str:
+    """Standard JSON (RFC 8259 has no NaN): a rate with nothing to count over, such as false
+    alarms on speech in streams that hold none, or latency without a hit, is null."""
+    def clean(x):
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(result), allow_nan=False)
+
+
+def _per_hour(rate: float) -> str:
+    return "none heard" if math.isnan(rate) else f"{rate:.2f}/hour"
+
+
 def _print_report(r: dict):
     print(f"streams: {r['minutes']:.1f} min of the {r['split']} split (seeds "
           f"{', '.join(map(str, r['seeds']))}), {r['keywords']} keywords, threshold "
@@ -671,11 +689,11 @@ def _print_report(r: dict):
     print(f"keywords: {r['hits']} hits ({r['recall']:.1%}), {r['substitutions']} substitutions "
           f"({r['substitution_rate']:.1%}), {r['misses']} misses")
     print(f"false alarms: {r['false_alarms']} in {r['keyword_free_hours']:.2f} h of keyword-free "
-          f"audio = {r['false_alarms_per_hour']:.2f}/hour (on speech "
-          f"{r['false_alarms_per_hour_speech']:.2f}/hour, on noise "
-          f"{r['false_alarms_per_hour_noise']:.2f}/hour)")
-    print(f"latency after the word's end: median {r['latency_ms_median']:.0f} ms, "
-          f"p90 {r['latency_ms_p90']:.0f} ms")
+          f"audio = {_per_hour(r['false_alarms_per_hour'])} (on speech "
+          f"{_per_hour(r['false_alarms_per_hour_speech'])}, on noise "
+          f"{_per_hour(r['false_alarms_per_hour_noise'])})")
+    print("latency after the word's end: " + ("none (no hits)" if not r["hits"] else
+          f"median {r['latency_ms_median']:.0f} ms, p90 {r['latency_ms_p90']:.0f} ms"))
     limits = (f"<= {r['limits']['false_alarms_per_hour']:g} false alarms/hour and "
               f"<= {r['limits']['substitution_rate']:.0%} substitutions")
     for readout in r.get("readouts", [{"window_s": r["window_s"],
@@ -731,14 +749,14 @@ def eval_stream(args) -> int:
     if args.long_run_check:
         result = long_run_check(**common, compare_minutes=args.compare_minutes or DEFAULT_COMPARE_MINUTES)
         if args.json:
-            print(json.dumps(result))
+            print(json_text(result))
         else:
             _print_long_run(result)
         return 0 if result["passed"] else 1
     result = evaluate(**common, det_png=Path(args.det_png) if args.det_png else None,
                       choose=bool(args.choose_thresholds))
     if args.json:
-        print(json.dumps(result))
+        print(json_text(result))
     else:
         _print_report(result)
     if args.choose_thresholds:
