@@ -287,7 +287,9 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
         description="Keyword spotting with mGRADE: classify uploaded clips, follow live "
                     "detections from the microphone, watch memory use.",
         exception_handlers={RequestValidationError: validation_error, ClientDisconnect: client_gone,
-                            Exception: server_error})
+                            Exception: server_error},
+        # /predict/ is not /predict: a JSON 404, not an empty 307 that drops the upload
+        redirect_slashes=False)
     requests = RequestCounts()
     app.add_middleware(AllowedHosts, hosts=settings.hosts_allowed())
     app.add_middleware(CountRequests, counts=requests)

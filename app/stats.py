@@ -78,8 +78,11 @@ class CountRequests:
             await self.app(scope, receive, send_and_note)
         finally:
             self.counts.in_flight -= 1
-            route = scope.get("route")  # set by the router once it matched a route
-            self.counts.counts[(route.path if route else "(unmatched)", status)] += 1
+            route = scope.get("route")  # set by the router once it matched an API route
+            # The docs and schema are plain routes (no "route" in scope): named by their path
+            # when answered; a refused or unknown path is not a name worth a counter of its own.
+            name = route.path if route else scope["path"] if status < 400 else "(unmatched)"
+            self.counts.counts[(name, status)] += 1
 
 
 def prometheus_registry(snapshot) -> CollectorRegistry:

@@ -413,6 +413,21 @@ def test_stats_report_memory_model_sizes_and_request_counts(client, model_path):
     assert after.requests["/stats"]["200"] >= 1
 
 
+def test_a_path_with_a_trailing_slash_is_a_json_404_not_a_redirect_that_drops_the_upload(client):
+    for response in (client.post("/predict/", content=audio_bytes(), headers={"Content-Type": "audio/wav"},
+                                 follow_redirects=False),
+                     client.get("/stats/", follow_redirects=False)):
+        assert response.status_code == 404 and response.json()["detail"], response.text
+
+
+def test_the_schema_and_docs_are_counted_by_their_path_and_unknown_paths_together(client):
+    for path in ("/openapi.json", "/docs", "/no-such-page", "/nor-this"):
+        client.get(path)
+    requests = client.get("/stats").json()["requests"]
+    assert requests["/openapi.json"]["200"] >= 1 and requests["/docs"]["200"] >= 1
+    assert requests["(unmatched)"]["404"] >= 2 and "/no-such-page" not in requests
+
+
 def test_metrics_give_the_stats_in_prometheus_format(client):
     upload(client, audio_bytes())
     stats = client.get("/stats").json()
