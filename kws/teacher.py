@@ -283,15 +283,24 @@ def teacher_command(args):
 
 
 def register(sub):
-    p = sub.add_parser("teacher", help="the distillation teacher: train it or score it (kws[distill])")
-    p.add_argument("action", choices=("train", "eval"))
-    p.add_argument("--data", required=True, help="Speech Commands folder")
-    p.add_argument("--synth", help="train: synthetic clips made by kws data synth")
-    p.add_argument("--out", help="train: where to save the teacher")
-    p.add_argument("--teacher", help="eval: the teacher file")
-    p.add_argument("--split", default="testing", choices=("training", "validation", "testing"))
-    p.add_argument("--cache", help="train: folder that keeps the embeddings between runs")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser(
+        "teacher", help="the distillation teacher: train it or score it (kws[distill])",
+        description="The teacher for kws train --teacher: openWakeWord's frozen speech embedding "
+                    "(shipped in openwakeword 0.5.1's wheel) and a small classifier over the 36 "
+                    "labels. `kws teacher train --data D [--synth S] --out T.pt` trains the "
+                    "classifier; `kws teacher eval --data D --teacher T.pt` scores it on a split "
+                    "(one JSON line). Needs pip install 'kws[distill]'.")
+    p.add_argument("action", choices=("train", "eval"), metavar="ACTION",
+                   help="train: fit the classifier and save the teacher; eval: its clip accuracy")
+    p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
+    p.add_argument("--synth", help="train: synthetic clips made by kws data synth, added to the real ones")
+    p.add_argument("--out", metavar="FILE", help="train: where to save the teacher (required for train)")
+    p.add_argument("--teacher", metavar="FILE", help="eval: the teacher file (required for eval)")
+    p.add_argument("--split", default="testing", choices=("training", "validation", "testing"),
+                   help="eval: the split scored (default testing)")
+    p.add_argument("--cache", metavar="DIR", help="train: folder that keeps the clips' embeddings "
+                   "between runs (computing them is most of the time)")
+    p.add_argument("--epochs", type=int, default=60, help="train: epochs of the classifier (default 60)")
+    p.add_argument("--seed", type=int, default=0, help="train: seed of the classifier (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime CPU threads (default 1)")
     p.set_defaults(func=teacher_command)

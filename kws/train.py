@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,49 +36,65 @@ from kws.speech import (NEAR_MISS_SENTENCES, NEAR_MISS_VOCABULARY, TRAINING_SENT
 from kws.teacher import EMBEDDING_DIM, TEACHER_LICENSE, aligned_steps, embedding_count, load_teacher
 
 
+def setting(default, help: str):
+    """A TrainConfig field with the text `kws train --help` shows for it."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    preset: str = "edge"
-    epochs: int = 16
-    examples_per_epoch: int = 16000
-    batch_size: int = 64
-    lr: float = 3e-3
-    position_lr_scale: float = 5.0  # tap positions move in steps, not in weight units
-    weight_decay: float = 0.05
-    warmup_steps: int = 300
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.05
-    sigma_anneal_fraction: float = 0.8  # sigma reaches its end value here, then holds
-    rounded_fraction: float = 0.1  # the last steps train on integer delays, as inference reads them
-    background_weight: float = 2.0  # how often background is drawn, against 1 for each word
-    speech_negatives: float = 0.0  # share of background examples holding a word's end or tail
-    sentence_negatives: float = 0.0  # share of background examples cut from keyword-free TTS sentences
-    sentences: int = TRAINING_SENTENCES  # how many such sentences (seeds 0, 1, ...) they are cut from
-    near_misses: float = 0.0  # share of those sentences spoken with words that sound like keywords
-    vtlp: float = 0.0  # share of word examples with a warped frequency axis (new vocal tracts)
-    reverb: float = 0.0  # share of examples in a synthetic room (RT60 0.1-0.8 s)
-    masks: float = 0.0  # share of examples with a silenced time span and frequency band
-    noise_onsets: float = 0.0  # share of noisy examples whose noise starts or stops within them
-    noise_switches: float = 0.0  # share of noisy examples whose noise gives way to another within them
-    quieter_db: float = 0.0  # each example's whole level moved by -quieter_db .. +louder_db dB
-    louder_db: float = 0.0  # (a microphone's gain, the talker's distance); both 0: off
-    mic_response: float = 0.0  # share of examples recorded through a random microphone's response
-    # Loss weight (0: off) for the streaming operating point: of each word-free background
-    # example, the 1-s window (every one the detector would read) that least reads background.
-    window_negatives: float = 0.0
-    seed: int = 0
-    checkpoint_minutes: float = 10.0  # also save the run state this often within an epoch
+    preset: str = setting("edge", "model size and stride: edge (10-ms steps) or paper (every sample)")
+    epochs: int = setting(16, "epochs of --examples-per-epoch augmented examples")
+    examples_per_epoch: int = setting(16000, "examples per epoch (drawn class-balanced, augmented anew)")
+    batch_size: int = setting(64, "examples per optimiser step")
+    lr: float = setting(3e-3, "peak learning rate (AdamW; warm-up, then cosine decay)")
+    position_lr_scale: float = setting(5.0, "tap positions' learning rate, as a multiple of --lr "
+                                             "(positions move in steps, not in weight units)")
+    weight_decay: float = setting(0.05, "AdamW weight decay, on matrices only")
+    warmup_steps: int = setting(300, "steps of linear learning-rate warm-up")
+    grad_clip: float = setting(1.0, "largest gradient norm")
+    label_smoothing: float = setting(0.05, "label smoothing of the clip loss, in [0, 1)")
+    sigma_anneal_fraction: float = setting(0.8, "share of the run over which the taps' Gaussian "
+                                                "width shrinks to its end value, then holds")
+    rounded_fraction: float = setting(0.1, "share of the last steps trained on integer delays, "
+                                           "as inference reads them")
+    background_weight: float = setting(2.0, "how often background is drawn, against 1 for each word")
+    speech_negatives: float = setting(0.0, "share of background examples holding a word's end or tail")
+    sentence_negatives: float = setting(0.0, "share of background examples cut from keyword-free "
+                                             "TTS sentences")
+    sentences: int = setting(TRAINING_SENTENCES, "how many such sentences (seeds 0, 1, ...) they "
+                                                 "are cut from")
+    near_misses: float = setting(0.0, "share of those sentences spoken with words that sound like "
+                                      "keywords")
+    vtlp: float = setting(0.0, "share of word examples with a warped frequency axis (new vocal tracts)")
+    reverb: float = setting(0.0, "share of examples in a synthetic room (RT60 0.1-0.8 s)")
+    masks: float = setting(0.0, "share of examples with a silenced time span and frequency band")
+    noise_onsets: float = setting(0.0, "share of noisy examples whose noise starts or stops within them")
+    noise_switches: float = setting(0.0, "share of noisy examples whose noise gives way to another "
+                                         "within them")
+    quieter_db: float = setting(0.0, "each example's level moved by -QUIETER_DB .. +LOUDER_DB dB (a "
+                                     "microphone's gain, the talker's distance); both 0: off")
+    louder_db: float = setting(0.0, "see --quieter-db")
+    mic_response: float = setting(0.0, "share of examples recorded through a random microphone's "
+                                       "frequency response")
+    window_negatives: float = setting(0.0, "loss weight (0: off) of the 1-s window of each word-free "
+                                           "background example that least reads background (the "
+                                           "streaming operating point)")
+    seed: int = setting(0, "seed of the initial weights and of every example drawn")
+    checkpoint_minutes: float = setting(10.0, "also save the run state this often within an epoch")
     # Distillation from a teacher (kws teacher train; --teacher FILE): loss weights, 0 = off.
-    distill_repr: float = 0.0  # the last layer, projected, regresses the teacher's embeddings
-    distill_logits: float = 0.0  # the clip readout matches the teacher's softened outputs
-    distill_temperature: float = 2.0
-    distill_share: float = 0.25  # share of each batch the teacher hears (it costs ~20 ms a clip)
-    # Fine-tuning's memory (--anchor MODEL [MODEL ...]; 0 = off): on word examples, the clip
-    # readout keeps the softened outputs (distill_temperature) of frozen trained models (their
-    # logits averaged: an ensemble), so that learning new negatives does not unlearn the words
-    # (learning without forgetting, Li & Hoiem 2016).
-    anchor_weight: float = 0.0
-
+    distill_repr: float = setting(0.0, "loss weight: the last layer, projected, regresses the "
+                                       "teacher's embeddings (with --teacher)")
+    distill_logits: float = setting(0.0, "loss weight: the clip readout matches the teacher's "
+                                         "softened outputs (with --teacher)")
+    distill_temperature: float = setting(2.0, "temperature of the softened outputs (--distill-logits, "
+                                              "--anchor-weight)")
+    distill_share: float = setting(0.25, "share of each batch the teacher hears (it costs ~20 ms a clip)")
+    # Fine-tuning's memory (--anchor MODEL [MODEL ...]): on word examples, the clip readout keeps
+    # the softened outputs of frozen trained models (their logits averaged: an ensemble), so that
+    # learning new negatives does not unlearn the words (learning without forgetting, Li & Hoiem 2016).
+    anchor_weight: float = setting(0.0, "loss weight (0: off) keeping the word examples' outputs "
+                                        "close to the --anchor models'")
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
@@ -621,7 +637,11 @@ def run_average(args):
 
 
 def register(sub):
-    p = sub.add_parser("train", help="train an mGRADE keyword model")
+    p = sub.add_parser("train", help="train an mGRADE keyword model",
+                       description="Train an mGRADE model on Speech Commands (and synthetic speech "
+                       "with --synth): from scratch, or a fine-tune of a trained model (--init). "
+                       "The command and every setting are kept in the checkpoint's metadata; the "
+                       "shipped model's recipe is under Training in models/mgrade-edge.md.")
     p.add_argument("--data", required=True, help="Speech Commands folder (official layout)")
     p.add_argument("--synth", help="synthetic speech folder made by `kws data synth`")
     p.add_argument("--out", required=True, help="where to save the best model (of the rounded-delay phase)")
@@ -645,7 +665,7 @@ def register(sub):
                         "before a clip: one setting, kept in the model (default 0.5)")
     for f in fields(TrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
-                       help=f"default {f.default}")
+                       help=f"{f.metadata['help']} (default {f.default})")
     p.set_defaults(func=run)
 
     p = sub.add_parser("average", help="average the weights of fine-tunes of one model (a model soup)")

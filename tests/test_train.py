@@ -715,6 +715,15 @@ def test_kws_train_with_an_init_it_cannot_fine_tune_exits_2_before_loading_data(
     assert not out.exists()
 
 
+def test_kws_train_help_says_what_each_setting_does_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    for f in dataclasses.fields(TrainConfig):
+        described = f"{f.metadata['help']} (default {f.default})"
+        assert len(described) > 25 and "".join(described.split()) in text, f.name
+
+
 def test_kws_train_on_a_missing_folder_exits_2_naming_it(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "m.pt"), *TINY_SET])
     err = capsys.readouterr().err
