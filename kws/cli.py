@@ -128,8 +128,8 @@ def register(sub):
                        description="Print a model's labels, settings, parameter count, licence, "
                        "per-word thresholds and the bytes inference keeps (parameters and stream "
                        "state). Reads the .npz model file without torch; a .pt checkpoint needs it.")
-    p.add_argument("--model", help="model file, or a checkpoint (default: the shipped model "
-                   "or $KWS_MODEL)")
+    p.add_argument("--model", help="model file, or a checkpoint (default: $KWS_MODEL or the "
+                   "shipped model)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=info)
 

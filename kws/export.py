@@ -201,8 +201,9 @@ def register(sub):
                        "step as ONNX with explicit state inputs and outputs (OUT.onnx), or a "
                        "copy of the checkpoint (OUT.pt), each with the model's per-word "
                        "detection thresholds and the long readout window they were chosen with.")
-    p.add_argument("checkpoint", help="PyTorch checkpoint (.pt) from kws train")
-    p.add_argument("out", help="file to write: .npz (what kws listen/serve load), .onnx, or .pt")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="PyTorch checkpoint (.pt) from kws train")
+    p.add_argument("out", metavar="OUT", help="file to write: .npz (what kws listen/serve load), "
+                   ".onnx, or .pt")
     p.add_argument("--thresholds", metavar="JSON", help="the per-word detection thresholds to "
                    "store as the model's defaults, with the long window they were chosen with (a "
                    "file kws eval-stream --choose-thresholds wrote); without it, the "

@@ -284,6 +284,8 @@ def listen(args) -> int:
         raise KwsError("--input and --device exclude each other: pick a file or a device")
     if args.input and args.rate is not None:
         raise KwsError("--rate is a device's sample rate; a file plays at its own (resampled to 16 kHz)")
+    if args.fast and not args.input:
+        raise KwsError("--fast plays a file (--input) as fast as possible; a device runs in real time")
     from kws.cli import load_engine
 
     if args.input:
@@ -436,7 +438,8 @@ def register(sub):
                    "per-word thresholds, chosen on validation streams for the most words heard "
                    "with at most one false alarm an hour, for the model's readout (`kws info` "
                    f"lists both), and {DEFAULT_THRESHOLD} for a word without one. Lower hears "
-                   "more words and fires more often.")
+                   "more words and fires more often. A word named here is also reported "
+                   "(seven=0.999 adds seven to the default words).")
     p.add_argument("--words", type=argument(parse_words),
                    help="report only these words, comma separated (default: the words the "
                    "model has thresholds for, the 17 well-covered ones for the shipped models; "

@@ -94,7 +94,7 @@ def serve(args):
 
     settings = from_env(model=args.model, host=args.host, port=args.port, listen=args.listen,
                         device=args.device, listen_input=args.input, workers=args.workers,
-                        threshold=args.threshold, words=args.words)
+                        threshold=args.threshold, words=args.words, threads=args.threads)
     if settings.listen_input and not settings.listen:
         raise KwsError("--input plays a file to the live listener: add --listen")
     engine = load_engine(settings.model)  # before binding: a bad model file is a one-line error
@@ -165,6 +165,8 @@ def register(sub):
     p.add_argument("--words", type=argument(parse_words), help="report only these words, comma "
                    "separated ($KWS_WORDS, default: the words the model has thresholds for, as in `kws listen`)")
     p.add_argument("--workers", type=int, help="threads that decode uploads ($KWS_WORKERS, default 2)")
+    p.add_argument("--threads", type=int, help="BLAS threads per inference ($KWS_THREADS, default 1: "
+                   "parallel requests beat parallel operations)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"], help="(info)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")

@@ -186,6 +186,7 @@ def exit_code(argv) -> int:
     (["--input", "/nonexistent/a.wav"], "no audio file at /nonexistent/a.wav"),
     (["--input", "WAV", "--device", "1"], "exclude each other"),
     (["--input", "WAV", "--rate", "44100"], "a file plays at its own"),
+    (["--fast"], "--fast plays a file (--input)"),
     (["--input", "FOLDER"], "is not a regular file"),
     (["--input", "WAV", "--chunk-ms", "100000"], "at most 1000 ms"),
     (["--input", "WAV", "--chunk-ms", "0"], "above 0"),
