@@ -174,6 +174,11 @@ def crafted(server: Server, data: bytes, at_once: int) -> dict:
             "max_s": max(took for _, took in results), "peak_rss_growth_bytes": after - before}
 
 
+def counts_text(counts: dict) -> str:
+    """{422: 4, '408': 2} -> '408: 2, 422: 4' (HTTP statuses, whichever type their keys have)."""
+    return ", ".join(f"{key}: {n}" for key, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
+
+
 def bench_hardening(args) -> int:
     if args.slow_clients < 1 or args.fuzz < 1 or min(args.seconds, args.crafted_seconds) <= 0:
         raise KwsError("--slow-clients, --fuzz, --seconds and --crafted-seconds must be positive")
@@ -205,15 +210,15 @@ def bench_hardening(args) -> int:
         print(f"kws serve on {m['cpu']} ({m['cpus']} CPUs)")
         for name, c in result["crafted"].items():
             print(f"FLAC {name} ({c['bytes']:,} bytes), {c['at_once']} at once: "
-                  f"statuses {c['statuses']}, slowest {c['max_s']:.2f} s, peak RSS "
+                  f"statuses {counts_text(c['statuses'])}, slowest {c['max_s']:.2f} s, peak RSS "
                   f"{c['peak_rss_growth_bytes'] / 2**20:+.1f} MiB")
         print(f"{slow['slow_clients']} clients at 1 byte/s for {slow['seconds']:g} s: a normal "
               f"/predict took {slow['normal_median_s'] * 1000:.0f} ms median, "
-              f"{slow['normal_max_s'] * 1000:.0f} ms at most ({slow['normal_statuses']}); "
+              f"{slow['normal_max_s'] * 1000:.0f} ms at most ({counts_text(slow['normal_statuses'])}); "
               f"/health said {slow['health_during']}; the slow clients got "
-              f"{slow['slow_client_replies']}")
+              f"{counts_text(slow['slow_client_replies'])}")
         print(f"mutation fuzz, {args.fuzz:,} uploads (seed {args.seed}): statuses "
-              f"{result['fuzz']['statuses']}")
+              f"{counts_text(result['fuzz']['statuses'])}")
         print(f"server errors (5xx): {server_errors}; /health after: {result['health_after']}")
     return 1 if server_errors else 0
 

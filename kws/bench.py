@@ -56,6 +56,10 @@ def bench_audio(seconds: float, seed: int = 0) -> np.ndarray:
     return audio.astype(np.float32)
 
 
+def n_runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 def median_seconds(run, repeats: int) -> float:
     return interleaved_median_seconds({"run": run}, repeats)["run"]
 
@@ -222,7 +226,7 @@ def _bench_stream(args, engine, model, model_path: str) -> int:
         return 0
     m = result["machine"]
     print(f"one thread of {m['cpu']} ({m['cpus']} CPUs), numpy {m['numpy']}, "
-          f"{args.seconds:g} s of audio, median of {args.repeats} runs timed round-robin")
+          f"{args.seconds:g} s of audio, median of {n_runs(args.repeats)} timed round-robin")
     for ms in STREAM_CHUNKS_MS:
         print(f"streaming, {ms:>3} ms chunks: real-time factor {result[f'rtf_{ms}ms']:.4f} "
               f"(in CPU time {result[f'cpu_rtf_{ms}ms']:.4f})")
@@ -318,7 +322,7 @@ def bench_live(args) -> int:
     print(f"{audio_s:.1f} s at {args.rate} Hz played in real time through kws listen's path "
           f"in {args.chunk_ms:g}-ms blocks: real-time factor {result['rtf_live']:.4f} "
           f"(in CPU time {result['cpu_rtf_live']:.4f})")
-    print(f"the same audio through a Detector alone (median of {args.repeats}): "
+    print(f"the same audio through a Detector alone (median of {n_runs(args.repeats)}): "
           f"{result['rtf_bench']:.4f} (in CPU time {result['cpu_rtf_bench']:.4f}); live / bench = "
           f"{result['live_over_bench']:.2f} ({result['cpu_live_over_bench']:.2f} in CPU time)")
     print(f"a Detector alone, sleeping {args.chunk_ms:g} ms before each block: "
@@ -433,7 +437,9 @@ def bench_model(args) -> int:
         return 0
     m = result["machine"]
     print(f"{m['threads']} thread(s) of {m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}, "
-          f"median of {args.repeats}, training batch {args.batch}")
+          f"median of {n_runs(args.repeats)}, training batch {args.batch}")
+    print("offline: PyTorch forward over a 1-s clip; stream: the NumPy engine (what a Detector runs) "
+          "in 32-ms chunks")
     print(f"{'preset':<8} {'params':>8} {'train s/clip':>13} {'offline s/audio-s':>18} "
           f"{'stream 32ms s/audio-s':>22} {'minGRU pass: step / scan (s)':>29}")
     for name, r in result["presets"].items():

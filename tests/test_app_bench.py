@@ -7,6 +7,7 @@ import json
 from test_app import model_path  # noqa: F401 (a fixture)
 
 from app import hardening
+from app.hardening import counts_text
 from app.bench import register
 
 
@@ -44,3 +45,7 @@ def test_bench_hardening_reports_slow_clients_crafted_files_and_the_fuzz(model_p
     assert slow["normal_statuses"] == {"200": slow["normal_requests"]} and slow["normal_max_s"] < 5
     assert sum(result["fuzz"]["statuses"].values()) == 40
     assert all(int(status) < 500 for status in result["fuzz"]["statuses"])
+
+
+def test_status_counts_read_alike_whatever_the_type_of_their_keys():
+    assert counts_text({422: 4, "408": 2}) == "408: 2, 422: 4"
