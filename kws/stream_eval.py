@@ -663,7 +663,7 @@ def _thresholds_text(threshold) -> str:
     return f"{threshold:g}"
 
 
-def json_text(result) -> str:
+def json_text(result, indent: int | None = None) -> str:
     """Standard JSON (RFC 8259 has no NaN): a rate with nothing to count over, such as false
     alarms on speech in streams that hold none, or latency without a hit, is null."""
     def clean(x):
@@ -674,10 +674,10 @@ def json_text(result) -> str:
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x
-    return json.dumps(clean(result), allow_nan=False)
+    return json.dumps(clean(result), indent=indent, allow_nan=False)
 
 
-def _per_hour(rate: float) -> str:
+def _rate_text(rate: float) -> str:
     return "none heard" if math.isnan(rate) else f"{rate:.2f}/hour"
 
 
@@ -691,9 +691,9 @@ def _print_report(r: dict):
     print(f"keywords: {r['hits']} hits ({r['recall']:.1%}), {r['substitutions']} substitutions "
           f"({r['substitution_rate']:.1%}), {r['misses']} misses")
     print(f"false alarms: {r['false_alarms']} in {r['keyword_free_hours']:.2f} h of keyword-free "
-          f"audio = {_per_hour(r['false_alarms_per_hour'])} (on speech "
-          f"{_per_hour(r['false_alarms_per_hour_speech'])}, on noise "
-          f"{_per_hour(r['false_alarms_per_hour_noise'])})")
+          f"audio = {_rate_text(r['false_alarms_per_hour'])} (on speech "
+          f"{_rate_text(r['false_alarms_per_hour_speech'])}, on noise "
+          f"{_rate_text(r['false_alarms_per_hour_noise'])})")
     print("latency after the word's end: " + ("none (no hits)" if not r["hits"] else
           f"median {r['latency_ms_median']:.0f} ms, p90 {r['latency_ms_p90']:.0f} ms"))
     limits = (f"<= {r['limits']['false_alarms_per_hour']:g} false alarms/hour and "
@@ -781,7 +781,7 @@ def _write_thresholds(path: str, result: dict, model: str) -> int:
               "result": {k: v for k, v in chosen.items() if k != "thresholds"}}
     out = Path(path)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.write_text(json_text(record, indent=1) + "\n")
     tmp.replace(out)
     print(f"kws eval-stream: per-word thresholds written to {path}", file=sys.stderr)
     return 0
