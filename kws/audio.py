@@ -1,10 +1,11 @@
 """Audio constants and decoding (every path into kws reads audio through here), and what
-another microphone would have recorded: louder or quieter, or through a narrower band."""
+another microphone would have recorded: louder or quieter, through a narrower band, in a room."""
 
 import io
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -186,28 +187,74 @@ def through_band(audio: np.ndarray, low_hz: float, high_hz: float) -> np.ndarray
     return equalized(audio, lambda hz: band_gain(hz, low_hz, high_hz if high_hz < SAMPLE_RATE / 2 else None))
 
 
+def synthetic_rir(rt60: float, rng: np.random.Generator, reverberant_db: float | None = None) -> np.ndarray:
+    """A room impulse response: the direct sound, then exponentially decaying noise that falls
+    60 dB in `rt60` seconds (a diffuse tail, as in Habets' and Lehmann's fast approximations),
+    `reverberant_db` louder than the direct sound in all (0: a talker at the critical distance,
+    about a metre or two in a living room; None: drawn from -6 to +6 dB)."""
+    n = max(2, int(rt60 * SAMPLE_RATE))
+    tail = rng.standard_normal(n) * 10 ** (-3 * np.arange(n) / n)
+    onset = int(0.002 * SAMPLE_RATE)  # the first reflections arrive a few ms after the direct sound
+    tail[:onset] = 0
+    if reverberant_db is None:
+        reverberant_db = rng.uniform(-6, 6)
+    rir = tail * (10 ** (reverberant_db / 20) / (np.sqrt(np.sum(tail ** 2)) + 1e-12))
+    rir[0] = 1.0
+    return rir
+
+
+def reverberate(x: np.ndarray, rir: np.ndarray) -> np.ndarray:
+    """x (..., samples) heard in the room: convolved with `rir`, cut to its length, each row at
+    its original level."""
+    n = x.shape[-1]
+    size = 1 << (n + len(rir) - 2).bit_length()  # a power of two: several times faster
+    wet = np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(rir, size), size)[..., :n]
+    level = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True))
+    return (wet * (level / (np.sqrt(np.mean(wet ** 2, axis=-1, keepdims=True)) + 1e-12))).astype(np.float32)
+
+
+ROOM_SEED = 0  # every evaluation in a room of one RT60 hears the same room
+
+
 @dataclass(frozen=True)
 class Microphone:
-    """How evaluation plays audio to the model, as another microphone would have recorded it:
-    only the band `band_hz` (low, high) heard (`through_band`; None: all of it), then `gain_db`
-    louder or quieter and clipped at full scale (`at_gain`). The default changes nothing."""
+    """How evaluation plays audio to the model, as another microphone in another place would
+    have recorded it: in a room whose reverberation falls 60 dB in `room_rt60_s` seconds (a
+    synthetic room, the talker at the critical distance; None: as recorded), then only the band
+    `band_hz` (low, high) heard (`through_band`; None: all of it), then `gain_db` louder or
+    quieter and clipped at full scale (`at_gain`). The default changes nothing."""
     gain_db: float = 0.0
     band_hz: tuple[float, float] | None = None
+    room_rt60_s: float | None = None
+
+    @cached_property
+    def room(self) -> np.ndarray | None:
+        """The room's impulse response (None: no room)."""
+        if self.room_rt60_s is None:
+            return None
+        return synthetic_rir(self.room_rt60_s, np.random.default_rng(ROOM_SEED), reverberant_db=0.0)
 
     def record(self, audio: np.ndarray) -> np.ndarray:
+        if self.room is not None:
+            audio = reverberate(audio, self.room)
         if self.band_hz is not None:
             audio = through_band(audio, *self.band_hz)
         return at_gain(audio, self.gain_db)
 
     def report(self) -> dict:
-        """The JSON keys of a report that say how its audio was played: gain_db, band_hz."""
-        return {"gain_db": self.gain_db, "band_hz": list(self.band_hz) if self.band_hz else None}
+        """The JSON keys of a report that say how its audio was played: gain_db, band_hz,
+        room_rt60_s."""
+        return {"gain_db": self.gain_db, "band_hz": list(self.band_hz) if self.band_hz else None,
+                "room_rt60_s": self.room_rt60_s}
 
     @classmethod
     def of_report(cls, report: dict) -> "Microphone":
-        return cls(report["gain_db"], tuple(report["band_hz"]) if report.get("band_hz") else None)
+        return cls(report["gain_db"], tuple(report["band_hz"]) if report.get("band_hz") else None,
+                   report.get("room_rt60_s"))
 
     def describe(self) -> str:
-        """'' for the default, else e.g. ', played -20 dB, through 300-3400 Hz' for a report."""
-        return ((f", played {self.gain_db:+g} dB" if self.gain_db else "")
+        """'' for the default, else e.g. ', in a room of RT60 0.5 s, played -20 dB, through
+        300-3400 Hz' for a report."""
+        return ((f", in a room of RT60 {self.room_rt60_s:g} s" if self.room_rt60_s is not None else "")
+                + (f", played {self.gain_db:+g} dB" if self.gain_db else "")
                 + (f", through {self.band_hz[0]:g}-{self.band_hz[1]:g} Hz" if self.band_hz else ""))

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioError, at_gain, band_gain, equalized, fit_length, load_audio
+from kws.audio import (CLIP_SAMPLES, SAMPLE_RATE, AudioError, at_gain, band_gain, equalized, fit_length, load_audio,
+                       reverberate, synthetic_rir)
 from kws.errors import KwsError
 from kws.labels import WORDS
 
@@ -410,18 +411,6 @@ def spectral_edit(x: np.ndarray, warp: float = 1.0, band: tuple[float, float] | 
     return (out.reshape(-1)[STFT_SIZE:STFT_SIZE + n] / 1.5).astype(np.float32)  # 1.5: sum of Hann^2 at hop N/4
 
 
-def synthetic_rir(rt60: float, rng: np.random.Generator) -> np.ndarray:
-    """A room impulse response: the direct sound, then exponentially decaying noise that falls
-    60 dB in `rt60` seconds (a diffuse tail, as in Habets' and Lehmann's fast approximations)."""
-    n = max(2, int(rt60 * SAMPLE_RATE))
-    tail = rng.standard_normal(n) * 10 ** (-3 * np.arange(n) / n)
-    onset = int(0.002 * SAMPLE_RATE)  # the first reflections arrive a few ms after the direct sound
-    tail[:onset] = 0
-    rir = tail * (10 ** (rng.uniform(-6, 6) / 20) / (np.sqrt(np.sum(tail ** 2)) + 1e-12))  # reverberant/direct
-    rir[0] = 1.0
-    return rir
-
-
 def microphone_response(rng: random.Random):
     """A random microphone's amplitude response, as a function of frequency in Hz: bass lost
     below a corner at 50-600 Hz (12 dB an octave; small capsules and ports roll off early), in
@@ -439,13 +428,6 @@ def microphone_response(rng: random.Random):
         response = band_gain(hz, low, order=2) * 10 ** (db / 20)
         return response if high is None else response * band_gain(hz, high_hz=high)
     return gain
-
-
-def reverberate(x: np.ndarray, rir: np.ndarray) -> np.ndarray:
-    """x heard in the room: convolved with `rir`, cut to its length, at its original level."""
-    size = 1 << (len(x) + len(rir) - 2).bit_length()  # a power of two: several times faster
-    wet = np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(rir, size), size)[:len(x)]
-    return (wet * (np.sqrt(np.mean(x ** 2)) / (np.sqrt(np.mean(wet ** 2)) + 1e-12))).astype(np.float32)
 
 
 def word_tail(clip: np.ndarray, fraction: float) -> np.ndarray:

@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 
 from app.hardening import encoded, silence_flac
-from kws.audio import MAX_CHANNELS, MAX_RATE, AudioError, at_gain, decode, equalized, through_band
+from kws.audio import (MAX_CHANNELS, MAX_RATE, AudioError, Microphone, at_gain, decode, equalized, reverberate,
+                       synthetic_rir, through_band)
 
 
 def unknown_length(flac: bytes) -> bytes:
@@ -123,3 +124,58 @@ def test_a_band_passes_its_middle_and_falls_24_db_an_octave_beyond_its_corners(h
     middle = slice(4000, -4000)  # away from the ends, where the tone starts and stops
     db = 20 * np.log10(np.sqrt(np.mean(y[middle] ** 2)) / np.sqrt(np.mean(x[middle] ** 2)))
     assert db == pytest.approx(expected_db, abs=0.2)
+
+
+@pytest.mark.parametrize("rt60", [0.1, 0.4, 0.8])
+def test_a_synthetic_room_decays_60_db_in_its_rt60(rt60):
+    rir = synthetic_rir(rt60, np.random.default_rng(2))
+    tail = rir[1:] ** 2
+    energy_left = np.cumsum(tail[::-1])[::-1]  # Schroeder's backward integral
+    db = 10 * np.log10(energy_left / energy_left[0] + 1e-30)
+    # The -5 to -25 dB part of the decay, extrapolated to -60 dB (T20, as ISO 3382 measures).
+    t = np.arange(len(db)) / 16000
+    fit = (db < -5) & (db > -25)
+    slope = np.polyfit(t[fit], db[fit], 1)[0]
+    assert -60 / slope == pytest.approx(rt60, rel=0.15)
+
+
+def test_reverberation_keeps_the_level_and_smears_a_click_over_the_room():
+    x = np.zeros(16000, np.float32)
+    x[1000] = 1.0
+    y = reverberate(x, synthetic_rir(0.5, np.random.default_rng(3)))
+    assert len(y) == len(x) and np.sqrt(np.mean(y ** 2)) == pytest.approx(np.sqrt(np.mean(x ** 2)), rel=1e-4)
+    assert np.abs(y[:1000]).max() < 1e-6  # causal: nothing before the click (FFT rounding aside)
+    assert np.abs(y[1000 + 4000:1000 + 6000]).max() > 1e-4  # still ringing 250 ms later
+
+
+def test_reverberation_treats_each_row_as_its_own_recording():
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((3, 8000)).astype(np.float32) * np.array([[0.01], [0.1], [0.5]], np.float32)
+    rir = synthetic_rir(0.3, np.random.default_rng(5))
+    together = reverberate(rows, rir)
+    for row, alone in zip(together, rows):
+        np.testing.assert_allclose(row, reverberate(alone, rir), atol=1e-6)
+
+
+@pytest.mark.parametrize("reverberant_db", [-6.0, 0.0, 6.0])
+def test_a_room_holds_the_reverberant_sound_asked_for_against_the_direct(reverberant_db):
+    rir = synthetic_rir(0.5, np.random.default_rng(6), reverberant_db=reverberant_db)
+    assert rir[0] == 1.0
+    assert 10 * np.log10(np.sum(rir[1:] ** 2)) == pytest.approx(reverberant_db, abs=1e-6)
+
+
+def test_a_microphone_in_a_room_reverberates_then_filters_then_moves_the_level():
+    x = np.random.default_rng(7).standard_normal(16000).astype(np.float32) * 0.05
+    mic = Microphone(-10.0, (300, 3400), 0.6)
+    expected = at_gain(through_band(reverberate(x, mic.room), 300, 3400), -10.0)
+    np.testing.assert_allclose(mic.record(x), expected, atol=1e-7)
+    assert np.array_equal(mic.room, Microphone(room_rt60_s=0.6).room)  # one room for every evaluation
+    assert Microphone(room_rt60_s=0.3).room.shape == (int(0.3 * 16000),)
+    assert Microphone().room is None and np.array_equal(Microphone().record(x), x)
+
+
+def test_a_report_names_the_room_and_reads_back():
+    mic = Microphone(-20.0, (300, 3400), 0.5)
+    assert Microphone.of_report(mic.report()) == mic
+    assert mic.describe() == ", in a room of RT60 0.5 s, played -20 dB, through 300-3400 Hz"
+    assert Microphone.of_report({"gain_db": 0.0, "band_hz": None}) == Microphone()  # reports before rooms

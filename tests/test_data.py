@@ -10,7 +10,7 @@ import torch
 
 from kws.audio import CLIP_SAMPLES, fit_length, load_audio
 from kws.data import (NOISE_TRAIN_FRACTION, DataError, TrainingBatches, load_clips, read_noise,
-                      read_split, reverberate, spectral_edit, synthetic_rir, word_bounds, word_tail)
+                      read_split, spectral_edit, word_bounds, word_tail)
 from kws.labels import BACKGROUND, LABELS
 
 BG = LABELS.index(BACKGROUND)
@@ -488,28 +488,6 @@ def test_a_frequency_mask_silences_its_band_only():
     inside, outside = (hz > 2100) & (hz < 2400), (hz > 3000) & (hz < 6000)
     assert spectrum(y)[inside].mean() < 0.01 * spectrum(x)[inside].mean()  # 20 dB down
     assert spectrum(y)[outside].mean() == pytest.approx(spectrum(x)[outside].mean(), rel=0.1)
-
-
-@pytest.mark.parametrize("rt60", [0.1, 0.4, 0.8])
-def test_a_synthetic_room_decays_60_db_in_its_rt60(rt60):
-    rir = synthetic_rir(rt60, np.random.default_rng(2))
-    tail = rir[1:] ** 2
-    energy_left = np.cumsum(tail[::-1])[::-1]  # Schroeder's backward integral
-    db = 10 * np.log10(energy_left / energy_left[0] + 1e-30)
-    # The -5 to -25 dB part of the decay, extrapolated to -60 dB (T20, as ISO 3382 measures).
-    t = np.arange(len(db)) / 16000
-    fit = (db < -5) & (db > -25)
-    slope = np.polyfit(t[fit], db[fit], 1)[0]
-    assert -60 / slope == pytest.approx(rt60, rel=0.15)
-
-
-def test_reverberation_keeps_the_level_and_smears_a_click_over_the_room():
-    x = np.zeros(16000, np.float32)
-    x[1000] = 1.0
-    y = reverberate(x, synthetic_rir(0.5, np.random.default_rng(3)))
-    assert len(y) == len(x) and np.sqrt(np.mean(y ** 2)) == pytest.approx(np.sqrt(np.mean(x ** 2)), rel=1e-4)
-    assert np.abs(y[:1000]).max() < 1e-6  # causal: nothing before the click (FFT rounding aside)
-    assert np.abs(y[1000 + 4000:1000 + 6000]).max() > 1e-4  # still ringing 250 ms later
 
 
 def example_levels_db(b: TrainingBatches, n: int = 300) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_model
 import kws.evaluate
-from kws.audio import Microphone, through_band
+from kws.audio import Microphone, reverberate, through_band
 from kws.cli import main
 from kws.data import NOISE_DIR, load_clips, read_split
 from kws.labels import BACKGROUND, CORE_WORDS, LABELS, WORDS
@@ -119,6 +119,25 @@ def test_clips_through_a_band_are_the_clips_filtered_to_it(speech_commands, tiny
     expected = clip_logits(model, through_band(audio, 300, 3400)).argmax(-1)
     assert np.array_equal(np.sum(banded["confusion"], 0), np.bincount(expected.numpy(), minlength=len(LABELS))
                           [[LABELS.index(w) for w in banded["labels"]]])
+
+
+def test_clips_in_a_room_are_the_clips_reverberated_in_it(speech_commands, tiny_result):
+    model, as_recorded = tiny_result
+    mic = Microphone(room_rt60_s=0.8)
+    in_room = evaluate(model, speech_commands.root, "testing", rounding=False, mic=mic)
+    assert in_room["room_rt60_s"] == 0.8 and as_recorded["room_rt60_s"] is None
+    audio, _ = split_audio(speech_commands.root, "testing")
+    expected = clip_logits(model, reverberate(audio, mic.room)).argmax(-1)
+    assert np.array_equal(np.sum(in_room["confusion"], 0), np.bincount(expected.numpy(), minlength=len(LABELS))
+                          [[LABELS.index(w) for w in in_room["labels"]]])
+
+
+@pytest.mark.parametrize("rt60", ["0", "0.01", "2.5", "nan", "long"])
+def test_kws_eval_with_a_room_outside_its_range_exits_2_naming_it(speech_commands, tiny_model_path, capsys, rt60):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--model", str(tiny_model_path), "--data", str(speech_commands.root), f"--room-rt60={rt60}"])
+    assert stop.value.code == 2
+    assert "0.05 to 2 s" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("band", ["3400,300", "300", "-1,3400", "300,9000", "a,b"])

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 import kws.stream_eval
-from kws.audio import Microphone, through_band
+from kws.audio import Microphone, reverberate, through_band
 from kws.cli import main
 from kws.data import read_noise, read_split
 from conftest import tiny_model
@@ -94,6 +94,17 @@ def test_a_stream_through_a_band_is_each_slot_of_the_same_stream_filtered_to_it(
     for (filtered, _), (original, _) in zip(banded, as_made):
         np.testing.assert_allclose(filtered, through_band(original, 500, 8000), atol=1e-6)
     assert rms(np.concatenate([s[0] for s in banded])) < rms(np.concatenate([s[0] for s in as_made]))
+
+
+def test_a_stream_in_a_room_is_each_slot_of_the_same_stream_in_that_room(dataset, tmp_path):
+    clips, noise = read_split(dataset, "testing"), read_noise(dataset, "testing")
+    as_made = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path))
+    mic = Microphone(room_rt60_s=0.5)
+    in_room = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path, mic=mic))
+    assert [s[1] for s in in_room] == [s[1] for s in as_made]
+    for (heard, _), (original, _) in zip(in_room, as_made):
+        np.testing.assert_allclose(heard, reverberate(original, mic.room), atol=1e-6)
+        assert rms(heard) == pytest.approx(rms(original), rel=1e-3)  # the room keeps each slot's level
 
 
 def rms(x: np.ndarray) -> float:
@@ -349,6 +360,7 @@ def test_eval_stream_json_reports_the_issue_keys_and_writes_the_det_png(dataset,
 @pytest.mark.parametrize("flag, value, said, key, reported, bad, refusal", [
     ("--gain-db", "-20", "played -20 dB", "gain_db", -20.0, "-61", "-60 to 40 dB"),
     ("--band-hz", "300,3400", "through 300-3400 Hz", "band_hz", [300, 3400], "300,300", "LOW,HIGH in Hz"),
+    ("--room-rt60", "0.5", "in a room of RT60 0.5 s", "room_rt60_s", 0.5, "3", "0.05 to 2 s"),
 ])
 def test_eval_stream_through_another_microphone_says_so_and_reports_it(
         dataset, tiny_edge_model_path, tmp_path, capsys, flag, value, said, key, reported, bad, refusal):
