@@ -173,6 +173,10 @@ def main(argv=None) -> int:
     except KwsError as e:
         print(f"kws: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or folder the system refused (permissions, a full disk): say which
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"kws: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -88,11 +88,14 @@ def check_layout(root) -> list[str]:
 
 
 def make_folder(path: Path) -> None:
-    """Create `path` and its parents; a KwsError naming the folder when that fails."""
+    """Create `path` and its parents; a KwsError naming the folder when that fails or when the
+    folder cannot be written in (before any download or render, not after)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KwsError(f"cannot create the folder {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise KwsError(f"cannot write in the folder {path}: permission denied")
 
 
 def download(dest, url: str = URL, stream=None) -> None:

@@ -285,10 +285,13 @@ def render(r: Render, out: str, seed: int) -> dict:
     clip_seed = stable_seed(seed, requested.path)
     clip, info = to_clip(speech, np.random.default_rng(clip_seed))
     target = Path(out) / requested.path
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    sf.write(tmp, clip, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-    os.replace(tmp, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(tmp, clip, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        os.replace(tmp, target)
+    except (OSError, sf.LibsndfileError) as e:
+        raise KwsError(f"cannot write {target}: {getattr(e, 'strerror', None) or e}") from None
     record = {"path": requested.path, **asdict(r), "seed": clip_seed,
               "speech_seconds": round(len(speech) / SAMPLE_RATE, 4), **info}
     if r.rate != requested.rate:
@@ -324,6 +327,10 @@ def synth_dataset(out, words=WORDS, engines=DEFAULT_ENGINES, jobs=1, limit=None,
     manifest_path, dropped_path = out / MANIFEST, out / DROPPED
     # Resume: a clip counts as made only if its manifest line and its file both exist.
     made = {r["path"]: r for r in read_jsonl(manifest_path) if (out / r["path"]).is_file()}
+    other_seed = [path for path, r in made.items() if r.get("seed") != stable_seed(seed, path)]
+    if other_seed:
+        raise KwsError(f"{out} holds {len(other_seed)} clips rendered with another --seed (e.g. "
+                       f"{other_seed[0]}); render into another folder, or give that run's --seed")
     dropped = {r["path"]: r for r in read_jsonl(dropped_path)}
     write_jsonl(manifest_path, made.values())
     write_jsonl(dropped_path, dropped.values())
@@ -331,28 +338,30 @@ def synth_dataset(out, words=WORDS, engines=DEFAULT_ENGINES, jobs=1, limit=None,
     bar = tqdm(total=len(todo), unit="clip", desc="rendering", disable=not progress or not todo,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     new_made = new_dropped = 0
-    with open(manifest_path, "a") as manifest, open(dropped_path, "a") as dropped_log:
-        def record(rec):
-            nonlocal new_made, new_dropped
-            log = dropped_log if "dropped" in rec else manifest
-            log.write(json.dumps(rec, sort_keys=True) + "\n")
-            log.flush()
-            if "dropped" in rec:
-                new_dropped += 1
-                dropped[rec["path"]] = rec
-            else:
-                new_made += 1
-                made[rec["path"]] = rec
-            bar.update()
+    try:  # the bar ends its line before any error is printed
+        with open(manifest_path, "a") as manifest, open(dropped_path, "a") as dropped_log:
+            def record(rec):
+                nonlocal new_made, new_dropped
+                log = dropped_log if "dropped" in rec else manifest
+                log.write(json.dumps(rec, sort_keys=True) + "\n")
+                log.flush()
+                if "dropped" in rec:
+                    new_dropped += 1
+                    dropped[rec["path"]] = rec
+                else:
+                    new_made += 1
+                    made[rec["path"]] = rec
+                bar.update()
 
-        if jobs <= 1:
-            for r in todo:
-                record(render(r, str(out), seed))
-        else:
-            with ProcessPoolExecutor(jobs) as pool:
-                for future in as_completed([pool.submit(render, r, str(out), seed) for r in todo]):
-                    record(future.result())
-    bar.close()
+            if jobs <= 1:
+                for r in todo:
+                    record(render(r, str(out), seed))
+            else:
+                with ProcessPoolExecutor(jobs) as pool:
+                    for future in as_completed([pool.submit(render, r, str(out), seed) for r in todo]):
+                        record(future.result())
+    finally:
+        bar.close()
     # Sorted, so the same arguments give the same manifest whatever order the workers finished in.
     write_jsonl(manifest_path, sorted(made.values(), key=lambda r: r["path"]))
     write_jsonl(dropped_path, sorted(dropped.values(), key=lambda r: r["path"]))
@@ -361,7 +370,7 @@ def synth_dataset(out, words=WORDS, engines=DEFAULT_ENGINES, jobs=1, limit=None,
 
 
 def parse_list(text: str, allowed, what: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # each once
     unknown = [t for t in items if t not in allowed]
     if unknown or not items:
         raise KwsError(f"unknown {what} {', '.join(unknown) or '(none given)'}; "
@@ -370,7 +379,7 @@ def parse_list(text: str, allowed, what: str) -> list[str]:
 
 
 def synth_command(args):
-    words = parse_list(args.words, WORDS, "word") if args.words else list(WORDS)
+    words = parse_list(args.words, WORDS, "word") if args.words is not None else list(WORDS)
     engines = parse_list(args.engines, tuple(ENGINES), "engine")
     if args.jobs < 1:
         raise KwsError("--jobs must be at least 1")

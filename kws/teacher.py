@@ -18,6 +18,7 @@ import json
 import math
 import random
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE
 from kws.data import load_clips, noise_segment, read_noise, read_split, read_synth
 from kws.labels import BACKGROUND, LABELS
+from kws.cli import check_writable
 from kws.errors import KwsError
 
 EMBEDDING_DIM = 96
@@ -172,8 +174,13 @@ def background_examples(data, split: str, n: int, seed: int) -> np.ndarray:
     return out * np.array([10 ** (rng.uniform(-60, 0) / 20) for _ in range(n)], np.float32)[:, None]
 
 
-def cached_embeddings(embed: SpeechEmbedding, name: str, cache: Path | None, make_audio, log) -> np.ndarray:
-    path = cache / f"{name}.npy" if cache else None
+def cached_embeddings(embed: SpeechEmbedding, name: str, cache: Path | None, make_audio, log,
+                      made_from) -> np.ndarray:
+    """The embeddings of `make_audio()`, kept in `cache` under `name` and a fingerprint of
+    `made_from` (what the audio is made of: clip paths, seeds), so another dataset, synthetic set
+    or seed never reads embeddings cached for this one."""
+    fingerprint = zlib.crc32(json.dumps(made_from, default=str).encode())
+    path = cache / f"{name}-{fingerprint:08x}.npy" if cache else None
     if path and path.is_file():
         return np.load(path)
     start = time.time()
@@ -191,9 +198,11 @@ def split_embeddings(embed, data, split: str, cache, log, seed: int = 0):
     clips = read_split(data, split)
     labels = [LABELS.index(c.label) for c in clips]
     n_background = max(1, round(len(clips) / 11))
-    e = cached_embeddings(embed, f"{split}", cache, lambda: with_context(load_clips(clips)), log)
+    e = cached_embeddings(embed, f"{split}", cache, lambda: with_context(load_clips(clips)), log,
+                          [c.path for c in clips])
     b = cached_embeddings(embed, f"{split}-background", cache,
-                          lambda: background_examples(data, split, n_background, seed), log)
+                          lambda: background_examples(data, split, n_background, seed), log,
+                          [str(Path(data).resolve()), split, n_background, seed])
     return np.concatenate([e, b]), np.array(labels + [LABELS.index(BACKGROUND)] * len(b))
 
 
@@ -234,7 +243,8 @@ def train_teacher(data, synth, out: Path, cache: Path | None = None, epochs: int
     sources = {"real": int((y != LABELS.index(BACKGROUND)).sum()), "background": int((y == LABELS.index(BACKGROUND)).sum())}
     if synth:
         clips = read_synth(synth)
-        xs = cached_embeddings(embed, "synth", cache, lambda: with_context(load_clips(clips)), log)
+        xs = cached_embeddings(embed, "synth", cache, lambda: with_context(load_clips(clips)), log,
+                               [c.path for c in clips])
         x, y = np.concatenate([x, xs]), np.concatenate([y, [LABELS.index(c.label) for c in clips]])
         sources["synthetic"] = len(clips)
     head = train_head(x, y, epochs, seed, log)
@@ -262,10 +272,15 @@ class TeacherClassifier:
 
 
 def teacher_command(args):
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     if args.action == "train":
         if not args.out:
             raise KwsError("kws teacher train needs --out FILE")
+        # Everything the run needs is checked before the embedding, which takes minutes.
+        _model_files()
+        check_writable(Path(args.out), "--out")
+        for split in ("training", "validation"):
+            read_noise(args.data, split)
         train_teacher(Path(args.data), Path(args.synth) if args.synth else None, Path(args.out),
                       Path(args.cache) if args.cache else None, args.epochs, args.seed, args.threads)
         return
@@ -283,6 +298,8 @@ def teacher_command(args):
 
 
 def register(sub):
+    from kws.listen import positive
+
     p = sub.add_parser(
         "teacher", help="the distillation teacher: train it or score it (kws[distill])",
         description="The teacher for kws train --teacher: openWakeWord's frozen speech embedding "
@@ -300,7 +317,8 @@ def register(sub):
                    help="eval: the split scored (default testing)")
     p.add_argument("--cache", metavar="DIR", help="train: folder that keeps the clips' embeddings "
                    "between runs (computing them is most of the time)")
-    p.add_argument("--epochs", type=int, default=60, help="train: epochs of the classifier (default 60)")
-    p.add_argument("--seed", type=int, default=0, help="train: seed of the classifier (default 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime CPU threads (default 1)")
+    p.add_argument("--epochs", type=positive(int), default=60, help="train: epochs of the classifier (default 60)")
+    p.add_argument("--seed", type=int, default=0, help="train: seed of the classifier and the background cuts "
+                   "(default 0)")
+    p.add_argument("--threads", type=positive(int), default=1, help="torch and onnxruntime CPU threads (default 1)")
     p.set_defaults(func=teacher_command)

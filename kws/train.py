@@ -630,6 +630,13 @@ def run(args):
 
 
 def run_average(args):
+    for path in map(Path, args.checkpoints):
+        if path.suffix == ".npz":
+            raise KwsError(f"{path} is a model file for listen and serve: average the .pt checkpoints "
+                           "it was exported from")
+    if Path(args.out).suffix != ".pt":
+        raise KwsError(f"--out {args.out}: an average is a PyTorch checkpoint, so name it .pt "
+                       "(kws export then writes its .npz)")
     check_writable(Path(args.out), "--out")
     model, meta = average_models(args.checkpoints)
     save_model(model, args.out, meta)

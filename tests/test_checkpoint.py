@@ -268,3 +268,8 @@ def test_average_command_writes_a_checkpoint_and_refuses_bad_input_in_one_line(s
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "missing.pt" in error
     assert not (tmp_path / "x.pt").exists()
+    assert kws_main(["average", str(saved), str(saved), "--out", str(tmp_path / "soup.npz")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "name it .pt" in error and not (tmp_path / "soup.npz").exists()
+    assert kws_main(["average", str(saved), str(tmp_path / "model.npz"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "model file for listen and serve" in capsys.readouterr().err

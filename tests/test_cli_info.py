@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import kws.cli
 from kws.cli import main
 from kws.model import MGRADE, footprint_bytes, parameter_bytes, parameter_count, preset, save_model, state_bytes
 
@@ -122,3 +123,11 @@ def test_foreign_file_is_one_error_line(tmp_path, capsys):
     assert main(["info", "--model", str(foreign), "--json"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.strip() == f"kws: error: {foreign} is not a kws checkpoint"
+
+
+def test_a_file_the_system_refuses_is_one_line_naming_it_not_a_traceback(monkeypatch, capsys):
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "/srv/kws/out.json")
+    monkeypatch.setattr(kws.cli, "info", refused)
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == "kws: error: /srv/kws/out.json: Permission denied\n"

@@ -221,6 +221,51 @@ def test_without_openwakeword_the_teacher_is_a_one_line_error_naming_the_extra(m
     assert code == 2 and "kws[distill]" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("problem, message", [
+    ("--out in a folder that is a file", "--out"),
+    ("no noise recordings", "no noise recordings"),
+    ("--epochs 0", "'0' is not a positive number"),
+    ("--threads 0", "'0' is not a positive number"),
+])
+def test_teacher_training_checks_its_inputs_before_any_embedding(
+        make_speech_commands, tmp_path, monkeypatch, capsys, problem, message):
+    import kws.teacher
+    from kws.cli import main
+    monkeypatch.setattr(kws.teacher, "_model_files", lambda: None)  # with or without the distill extra
+    monkeypatch.setattr(kws.teacher, "SpeechEmbedding", lambda *a: pytest.fail("embedded before the check"))
+    data = make_speech_commands()
+    args = ["teacher", "train", "--data", str(data.root), "--out", str(tmp_path / "t.pt")]
+    if problem.startswith("--out"):
+        (tmp_path / "file").write_text("")
+        args[-1] = str(tmp_path / "file" / "t.pt")
+    elif problem.startswith("no noise"):
+        for noise in (data.root / "_background_noise_").iterdir():
+            noise.unlink()
+    else:
+        args += problem.split()
+    try:
+        code = main(args)
+    except SystemExit as stop:  # argparse's refusal
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_cached_embeddings_are_kept_apart_by_what_they_were_made_from(tmp_path):
+    from kws.teacher import cached_embeddings
+    made = []
+
+    def embed(audio):
+        made.append(len(audio))
+        return audio[:, :2] * 0 + len(made)
+
+    first = cached_embeddings(embed, "training", tmp_path, lambda: np.ones((3, 4), np.float32), quiet, ["a", "b", "c"])
+    again = cached_embeddings(embed, "training", tmp_path, lambda: np.ones((3, 4), np.float32), quiet, ["a", "b", "c"])
+    other = cached_embeddings(embed, "training", tmp_path, lambda: np.ones((2, 4), np.float32), quiet, ["a", "d"])
+    assert made == [3, 2]  # the second call read the cache; other clips are embedded, not read
+    assert np.array_equal(first, again) and other.shape == (2, 2) and other[0, 0] == 2
+
+
 def test_a_distilled_run_resumes_with_its_projection_like_an_unbroken_run(speech_commands, tmp_path, monkeypatch):
     monkeypatch.setattr(kws.train, "load_teacher", lambda path, threads: StandInTeacher())
     cfg = TrainConfig(**{**TINY_DISTIL.__dict__, "epochs": 2, "checkpoint_minutes": 1e-9})

@@ -1,5 +1,6 @@
 import io
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,11 @@ def test_network_failure_is_a_one_line_error(tmp_path, capsys, url):
     assert main(["data", "download", str(tmp_path / "data"), "--url", url]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kws: error: cannot download") and "Traceback" not in err
+
+
+def test_a_folder_it_cannot_write_in_is_one_line_before_the_download(tmp_path, monkeypatch, capsys):
+    access = download.os.access  # as for a user without the right to write in tmp_path
+    monkeypatch.setattr(download.os, "access", lambda path, mode: Path(path) != tmp_path and access(path, mode))
+    monkeypatch.setattr(download, "fetch", lambda *a: pytest.fail("downloaded before the check"))
+    assert main(["data", "download", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"kws: error: cannot write in the folder {tmp_path}: permission denied\n"

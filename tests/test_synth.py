@@ -1,11 +1,13 @@
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from kws import synth
+from kws import download, synth
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE, load_audio
 from kws.cli import main
 from kws.errors import KwsError
@@ -151,7 +153,38 @@ def test_missing_engine_binary_names_the_apt_package(tmp_path, monkeypatch, caps
     assert "apt-get install flite" in capsys.readouterr().err
 
 
+def test_a_folder_it_cannot_write_in_is_one_line_before_any_render(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(synth, "synthesize", lambda r: pytest.fail("rendered before the check"))
+    refused, access = tmp_path / "out", os.access  # as for a user without the right to write there
+    monkeypatch.setattr(download.os, "access", lambda path, mode: Path(path) != refused and access(path, mode))
+    assert main(["data", "synth", str(refused), "--words", "no", "--engines", "flite"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"kws: error: cannot write in the folder {tmp_path / 'out'}: permission denied\n"
+
+
+def test_a_clip_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "no").write_text("a file where the word's folder goes")
+    assert main(["data", "synth", str(tmp_path), "--words", "no", "--engines", "flite", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"kws: error: cannot write {tmp_path / 'no'}/"), err
+    assert "Traceback" not in err
+
+
+def test_a_folder_rendered_with_another_seed_is_refused_not_mixed(tmp_path, capsys):
+    assert main(["data", "synth", str(tmp_path), "--words", "no", "--engines", "flite", "--limit", "1"]) == 0
+    before = (tmp_path / synth.MANIFEST).read_bytes()
+    assert main(["data", "synth", str(tmp_path), "--words", "no", "--engines", "flite", "--limit", "2",
+                 "--seed", "1"]) == 2
+    assert "rendered with another --seed" in capsys.readouterr().err
+    assert (tmp_path / synth.MANIFEST).read_bytes() == before
+
+
+def test_a_word_named_twice_is_rendered_once():
+    assert synth.parse_list("marvin,yes,marvin", WORDS, "word") == ["marvin", "yes"]
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--words", ""], "unknown word (none given)"),
     (["--words", "yes,banana"], "unknown word banana"),
     (["--engines", "festival"], "unknown engine festival"),
     (["--jobs", "0"], "--jobs must be at least 1"),
