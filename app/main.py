@@ -124,7 +124,7 @@ class Service:
             stream_state_bytes=self.engine.state_bytes,
             audio_queue_depth=self.listener.queue_depth if self.listener else 0,
             dropped_frames=self.listener.counters.dropped_frames if self.listener else 0,
-            uptime_s=time.monotonic() - self.started,
+            at=time.time(), uptime_s=time.monotonic() - self.started,
             requests=self.requests.by_route(), in_flight=self.requests.in_flight,
             detections=self.bus.total, classify_batches=self.batcher.batches,
             classified_clips=self.batcher.clips, listener=self.listener_state())

@@ -108,6 +108,7 @@ class Stats(BaseModel):
     stream_state_bytes: int = Field(description="memory of one stream's state")
     audio_queue_depth: int = Field(description="audio blocks waiting for the live listener")
     dropped_frames: int = Field(description="audio frames the live listener could not keep up with")
+    at: float = Field(description="server Unix time of these figures (the memory history's clock)")
     uptime_s: float
     requests: dict[str, dict[str, int]] = Field(
         description="HTTP requests answered since start-up, by route and status code",

@@ -403,6 +403,8 @@ def test_stats_report_memory_model_sizes_and_request_counts(client, model_path):
     assert after.stream_state_bytes == state_bytes(model.cfg)
     assert 0 < after.rss_bytes <= after.peak_rss_bytes
     assert after.uptime_s > before.uptime_s
+    history = client.get("/stats/memory").json()["samples"]
+    assert history[-1]["at"] <= after.at and abs(after.at - time.time()) < 60  # one clock with the history
     assert after.audio_queue_depth == after.dropped_frames == 0
     assert after.classified_clips == before.classified_clips + 1  # the empty upload never got there
     assert before.classify_batches < after.classify_batches <= after.classified_clips
