@@ -143,6 +143,10 @@ def percentile(values: list[float], q: float) -> float:
 def bench_http(args) -> int:
     if args.requests < 1 or args.clients < 1:
         raise KwsError("--requests and --clients must be positive")
+    limits = from_env(workers=args.workers)
+    if not limits.min_duration_s <= args.clip_seconds <= limits.max_duration_s:
+        raise KwsError(f"--clip-seconds must be from {limits.min_duration_s:g} to {limits.max_duration_s:g} s, "
+                       f"the clips /predict takes (got {args.clip_seconds:g})")
     body = wav_clip(args.clip_seconds)
     with Server(args.model, args.workers) as server:
         idle = server.get("/stats")  # started, no request served yet
@@ -156,7 +160,7 @@ def bench_http(args) -> int:
     batches = after["classify_batches"] - before["classify_batches"]
     result = {
         "machine": machine(), "requests": args.requests, "clients": args.clients,
-        "clip_seconds": args.clip_seconds, "workers": from_env(workers=args.workers).workers,
+        "clip_seconds": args.clip_seconds, "workers": limits.workers,
         "failed": failed,
         "requests_per_s": args.requests / wall,
         "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000,

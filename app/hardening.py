@@ -216,7 +216,7 @@ def bench_hardening(args) -> int:
               f"/predict took {slow['normal_median_s'] * 1000:.0f} ms median, "
               f"{slow['normal_max_s'] * 1000:.0f} ms at most ({counts_text(slow['normal_statuses'])}); "
               f"/health said {slow['health_during']}; the slow clients got "
-              f"{counts_text(slow['slow_client_replies'])}")
+              f"{counts_text(slow['slow_client_replies']) or 'no answer while the run lasted'}")
         print(f"mutation fuzz, {args.fuzz:,} uploads (seed {args.seed}): statuses "
               f"{counts_text(result['fuzz']['statuses'])}")
         print(f"server errors (5xx): {server_errors}; /health after: {result['health_after']}")

@@ -32,7 +32,7 @@ import numpy as np
 import soundfile as sf
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from kws.audio import SAMPLE_RATE, resample
+from kws.audio import MAX_RATE, MIN_RATE, SAMPLE_RATE, resample
 from kws.errors import KwsError
 from kws.labels import LABELS
 from kws.runtime import StreamEngine
@@ -452,9 +452,14 @@ def bench_model(args) -> int:
 
 
 def register(sub):
-    from kws.listen import positive
-
     from kws.cli import COMMANDS
+    from kws.listen import number_where, positive
+
+    rate_in_range = number_where(lambda v: MIN_RATE <= v <= MAX_RATE and v == int(v),
+                                 f"a sample rate from {MIN_RATE} to {MAX_RATE} Hz")
+
+    def sample_rate(text: str) -> int:  # what --rate takes: as kws serve and kws listen accept
+        return int(rate_in_range(text))
 
     p = sub.add_parser("bench", help=COMMANDS["bench"][1])
     bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
@@ -473,8 +478,8 @@ def register(sub):
                              "path: its real-time factor beside the bench's (one thread)")
     v.add_argument("--model", help="model file or checkpoint (default: $KWS_MODEL or the shipped model)")
     v.add_argument("--seconds", type=positive(float), default=20.0, help="audio played (20)")
-    v.add_argument("--rate", type=positive(int), default=SAMPLE_RATE,
-                   help="sample rate of the played file, as a microphone's (16000)")
+    v.add_argument("--rate", type=sample_rate, default=SAMPLE_RATE,
+                   help=f"sample rate of the played file, as a microphone's, {MIN_RATE} to {MAX_RATE} Hz (16000)")
     v.add_argument("--chunk-ms", type=positive(float), default=32.0, help="block length (32)")
     v.add_argument("--repeats", type=positive(int), default=5, help="bench runs (5)")
     v.add_argument("--json", action="store_true", help="print one JSON object")

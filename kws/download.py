@@ -14,7 +14,7 @@ from pathlib import Path
 from kws.errors import KwsError
 from kws.labels import WORDS
 
-URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
+URL = "https://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 SPLIT_LISTS = ("validation_list.txt", "testing_list.txt")
 CHUNK = 1 << 20
 
@@ -73,8 +73,8 @@ def unpack(archive, dest) -> None:
             for member in members:
                 check_member(member, root)
             tar.extractall(root, members=members, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise KwsError(f"cannot unpack {archive}: {e}") from None
+    except (tarfile.TarError, EOFError) as e:  # tarfile's own message runs to several lines
+        raise KwsError(f"the download is not a readable .tar.gz archive ({type(e).__name__})") from None
 
 
 def check_layout(root) -> list[str]:

@@ -4,11 +4,13 @@ figures themselves are for the benchmark to print, not for a test to judge)."""
 import argparse
 import json
 
+import pytest
 from test_app import model_path  # noqa: F401 (a fixture)
 
-from app import hardening
+from app import bench, hardening
 from app.hardening import counts_text
 from app.bench import register
+from kws.errors import KwsError
 
 
 def run_bench(capsys, *argv) -> tuple[int, str]:
@@ -49,3 +51,10 @@ def test_bench_hardening_reports_slow_clients_crafted_files_and_the_fuzz(model_p
 
 def test_status_counts_read_alike_whatever_the_type_of_their_keys():
     assert counts_text({422: 4, "408": 2}) == "408: 2, 422: 4"
+
+
+@pytest.mark.parametrize("seconds", ["0.05", "100"])
+def test_bench_http_refuses_a_clip_the_service_would_refuse_before_starting_it(capsys, seconds, monkeypatch):
+    monkeypatch.setattr(bench, "Server", lambda *a: pytest.fail("the server started first"))
+    with pytest.raises(KwsError, match="--clip-seconds must be from 0.1 to 60 s"):
+        run_bench(capsys, "--clip-seconds", seconds)

@@ -80,6 +80,13 @@ def test_bench_model_refuses_an_unknown_preset(capsys):
     assert "unknown preset" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rate", ["7", "200000", "16000.5", "fast"])
+def test_bench_live_refuses_a_rate_no_microphone_has_in_one_line(capsys, rate):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "live", "--rate", rate])
+    assert stop.value.code == 2 and "a sample rate from 4000 to 192000 Hz" in capsys.readouterr().err
+
+
 def test_bench_has_subcommands_that_other_modules_can_extend(monkeypatch):
     import sys
     import types

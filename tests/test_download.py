@@ -77,7 +77,7 @@ def test_an_archive_without_the_layout_is_reported(tmp_path):
 def test_a_corrupt_archive_is_a_clear_error(tmp_path):
     archive = tmp_path / "corrupt.tar.gz"
     archive.write_bytes(b"not a tar file")
-    with pytest.raises(KwsError, match="cannot unpack"):
+    with pytest.raises(KwsError, match="not a readable .tar.gz archive"):
         download.unpack(archive, tmp_path / "data")
 
 
@@ -95,3 +95,10 @@ def test_a_folder_it_cannot_write_in_is_one_line_before_the_download(tmp_path, m
     monkeypatch.setattr(download, "fetch", lambda *a: pytest.fail("downloaded before the check"))
     assert main(["data", "download", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"kws: error: cannot write in the folder {tmp_path}: permission denied\n"
+
+
+def test_a_download_that_is_not_an_archive_is_one_line(tmp_path, capsys):
+    (tmp_path / "page.html").write_text("<html>not an archive</html>")
+    assert main(["data", "download", str(tmp_path / "data"), "--url", (tmp_path / "page.html").as_uri()]) == 2
+    err = capsys.readouterr().err  # after the download's progress line
+    assert err.endswith("\nkws: error: the download is not a readable .tar.gz archive (ReadError)\n"), err
