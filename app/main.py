@@ -156,6 +156,13 @@ def error_responses(*codes: int) -> dict:
     return {code: {"model": Error} for code in codes}
 
 
+def json_error(description: str) -> dict:
+    """An OpenAPI answer shaped like `Error` in JSON, whatever the route's own media type (the
+    dashboard's HTML, /metrics' text): what the host check and the 500 handler send."""
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
 class AllowedHosts:
     """ASGI middleware: a request whose Host header names another host gets a JSON 400. A web
     page whose own name was made to point at this machine (DNS rebinding) is refused so."""
@@ -288,6 +295,11 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
                     "detections from the microphone, watch memory use.",
         exception_handlers={RequestValidationError: validation_error, ClientDisconnect: client_gone,
                             Exception: server_error},
+        # Answers every route can give: a bug's JSON 500, and the refused Host's 400 where hosts
+        # are checked (the schema says what the service does).
+        responses={**({400: json_error("the Host header names a host not allowed")}
+                      if "*" not in settings.hosts_allowed() else {}),
+                   500: json_error("a bug (its traceback is in the log)")},
         # /predict/ is not /predict: a JSON 404, not an empty 307 that drops the upload
         redirect_slashes=False)
     requests = RequestCounts()

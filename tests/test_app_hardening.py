@@ -239,6 +239,9 @@ def test_schema_has_bearer_auth_only_when_a_token_is_set(model_path):  # noqa: F
         assert "401" not in open_schema["paths"][path][method]["responses"]
         assert token_schema["paths"][path][method]["security"] == [{"HTTPBearer": []}]
         assert "401" in token_schema["paths"][path][method]["responses"]
+    # With a token any Host is served, so only the host-checking service documents that 400.
+    assert "400" in open_schema["paths"]["/health"]["get"]["responses"]
+    assert "400" not in token_schema["paths"]["/health"]["get"]["responses"]
     for schema in (open_schema, token_schema):
         assert "security" not in schema["paths"]["/health"]["get"]
         assert set(schema["paths"]["/health"]) == {"get", "head"}
