@@ -149,7 +149,7 @@ def test_dashboard_shows_level_timeline_peak_scores_detector_and_memory(model_pa
     assert sorted(lines.split(",")) == ["_background_", "marvin", "sheila"]
     assert "-23 dBFS" in level and "listening" in level.lower()
     assert bars == "_background_,sheila,marvin"  # the last scores, best first
-    assert "RSS" in memory and "MB" in memory
+    assert "RSS" in memory and "MiB" in memory  # the benches' unit
     assert gone == "off"  # levels stopped, and no listener runs: nothing is wrong with an input
     assert (ARTIFACTS / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
