@@ -101,15 +101,29 @@ def make_folder(path: Path) -> None:
 def download(dest, url: str = URL, stream=None) -> None:
     dest = Path(dest)
     make_folder(dest)
-    # The temp file sits next to DIR so a 2.3 GB archive does not have to fit in /tmp.
+    # The download is unpacked next to DIR (a 2.3 GB archive need not fit in /tmp) and checked
+    # there: only the dataset's layout is moved into DIR, and anything else leaves DIR as it was.
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
-        archive = Path(tmp) / "archive.tar.gz"
+        archive, unpacked = Path(tmp) / "archive.tar.gz", Path(tmp) / "unpacked"
         fetch(url, archive, stream)
-        unpack(archive, dest)
-    problems = check_layout(dest)
-    if problems:
-        raise KwsError(f"{dest} is not a Speech Commands folder after unpacking: "
-                       + "; ".join(problems))
+        unpack(archive, unpacked)
+        archive.unlink()
+        problems = check_layout(unpacked)
+        if problems:
+            raise KwsError(f"the download is not Speech Commands ({'; '.join(problems)}); "
+                           f"nothing was put in {dest}")
+        move_into(unpacked, dest)
+
+
+def move_into(source: Path, dest: Path) -> None:
+    """Every entry of the folder `source` renamed into `dest` (same file system, so nothing is
+    copied), folders that both hold merged, files in `dest` replaced."""
+    for entry in source.iterdir():
+        target = dest / entry.name
+        if entry.is_dir() and not entry.is_symlink() and target.is_dir() and not target.is_symlink():
+            move_into(entry, target)
+        else:
+            os.replace(entry, target)
 
 
 def download_command(args):

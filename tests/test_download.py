@@ -70,8 +70,21 @@ def test_an_archive_without_the_layout_is_reported(tmp_path):
     archive = tmp_path / "other.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         add(tar, "yes/a.wav", b"x")
-    with pytest.raises(KwsError, match="missing validation_list.txt.*missing word folders: no"):
+    with pytest.raises(KwsError, match="missing validation_list.txt.*missing word folders: no.*nothing was put in"):
         download.download(tmp_path / "data", archive.as_uri(), stream=io.StringIO())
+    assert list((tmp_path / "data").iterdir()) == []  # neither its files nor the temporary folder
+
+
+def test_a_download_into_a_dataset_folder_replaces_its_files_and_keeps_the_others(tmp_path):
+    dest = tmp_path / "data"
+    (dest / "yes").mkdir(parents=True)
+    (dest / "yes" / "0a1b2c3d_nohash_0.wav").write_bytes(b"old")
+    (dest / "yes" / "mine.wav").write_bytes(b"kept")
+    archive = make_archive(tmp_path / "sc.tar.gz")
+    download.download(dest, archive.as_uri(), stream=io.StringIO())
+    assert (dest / "yes" / "0a1b2c3d_nohash_0.wav").read_bytes() == b"RIFFyes"
+    assert (dest / "yes" / "mine.wav").read_bytes() == b"kept"
+    assert download.check_layout(dest) == []
 
 
 def test_a_corrupt_archive_is_a_clear_error(tmp_path):
