@@ -289,6 +289,7 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
 
     # /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline package, not a CDN: a
     # board may be offline, and no third-party script runs on the dashboard's origin.
+    hosts = settings.hosts_allowed()  # '*': any (a token guards the service)
     app = FastAPIOffline(
         title="kws", version=__version__, lifespan=lifespan,
         description="Keyword spotting with mGRADE: classify uploaded clips, follow live "
@@ -298,12 +299,12 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
         # Answers every route can give: a bug's JSON 500, and the refused Host's 400 where hosts
         # are checked (the schema says what the service does).
         responses={**({400: json_error("the Host header names a host not allowed")}
-                      if "*" not in settings.hosts_allowed() else {}),
+                      if "*" not in hosts else {}),
                    500: json_error("a bug (its traceback is in the log)")},
         # /predict/ is not /predict: a JSON 404, not an empty 307 that drops the upload
         redirect_slashes=False)
     requests = RequestCounts()
-    app.add_middleware(AllowedHosts, hosts=settings.hosts_allowed())
+    app.add_middleware(AllowedHosts, hosts=hosts)
     app.add_middleware(CountRequests, counts=requests)
     # The bearer token, and its 401, only when one is set: the schema says what the service does.
     guarded = [Depends(require_token)] if settings.api_token else []

@@ -89,16 +89,22 @@ def read_synth(root) -> list[Clip]:
     return [Clip(root / f, f.split("/")[0]) for f in files]
 
 
-def read_noise(root, split: str = "training") -> list[np.ndarray]:
-    """The background noise recordings at 16 kHz: their first 80% for training, the rest else."""
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+def noise_files(root) -> list[Path]:
+    """The background noise recordings' files; a DataError when there are none (checked before
+    long work, without decoding them)."""
     root = _check_root(root)
     files = sorted(p for p in (root / NOISE_DIR).glob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
     if not files:
         raise DataError(f"no noise recordings in {root / NOISE_DIR}")
+    return files
+
+
+def read_noise(root, split: str = "training") -> list[np.ndarray]:
+    """The background noise recordings at 16 kHz: their first 80% for training, the rest else."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     noise = []
-    for path in files:
+    for path in noise_files(root):
         audio = load_audio(path)
         cut = int(len(audio) * NOISE_TRAIN_FRACTION)
         noise.append(audio[:cut] if split == "training" else audio[cut:])

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kws.audio import CLIP_SAMPLES, SAMPLE_RATE
-from kws.data import load_clips, noise_segment, read_noise, read_split, read_synth
+from kws.data import load_clips, noise_files, noise_segment, read_noise, read_split, read_synth
 from kws.labels import BACKGROUND, LABELS
 from kws.cli import check_writable
 from kws.errors import KwsError
@@ -279,8 +279,7 @@ def teacher_command(args):
         # Everything the run needs is checked before the embedding, which takes minutes.
         _model_files()
         check_writable(Path(args.out), "--out")
-        for split in ("training", "validation"):
-            read_noise(args.data, split)
+        noise_files(args.data)  # both splits cut the same recordings
         train_teacher(Path(args.data), Path(args.synth) if args.synth else None, Path(args.out),
                       Path(args.cache) if args.cache else None, args.epochs, args.seed, args.threads)
         return
