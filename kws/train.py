@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -480,8 +481,8 @@ def train(cfg: TrainConfig, data: Path, out: Path, synth: Path | None = None,
         """Train one epoch's steps from `first_step`, from `batches` or, if None, from batch
         workers' processes; returns the running [loss, accuracy]."""
         nonlocal last_saved
-        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="step", disable=rank != 0, mininterval=0.5 if sys.stderr.isatty() else 60)
+        bar = progress_bar(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           unit="step", disable=rank != 0, mininterval=0.5 if sys.stderr.isatty() else 60)
         started = time.time()
         if batches is None:
             made = worker_batches(d, cfg, epoch, rank, context_s, steps_per_epoch - first_step, workers)
@@ -596,6 +597,23 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 _BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def progress_bar(**options) -> tqdm:
+    """A tqdm bar built with Ctrl-C and SIGTERM held until it is whole, then delivered to their
+    own handlers: interrupted half-way, a bar's __del__ prints a traceback over the stop."""
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        return tqdm(**options)
+    arrived = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    handlers = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in stops}
+    try:
+        return tqdm(**options)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        for signum in arrived:
+            os.kill(os.getpid(), signum)
 
 
 def _interrupt(signum, frame):

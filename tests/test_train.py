@@ -4,6 +4,8 @@ SIGTERM), the CLI's option checks, and DistributedDataParallel under torchrun on
 
 import collections
 import dataclasses
+import gc
+import io
 import json
 import os
 import shutil
@@ -762,3 +764,35 @@ def test_torchrun_with_two_cpu_processes_trains_and_rank_0_writes_the_model(spee
     (group, *_) = state["optimizer"]["param_groups"]
     assert group["lr"] == pytest.approx(TrainConfig().lr * group["lr_scale"] * lr_factor(3, 4, 1))
     assert load_model(out).classify(torch.zeros(1, 16000)).isfinite().all()
+
+
+class StoppedWhileBuilt(kws.train.tqdm):
+    """A bar that receives `stop` half-way through its construction: enabled, but with no
+    position yet, the state in which its __del__ raises."""
+    stop = signal.SIGINT
+
+    @classmethod
+    def _get_free_pos(cls, instance=None):
+        os.kill(os.getpid(), cls.stop)
+        return super()._get_free_pos(instance)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_a_progress_bars_construction_reaches_its_handler_once_the_bar_is_whole(monkeypatch, stop):
+    unraisable, heard = [], []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(kws.train, "tqdm", type("Stopped", (StoppedWhileBuilt,), {"stop": stop}))
+
+    def handler(signum, frame):
+        heard.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(stop, handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kws.train.progress_bar(total=3, file=io.StringIO())
+    finally:
+        signal.signal(stop, previous)
+    gc.collect()
+    assert heard == [stop]
+    assert not unraisable, unraisable[0].exc_value  # a half-built bar's __del__ fails on a missing attribute
