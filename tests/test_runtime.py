@@ -360,3 +360,57 @@ def test_the_engines_erf_is_within_5e7_of_erf_everywhere():
     # the table position as fc1 emits it, in float32
     position = (u * ERF_STEPS_PER_UNIT + ERF_RANGE * ERF_STEPS_PER_UNIT).astype(np.float32)
     assert np.abs(_one_plus_erf(position) - expected).max() < 5e-7
+
+
+
+class Float64Stream:
+    """`model.stream` in float64, chunk by chunk, behind the engine's start_state/stream."""
+
+    def __init__(self, model: MGRADE):
+        import copy
+
+        self.model = copy.deepcopy(model).double()
+
+    def start_state(self):
+        return self.model.primed_state(1)
+
+    def stream(self, samples, state):
+        with torch.no_grad():
+            logits, state = self.model.stream(torch.from_numpy(samples).double()[None], state)
+        return logits[0].numpy(), state
+
+
+def test_exports_are_checked_against_the_models_float64_arithmetic():
+    from kws.export import check_audio, stream_difference
+
+    model = small_model("edge", seed=3)
+    exact = stream_difference(model, Float64Stream(model), check_audio())
+    float32 = stream_difference(model, StreamEngine.from_model(model), check_audio())
+    assert exact < 1e-9 < float32 < 1e-4  # float32's rounding is measured, not the reference's
+
+
+def test_an_export_that_fails_its_check_leaves_the_output_as_it_was(tmp_path, capsys, monkeypatch):
+    import kws.runtime
+    from kws.model import save_model
+
+    class Drifting:
+        """An engine whose logits are 0.001 off."""
+
+        def __init__(self, engine):
+            self.engine = engine
+
+        def start_state(self):
+            return self.engine.start_state()
+
+        def stream(self, samples, state):
+            logits, state = self.engine.stream(samples, state)
+            return logits + 1e-3, state
+
+    save_model(small_model("edge"), tmp_path / "m.pt")
+    (tmp_path / "m.npz").write_bytes(b"an earlier export")
+    loaded = kws.runtime.load_engine
+    monkeypatch.setattr(kws.runtime, "load_engine", lambda path: Drifting(loaded(path)))
+    assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "m.npz")]) == 2
+    assert "differ from the checkpoint's by 0.001" in capsys.readouterr().err
+    assert (tmp_path / "m.npz").read_bytes() == b"an earlier export"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.npz", "m.pt"]
