@@ -4,6 +4,7 @@ command being run is imported (the others are listed by name and summary), so `k
 `kws serve` never import torch, and a command that needs it says how to install it."""
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -169,7 +170,15 @@ def main(argv=None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         args = build_parser([command] if command else []).parse_args(argv)
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a reader that has gone is found here, not in the flush at exit
+        return code
+    except BrokenPipeError:
+        # The reader of our output went away (`kws listen --json | head -n1`): end quietly with
+        # the status of a tool stopped by SIGPIPE, and let the flush at exit write nowhere.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KwsError as e:
         print(f"kws: error: {e}", file=sys.stderr)
         return 2

@@ -290,3 +290,16 @@ def test_a_worker_keeping_up_takes_blocks_as_they_come():
     blocks.put(None)
     thread.join(10)
     assert detector.chunks == [512, 256, 0, "flush"]
+
+
+def test_a_reader_that_stops_reading_ends_listen_quietly(tiny_edge_model_path, tmp_path):
+    wav = tmp_path / "bursts.wav"
+    sf.write(wav, noisy_bursts(6.0, seed=1), 16000, subtype="FLOAT")  # detections at 0.05
+    command = [sys.executable, "-m", "kws.cli", "listen", "--model", str(tiny_edge_model_path),
+               "--input", str(wav), "--fast", "--json", "--threshold", "0.05"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # as `| head -n0` would: the first detection finds no reader
+    err = process.stderr.read()
+    process.wait(timeout=120)
+    process.stderr.close()
+    assert process.returncode == 141 and "error" not in err and "Traceback" not in err, err
