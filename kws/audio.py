@@ -3,7 +3,9 @@ another microphone would have recorded: louder or quieter, through a narrower ba
 
 import io
 import math
+import struct
 from collections.abc import Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -110,7 +112,7 @@ def mono_blocks(f: sf.SoundFile, block_frames: int = BLOCK_FRAMES) -> Iterator[n
     """The audio of an open sound file as mono float32 blocks of up to `block_frames`, clipped
     to full scale (float files may hold any value): what `decode` gathers and `kws listen
     --input` plays. AudioError where a sample is NaN or infinite, or where the file cannot be
-    decoded on (damaged, or shorter than its header says)."""
+    decoded on (damaged, or shorter than its header says), after the frames before it."""
     known = f.frames < UNKNOWN_FRAMES
     block = np.empty((block_frames, f.channels), np.float32)
     while True:
@@ -127,11 +129,39 @@ def mono_blocks(f: sf.SoundFile, block_frames: int = BLOCK_FRAMES) -> Iterator[n
         if read == 0:
             return
         got = block[:read]
-        if not np.isfinite(got).all():
+        finite = np.isfinite(got).all(axis=1)
+        if not finite.all():
+            first = int(finite.argmin())  # the audio before it is still good to play
+            if first:
+                yield to_mono(np.clip(got[:first], -1.0, 1.0))
             raise AudioError("audio contains NaN or infinite samples")
         yield to_mono(np.clip(got, -1.0, 1.0))
         if read < block_frames:
             return
+
+
+# A recorder writing a WAV to a pipe cannot go back to write the length: it leaves a placeholder
+# near 2**31 or 2**32 (0x7FFFF000, 0x7FFFFFFF, 0xFFFFFFFF), never a length a file could hold.
+STREAMED_WAV_SIZE = 0x7FFFF000
+TRUNCATED_WAV = "the WAV file is truncated: it holds less audio than its header says"
+
+
+def wav_is_truncated(f: BinaryIO) -> bool:
+    """Whether the binary file `f` is a WAV whose data chunk holds fewer bytes than its header
+    says. libsndfile quietly reads what is there, so a cut-off file would pass as a shorter one."""
+    size = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    head = f.read(12)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return False
+    at = 12
+    while at + 8 <= size:
+        f.seek(at)
+        chunk_id, length = struct.unpack("<4sI", f.read(8))
+        if chunk_id == b"data":
+            return length < STREAMED_WAV_SIZE and at + 8 + length > size
+        at += 8 + length + (length & 1)  # chunks are word-aligned
+    return True  # the header ends before the data chunk starts
 
 
 def load_audio(source: "str | Path | bytes | io.IOBase", sr: int = SAMPLE_RATE) -> np.ndarray:

@@ -25,7 +25,8 @@ import soundfile as sf
 import soxr
 from threadpoolctl import threadpool_limits
 
-from kws.audio import RESAMPLE_QUALITY, SAMPLE_RATE, AudioError, check_header, mono_blocks
+from kws.audio import (RESAMPLE_QUALITY, SAMPLE_RATE, TRUNCATED_WAV, AudioError, check_header, mono_blocks,
+                       wav_is_truncated)
 from kws.errors import KwsError
 from kws.stream import DEFAULT_THRESHOLD, Detection, Detector, parse_threshold, parse_words
 
@@ -149,6 +150,8 @@ def file_rate(path: str) -> int:
         raise KwsError(f"no audio file at {path}")
     if not Path(path).is_file():
         raise KwsError(f"{path} is not a regular file (a folder, a pipe or a device): give an audio file")
+    if Path(path).stat().st_size == 0:
+        raise KwsError(f"{path} is empty (0 bytes): give an audio file")
     try:
         info = sf.info(path)
     except (sf.LibsndfileError, RuntimeError) as e:
@@ -176,17 +179,25 @@ def play_file(path: str, block_seconds: float, fast: bool, blocks: queue.Queue,
         return False
 
     try:
+        with open(path, "rb") as raw:
+            truncated = wav_is_truncated(raw)
         with sf.SoundFile(path) as f:
             block = max(1, round(f.samplerate * block_seconds))
             start, sent = time.monotonic(), 0
-            for data in mono_blocks(f, block):
-                sent += len(data)
-                if not fast:
-                    time.sleep(max(0.0, start + sent / f.samplerate - time.monotonic()))
-                if not offer(data):
-                    return
+            # Decoded in large reads, handed over in blocks: soundfile seeks after every read,
+            # and libmpg123 decodes the MP3 frame after a seek without its bit reservoir.
+            for decoded in mono_blocks(f):
+                for at in range(0, len(decoded), block):
+                    data = decoded[at:at + block]
+                    sent += len(data)
+                    if not fast:
+                        time.sleep(max(0.0, start + sent / f.samplerate - time.monotonic()))
+                    if not offer(data):
+                        return
             if sent == 0:
                 raise AudioError("it holds no audio samples")
+            if truncated:
+                raise AudioError(TRUNCATED_WAV)
     except (AudioError, sf.LibsndfileError, RuntimeError) as e:
         reason = e if isinstance(e, AudioError) else f"cannot decode audio: {e}"
         offer(AudioError(f"could not play {path} to its end: {reason}"))

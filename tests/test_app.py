@@ -220,7 +220,8 @@ BAD_UPLOADS = {
                               ["61.0 s", "limit is 60 s"]),
     "NaN samples": (nan_wav(np.nan), "audio/wav", 422, ["NaN"]),
     "infinite samples": (nan_wav(np.inf), "audio/wav", 422, ["infinite"]),
-    "odd sample rate": (audio_bytes(0.5, rate=96001), "audio/wav", 422, ["96001 Hz"]),
+    "sample rate above 192 kHz": (audio_bytes(0.5, rate=200_000), "audio/wav", 422,
+                                  ["200000 Hz", "between 4000 and 192000 Hz"]),
 }
 
 
@@ -230,6 +231,13 @@ def test_bad_upload_is_a_4xx_naming_the_problem(client, case):
     assert_error(upload(client, body, content_type=content_type), status, *words)
     assert_error(client.post("/predict", content=body, headers={"Content-Type": content_type}),
                  status, *words)
+
+
+@pytest.mark.parametrize("rate", [16001, 44099, 96001])
+def test_an_odd_sample_rate_is_resampled_like_any_other(client, rate):
+    answer = upload(client, audio_bytes(0.5, rate=rate))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["sample_rate"] == rate
 
 
 @pytest.mark.parametrize("placeholder", [0xFFFFFFFF, 0x7FFFFFFF, 0x7FFFF000])
