@@ -22,7 +22,9 @@ the checkpoint's `model.stream` logits (computed in float64) on a few seconds of
 audio within EXPORT_TOLERANCE, or it is not written."""
 
 import json
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -147,12 +149,13 @@ class OnnxStream:
 
 
 def export(checkpoint, out, steps: int = ONNX_STEPS, thresholds: dict | None = None,
-           long_window_s: float = 0.0) -> float:
+           long_window_s: float | None = 0.0) -> float:
     """Write `out` (.npz, .onnx, or .pt) from `checkpoint`, with `thresholds` as the model's
     per-word detection thresholds and `long_window_s` as the long window they were chosen with,
-    if given (else the checkpoint's own, if it has them); returns the checked difference in
-    logits."""
-    from kws.cli import load
+    if given (else the checkpoint's own, if it has them). With `long_window_s` None (thresholds
+    set by hand), the words named take these thresholds, the others and the long window stay the
+    checkpoint's. Returns the checked difference in logits."""
+    from kws.cli import check_writable, load
     from kws.labels import long_window_problem, threshold_problem
     from kws.runtime import StreamEngine, load_engine, save_engine
 
@@ -161,13 +164,22 @@ def export(checkpoint, out, steps: int = ONNX_STEPS, thresholds: dict | None = N
         raise KwsError(f"{out}: the file to write must end in {', '.join(EXPORT_KINDS)}")
     model = load(checkpoint)  # without torch, this is the error that says how to get it
     if thresholds is not None:
+        if long_window_s is None:
+            thresholds, long_window_s = {**model.thresholds, **thresholds}, model.long_window_s
         problem = (threshold_problem(thresholds, model.cfg.labels)
                    or long_window_problem(long_window_s))
         if problem:
             raise KwsError(problem)
         model.thresholds, model.long_window_s = dict(thresholds), float(long_window_s)
+    check_writable(Path(out), "OUT")
     # Written beside `out` and moved there only once checked: a file that fails leaves `out` as it was.
-    unchecked = Path(out).with_name(f"{Path(out).stem}.unchecked{kind}")
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=Path(out).parent, prefix=f".{Path(out).stem}.", suffix=kind)
+    except OSError as e:
+        raise KwsError(f"cannot write OUT {out}: {e.strerror}") from None
+    os.close(handle)
+    unchecked = Path(name)
     try:
         if kind == ".pt":
             from kws.model import read_checkpoint, save_model
@@ -216,9 +228,10 @@ def register(sub):
     p.add_argument("out", metavar="OUT", help="file to write: .npz (what kws listen/serve load), "
                    ".onnx, or .pt")
     p.add_argument("--thresholds", metavar="JSON", help="the per-word detection thresholds to "
-                   "store as the model's defaults, with the long window they were chosen with (a "
-                   "file kws eval-stream --choose-thresholds wrote); without it, the "
-                   "checkpoint's own, if it has them")
+                   "store as the model's defaults: a file kws eval-stream --choose-thresholds "
+                   "wrote replaces them and the long window they were chosen with; a file of "
+                   'thresholds alone ({"thresholds": {"yes": 0.9}}) changes the words it names. '
+                   "Without it, the checkpoint's own, if it has them")
     p.add_argument("--steps", type=int, default=ONNX_STEPS,
                    help=f"ONNX: model steps per call, fixed in the graph ({ONNX_STEPS})")
     p.set_defaults(func=run)

@@ -368,8 +368,9 @@ def read_thresholds(path: "str | Path") -> dict[str, float]:
 def read_choice(path: "str | Path") -> tuple[dict[str, float], object]:
     """(thresholds, long window) of a file `kws eval-stream --choose-thresholds` wrote:
     {"thresholds": {word: probability}, "chosen_on": {"long_window_s": seconds, ...}, ...}. The
-    long window, as the file has it (`kws export` checks it), is 0 when the file names none:
-    files written before the long window existed were chosen without one."""
+    long window, as the file has it (`kws export` checks it), is 0 when its "chosen_on" names
+    none (files written before the long window existed were chosen without one), and None for
+    a file without "chosen_on": thresholds written by hand, not a choice."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as e:
@@ -382,7 +383,7 @@ def read_choice(path: "str | Path") -> tuple[dict[str, float], object]:
         raise KwsError(f'{path} holds no per-word thresholds: expected {{"thresholds": '
                        f'{{"yes": 0.9, ...}}}}, as kws eval-stream --choose-thresholds writes')
     chosen_on = data.get("chosen_on")
-    long_window_s = chosen_on.get("long_window_s", 0.0) if isinstance(chosen_on, dict) else 0.0
+    long_window_s = chosen_on.get("long_window_s", 0.0) if isinstance(chosen_on, dict) else None
     return {w: float(t) for w, t in thresholds.items()}, long_window_s
 
 

@@ -224,7 +224,7 @@ def test_the_long_window_travels_with_the_thresholds_it_was_chosen_with(tmp_path
     from kws.stream import Detector
 
     save_model(small_model("edge", seed=11), tmp_path / "m.pt")
-    chosen = {"thresholds": {"yes": 0.9}, "chosen_on": {"long_window_s": 1.25}}
+    chosen = {"thresholds": {"yes": 0.9, "no": 0.7}, "chosen_on": {"long_window_s": 1.25}}
     (tmp_path / "long.json").write_text(json.dumps(chosen))
     (tmp_path / "plain.json").write_text(json.dumps({"thresholds": {"yes": 0.8}}))
     assert load_model(tmp_path / "m.pt").long_window_s == 0.0
@@ -234,13 +234,19 @@ def test_the_long_window_travels_with_the_thresholds_it_was_chosen_with(tmp_path
     # on into the model file with the checkpoint's own thresholds, and into the Detector
     assert main(["export", str(tmp_path / "tuned.pt"), str(tmp_path / "tuned.npz")]) == 0
     engine = load_engine(tmp_path / "tuned.npz")
-    assert (engine.thresholds, engine.long_window_s) == ({"yes": 0.9}, 1.25)
+    assert (engine.thresholds, engine.long_window_s) == ({"yes": 0.9, "no": 0.7}, 1.25)
     assert Detector(engine).long_window_s == 1.25
     assert Detector(engine, long_window_s=0).long_window_s == 0.0  # a caller may turn it off
-    # thresholds chosen without one replace both: a file naming no long window means none
-    assert main(["export", str(tmp_path / "tuned.pt"), str(tmp_path / "plain.npz"),
+    # thresholds set by hand change the words they name, and keep the rest of the choice
+    assert main(["export", str(tmp_path / "tuned.pt"), str(tmp_path / "hand.npz"),
                  "--thresholds", str(tmp_path / "plain.json")]) == 0
-    engine = load_engine(tmp_path / "plain.npz")
+    engine = load_engine(tmp_path / "hand.npz")
+    assert (engine.thresholds, engine.long_window_s) == ({"yes": 0.8, "no": 0.7}, 1.25)
+    # a choice made without a long window (before it existed) replaces both: none
+    (tmp_path / "old.json").write_text(json.dumps({"thresholds": {"yes": 0.8}, "chosen_on": {"minutes": 90}}))
+    assert main(["export", str(tmp_path / "tuned.pt"), str(tmp_path / "old.npz"),
+                 "--thresholds", str(tmp_path / "old.json")]) == 0
+    engine = load_engine(tmp_path / "old.npz")
     assert (engine.thresholds, engine.long_window_s) == ({"yes": 0.8}, 0.0)
     assert "long_window_s" not in engine.description
 
@@ -414,3 +420,13 @@ def test_an_export_that_fails_its_check_leaves_the_output_as_it_was(tmp_path, ca
     assert "differ from the checkpoint's by 0.001" in capsys.readouterr().err
     assert (tmp_path / "m.npz").read_bytes() == b"an earlier export"
     assert sorted(f.name for f in tmp_path.iterdir()) == ["m.npz", "m.pt"]
+
+
+def test_export_to_a_folder_names_out_and_writes_nothing(tmp_path, capsys):
+    from kws.model import save_model
+
+    save_model(small_model("edge"), tmp_path / "m.pt")
+    (tmp_path / "out.npz").mkdir()
+    assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "out.npz")]) == 2
+    assert capsys.readouterr().err.strip() == f"kws: error: OUT {tmp_path / 'out.npz'} is a folder; give a file name in it"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.pt", "out.npz"]
