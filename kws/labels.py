@@ -25,8 +25,8 @@ def threshold_problem(thresholds, labels) -> str | None:
     for word, t in thresholds.items():
         if word not in labels or word == BACKGROUND:
             return f"threshold for {word!r}, which is not one of the model's words"
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
-            return f"threshold for {word!r} is {t!r}; thresholds are probabilities in [0, 1]"
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
+            return f"threshold for {word!r} is {t!r}; thresholds are probabilities in (0, 1]"
     return None
 
 

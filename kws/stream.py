@@ -43,6 +43,7 @@ substitutions and false alarms in the last ten minutes no worse than in the firs
 """
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +130,8 @@ class Detector:
         own = self.engine.thresholds
         if isinstance(threshold, dict):  # before the words, which take their names from it
             self._check_labels(threshold, "threshold")
-        elif threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-            raise KwsError(f"threshold {float(threshold):g} is not a probability in [0, 1]")
+        elif threshold is not None and not 0.0 < float(threshold) <= 1.0:
+            raise KwsError(f"threshold {float(threshold):g} is not a probability in (0, 1]")
         if words is None and own:
             words = reported_words(own, threshold)
         if words is not None:
@@ -148,9 +149,9 @@ class Detector:
         elif threshold is not None:
             per_label = dict.fromkeys(candidates, float(threshold))
         for w, t in per_label.items():
-            if not 0.0 <= t <= 1.0:
+            if not 0.0 < t <= 1.0:  # at 0 a word would be reported with a score of 0
                 raise KwsError(f"threshold for {w!r} is {t}; "
-                               f"thresholds are probabilities in [0, 1]")
+                               f"thresholds are probabilities in (0, 1]")
         return np.array([per_label.get(label, np.inf) for label in self.labels])
 
     @property
@@ -353,10 +354,14 @@ def parse_threshold(text: str) -> "float | dict[str, float]":
     try:
         if "=" not in text:
             return float(text)
-        return {w.strip(): float(t) for w, t in (item.split("=", 1) for item in text.split(",") if item.strip())}
+        pairs = [(w.strip(), float(t)) for w, t in (item.split("=", 1) for item in text.split(",") if item.strip())]
     except ValueError:
         raise KwsError(f"{text!r}: give a probability like 0.8, "
                        f"or per word like yes=0.9,no=0.7") from None
+    twice = sorted(w for w, n in Counter(w for w, _ in pairs).items() if n > 1)
+    if twice:
+        raise KwsError(f"{text!r} gives {', '.join(twice)} more than one threshold: give each word once")
+    return dict(pairs)
 
 
 def read_thresholds(path: "str | Path") -> dict[str, float]:

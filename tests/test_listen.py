@@ -157,10 +157,10 @@ def test_ctrl_c_stops_a_real_time_stream_with_a_summary(tiny_edge_model_path, tm
     sf.write(wav, noisy_bursts(60.0, seed=3), 16000)
     proc = subprocess.Popen([sys.executable, "-m", "kws.cli", "listen", "--model",
                              str(tiny_edge_model_path), "--input", str(wav), "--json",
-                             "--threshold", "0"], stdout=subprocess.PIPE,
+                             "--threshold", "0.001"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        # Threshold 0: a detection every refractory period (1 s). Interrupt after the second.
+        # Threshold 0.001: a detection every refractory period (1 s). Interrupt after the second.
         for _ in range(2):
             assert json.loads(proc.stdout.readline())["label"] in LABELS
         proc.send_signal(signal.SIGINT)
@@ -192,6 +192,8 @@ def exit_code(argv) -> int:
     (["--input", "WAV", "--chunk-ms", "0"], "above 0"),
     (["--threshold", "1.5", "--input", "WAV"], "threshold 1.5 is not a probability"),
     (["--threshold", "yes=high"], "give a probability"),
+    (["--threshold", "0", "--input", "WAV"], "threshold 0 is not a probability in (0, 1]"),
+    (["--threshold", "yes=0.9,yes=0.1", "--input", "WAV"], "gives yes more than one threshold"),
     (["--words", "yes,banana", "--input", "WAV"], "unknown word(s) 'banana'"),
     (["--input", "NOT_AUDIO"], "cannot read"),
     (["--input", "RATE_1K"], "sample rate 1000 Hz is not supported"),

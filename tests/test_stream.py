@@ -313,10 +313,12 @@ def test_unknown_words_and_bad_thresholds_are_user_errors():
         Detector(ScriptedModel(), words=["yes", "banana"])
     with pytest.raises(KwsError, match="unknown word"):
         Detector(ScriptedModel(), threshold={"banana": 0.5})
-    with pytest.raises(KwsError, match=r"threshold 1.5 is not a probability in \[0, 1\]"):
-        Detector(ScriptedModel(), threshold=1.5)
-    with pytest.raises(KwsError, match=r"threshold for 'yes' is 1.5; thresholds are probabilities"):
-        Detector(ScriptedModel(), threshold={"yes": 1.5})
+    for bad in (1.5, 0.0, -0.1):
+        with pytest.raises(KwsError, match=rf"threshold {bad:g} is not a probability in \(0, 1\]"):
+            Detector(ScriptedModel(), threshold=bad)
+    for bad in (1.5, 0.0):  # at 0 a word would be reported with a score of 0
+        with pytest.raises(KwsError, match=rf"threshold for 'yes' is {bad}; thresholds are probabilities in \(0, 1\]"):
+            Detector(ScriptedModel(), threshold={"yes": bad})
     with pytest.raises(KwsError, match="mono"):
         Detector(ScriptedModel()).process(np.zeros((10, 2), np.float32))
 
