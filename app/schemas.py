@@ -22,7 +22,9 @@ class Detection(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: str = Field(description="the most likely class of the whole clip")
+    label: str = Field(description="the most likely class of the clip read as one 1-s keyword clip: "
+                       "a word, or _background_ for silence and noise; the words of a longer clip "
+                       "are in detections")
     score: float = Field(ge=0, le=1)
     top: list[Score] = Field(description="the five most likely classes, best first")
     duration_s: float

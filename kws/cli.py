@@ -83,7 +83,7 @@ def load_engine(path=None):
     path = Path(path) if path else default_model_path()
     if path.suffix == ".pt":
         if not path.is_file():
-            raise KwsError(f"no model file at {path}")
+            raise KwsError(f"{path} is a folder, not a model file" if path.is_dir() else f"no model file at {path}")
         if not has_torch():
             raise KwsError(f"{path} is a PyTorch checkpoint: convert it with `kws export` where "
                            f"torch is installed ({INSTALL_TORCH})")

@@ -282,13 +282,15 @@ class Worker:
 def summary(worker: Worker, counters: Counters) -> str:
     audio_s = worker.detector.time_s
     rtf = worker.compute_seconds / audio_s if audio_s else 0.0
-    return (f"kws listen: {audio_s:.1f} s of audio, {worker.detections} detections, "
+    return (f"kws listen: {audio_s:.1f} s of audio, {worker.detections} detection{'' if worker.detections == 1 else 's'}, "
             f"{counters.dropped_frames} dropped frames ({counters.dropped_blocks} blocks), "
             f"{counters.overflows} input overflows, real-time factor {rtf:.4f}")
 
 
 def listen(args) -> int:
     if args.list_devices:
+        if args.input:
+            raise KwsError("--list-devices lists the input devices; it plays no file (--input)")
         print(list_devices())
         return 0
     if args.input and args.device is not None:

@@ -218,7 +218,7 @@ def load_engine(path: "str | Path") -> StreamEngine:
     """The engine in a file written by `kws export`, or EngineFileError saying what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise EngineFileError(f"no model file at {path}")
+        raise EngineFileError(f"{path} is a folder, not a model file" if path.is_dir() else f"no model file at {path}")
     if path.suffix == ".onnx":
         raise EngineFileError(f"{path} is an ONNX graph for other runtimes; kws reads the .npz "
                               f"model file (or the .pt checkpoint) it was exported from")

@@ -90,6 +90,7 @@ def serve(args):
     from app.main import create_app
     from app.settings import from_env, url_host, with_network_token
     from kws.cli import load_engine
+    from kws.listen import file_rate
     from kws.stream import Detector
 
     settings = from_env(model=args.model, host=args.host, port=args.port, listen=args.listen,
@@ -97,6 +98,8 @@ def serve(args):
                         threshold=args.threshold, words=args.words, threads=args.threads)
     if settings.listen_input and not settings.listen:
         raise KwsError("--input plays a file to the live listener: add --listen")
+    if settings.listen_input:  # a named file that is missing is a mistake: say so now
+        file_rate(settings.listen_input)
     engine = load_engine(settings.model)  # before binding: a bad model file is a one-line error
     Detector(engine, threshold=settings.threshold, words=settings.words)  # likewise unknown words
     sock = bind(settings.host, settings.port)

@@ -47,6 +47,7 @@ def test_threshold_and_words_take_the_text_kws_listen_takes():
     (["--threshold", "2"], "threshold 2 is not a probability"),
     (["--words", "yes,banana"], "unknown word(s) 'banana'"),
     (["--threads", "0"], "threads must be a positive integer, got 0"),  # the flag reaches the settings
+    (["--listen", "--input", "/nonexistent/demo.wav"], "no audio file at /nonexistent/demo.wav"),
 ])
 def test_serve_with_bad_detector_settings_is_a_one_line_error(argv, message, model_path,  # noqa: F811
                                                               capsys):

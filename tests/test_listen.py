@@ -92,7 +92,7 @@ def test_fast_file_input_gives_the_streaming_paths_detections(tiny_edge_model_pa
         assert [(d["label"], d["time_s"]) for d in lines] == \
                [(d.label, round(d.time_s, 3)) for d in expected]
         assert [d["score"] for d in lines] == pytest.approx([d.score for d in expected], abs=2e-4)
-    assert "6.0 s of audio" in err and f"{len(lines)} detections" in err
+    assert "6.0 s of audio" in err and f"{len(lines)} detection{'' if len(lines) == 1 else 's'}," in err
 
 
 def test_listen_names_the_words_it_listens_for(tiny_edge_model_path, tmp_path, capsys):
@@ -193,6 +193,8 @@ def exit_code(argv) -> int:
     (["--threshold", "1.5", "--input", "WAV"], "threshold 1.5 is not a probability"),
     (["--threshold", "yes=high"], "give a probability"),
     (["--threshold", "0", "--input", "WAV"], "threshold 0 is not a probability in (0, 1]"),
+    (["--list-devices", "--input", "WAV"], "it plays no file (--input)"),
+    (["--model", "FOLDER", "--input", "WAV"], "is a folder, not a model file"),
     (["--threshold", "yes=0.9,yes=0.1", "--input", "WAV"], "gives yes more than one threshold"),
     (["--words", "yes,banana", "--input", "WAV"], "unknown word(s) 'banana'"),
     (["--input", "NOT_AUDIO"], "cannot read"),
