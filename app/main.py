@@ -391,6 +391,7 @@ def create_app(settings: Settings | None = None, engine: StreamEngine | None = N
     dashboard_html = DASHBOARD.read_text()
 
     @app.get("/", response_class=HTMLResponse)
+    @app.head("/", response_class=HTMLResponse, operation_id="dashboard_head")  # curl -I, uptime checks
     async def dashboard():
         """The live dashboard: detections, top scores and memory over time."""
         return dashboard_html

@@ -465,6 +465,12 @@ def test_health_is_ok_and_names_the_model_and_the_detector_settings(client, mode
     assert head.status_code == 200 and head.content == b""
 
 
+def test_the_dashboard_answers_head_as_uptime_checks_send_it(client):
+    head = client.head("/")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"].startswith("text/html")
+
+
 def test_health_shows_the_threshold_and_words_the_service_was_given(model_path):
     settings = Settings(model=model_path, threshold={"no": 0.6}, words=("yes", "no"))
     with client_for(settings) as client:
