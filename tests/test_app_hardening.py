@@ -281,7 +281,7 @@ def test_schemathesis_finds_no_server_error_and_no_mismatch_with_the_schema(mode
     assert sorted(tried) == sorted(["POST /predict", "GET /detections", "GET /events",
                                     "GET /stats", "GET /stats/memory", "GET /metrics",
                                     "GET /health", "HEAD /health",
-                                    "GET /"])
+                                    "GET /", "HEAD /"])
 
 
 # ----------------------------------------------------------------------------- no CDN
