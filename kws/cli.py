@@ -80,15 +80,22 @@ def load_engine(path=None):
     from kws import default_model_path
     from kws.runtime import StreamEngine, load_engine as read_engine_file
 
+    named_by_env = not path and os.environ.get("KWS_MODEL")
     path = Path(path) if path else default_model_path()
-    if path.suffix == ".pt":
-        if not path.is_file():
-            raise KwsError(f"{path} is a folder, not a model file" if path.is_dir() else f"no model file at {path}")
-        if not has_torch():
-            raise KwsError(f"{path} is a PyTorch checkpoint: convert it with `kws export` where "
-                           f"torch is installed ({INSTALL_TORCH})")
-        return StreamEngine.from_model(load(path))
-    return read_engine_file(path)
+    try:
+        if path.suffix == ".pt":
+            if not path.is_file():
+                raise KwsError(f"{path} is a folder, not a model file" if path.is_dir()
+                               else f"no model file at {path}")
+            if not has_torch():
+                raise KwsError(f"{path} is a PyTorch checkpoint: convert it with `kws export` where "
+                               f"torch is installed ({INSTALL_TORCH})")
+            return StreamEngine.from_model(load(path))
+        return read_engine_file(path)
+    except KwsError as e:
+        if named_by_env:  # the user may not remember setting it
+            raise KwsError(f"{e} (the model named by $KWS_MODEL)") from None
+        raise
 
 
 def model_info(engine) -> dict:

@@ -100,7 +100,7 @@ def serve(args):
         raise KwsError("--input plays a file to the live listener: add --listen")
     if settings.listen_input:  # a named file that is missing is a mistake: say so now
         file_rate(settings.listen_input)
-    engine = load_engine(settings.model)  # before binding: a bad model file is a one-line error
+    engine = load_engine(args.model)  # before binding: a bad model file is a one-line error
     Detector(engine, threshold=settings.threshold, words=settings.words)  # likewise unknown words
     sock = bind(settings.host, settings.port)
     logging.basicConfig(format="%(levelname)s:     %(message)s", level=args.log_level.upper())

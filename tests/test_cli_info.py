@@ -101,7 +101,8 @@ def test_missing_default_model_is_one_error_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KWS_MODEL", str(tmp_path / "nowhere.pt"))
     assert main(["info"]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and captured.err == f"kws: error: no model file at {tmp_path / 'nowhere.pt'}\n"
+    assert captured.out == "" and captured.err == (
+        f"kws: error: no model file at {tmp_path / 'nowhere.pt'} (the model named by $KWS_MODEL)\n")
 
 
 def test_corrupt_model_is_one_error_line(model_file, tmp_path):
