@@ -44,7 +44,10 @@ def decode_upload(data: bytes, min_s: float, max_s: float) -> tuple[np.ndarray, 
 
 
 def clip_for_classifier(audio: np.ndarray) -> np.ndarray:
-    """Clips shorter than the 1-s training length are padded with silence at the end."""
+    """The clip without its DC offset (its mean: a microphone's offset, which the streaming
+    detector removes too, kws.audio.DcBlocker); one shorter than the 1-s training length is
+    padded with silence at the end."""
+    audio = audio - audio.mean()
     return np.pad(audio, (0, max(0, CLIP_SAMPLES - len(audio))))
 
 

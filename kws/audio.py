@@ -140,6 +140,39 @@ def mono_blocks(f: sf.SoundFile, block_frames: int = BLOCK_FRAMES) -> Iterator[n
             return
 
 
+# y[n] = x[n] - x[n-1] + R y[n-1]: -3 dB at 2.5 Hz for 16 kHz, flat (within 0.01 dB) above 60 Hz.
+DC_BLOCK_POLE = 0.999
+_DC_BLOCK_RUN = 1024  # samples per closed-form run: R**-1024 is about 2.8, no precision lost
+
+
+class DcBlocker:
+    """Removes a microphone's DC offset from a stream, chunk by chunk, with one input and one
+    output sample of state. Cheap ADCs and MEMS microphones sit 1% of full scale or more off
+    zero, and the training clips hardly ever do (mean offset 0.0007). It starts from zero, so
+    an offset decays from the start of a stream over about 0.2 s, well inside the first 1.25 s,
+    in which the detector reports nothing."""
+
+    def __init__(self, pole: float = DC_BLOCK_POLE):
+        self.pole = pole
+        self.reset()
+
+    def reset(self):
+        self._last_in = self._last_out = 0.0
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        x = np.asarray(samples, dtype=np.float64)
+        out = np.empty(len(x), np.float32)
+        for start in range(0, len(x), _DC_BLOCK_RUN):
+            run = x[start:start + _DC_BLOCK_RUN]
+            steps = np.diff(run, prepend=self._last_in)
+            # y[k] = R**k (y[0] + sum_{j<=k} R**-j d[j]), k = 1..len(run)
+            powers = self.pole ** np.arange(1, len(run) + 1)
+            y = powers * (self._last_out + np.cumsum(steps / powers))
+            out[start:start + len(run)] = y
+            self._last_in, self._last_out = float(run[-1]), float(y[-1])
+        return out
+
+
 # A recorder writing a WAV to a pipe cannot go back to write the length: it leaves a placeholder
 # near 2**31 or 2**32 (0x7FFFF000, 0x7FFFFFFF, 0xFFFFFFFF), never a length a file could hold.
 STREAMED_WAV_SIZE = 0x7FFFF000
@@ -252,10 +285,12 @@ class Microphone:
     have recorded it: in a room whose reverberation falls 60 dB in `room_rt60_s` seconds (a
     synthetic room, the talker at the critical distance; None: as recorded), then only the band
     `band_hz` (low, high) heard (`through_band`; None: all of it), then `gain_db` louder or
-    quieter and clipped at full scale (`at_gain`). The default changes nothing."""
+    quieter and clipped at full scale (`at_gain`), then `dc_offset` (a fraction of full scale)
+    added, as an ADC that sits off zero, and clipped again. The default changes nothing."""
     gain_db: float = 0.0
     band_hz: tuple[float, float] | None = None
     room_rt60_s: float | None = None
+    dc_offset: float = 0.0
 
     @cached_property
     def room(self) -> np.ndarray | None:
@@ -269,22 +304,26 @@ class Microphone:
             audio = reverberate(audio, self.room)
         if self.band_hz is not None:
             audio = through_band(audio, *self.band_hz)
-        return at_gain(audio, self.gain_db)
+        audio = at_gain(audio, self.gain_db)
+        if self.dc_offset:
+            audio = np.clip(audio + np.float32(self.dc_offset), -1.0, 1.0)
+        return audio
 
     def report(self) -> dict:
         """The JSON keys of a report that say how its audio was played: gain_db, band_hz,
-        room_rt60_s."""
+        room_rt60_s, dc_offset."""
         return {"gain_db": self.gain_db, "band_hz": list(self.band_hz) if self.band_hz else None,
-                "room_rt60_s": self.room_rt60_s}
+                "room_rt60_s": self.room_rt60_s, "dc_offset": self.dc_offset}
 
     @classmethod
     def of_report(cls, report: dict) -> "Microphone":
         return cls(report["gain_db"], tuple(report["band_hz"]) if report.get("band_hz") else None,
-                   report.get("room_rt60_s"))
+                   report.get("room_rt60_s"), report.get("dc_offset", 0.0))
 
     def describe(self) -> str:
         """'' for the default, else e.g. ', in a room of RT60 0.5 s, played -20 dB, through
         300-3400 Hz' for a report."""
         return ((f", in a room of RT60 {self.room_rt60_s:g} s" if self.room_rt60_s is not None else "")
                 + (f", played {self.gain_db:+g} dB" if self.gain_db else "")
-                + (f", through {self.band_hz[0]:g}-{self.band_hz[1]:g} Hz" if self.band_hz else ""))
+                + (f", through {self.band_hz[0]:g}-{self.band_hz[1]:g} Hz" if self.band_hz else "")
+                + (f", {self.dc_offset:+g} of full scale off zero" if self.dc_offset else ""))

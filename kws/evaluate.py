@@ -189,7 +189,7 @@ def run(args):
         check_writable(Path(args.confusion), "--confusion")
     models = [load(path) for path in args.model] if args.model else [load()]
     result = evaluate(models, args.data, args.split, seed=args.seed, rounding=not args.no_rounding,
-                      mic=Microphone(args.gain_db, args.band_hz, args.room_rt60))
+                      mic=Microphone(args.gain_db, args.band_hz, args.room_rt60, args.dc_offset))
     if args.confusion:
         plot_confusion(result, Path(args.confusion))
     if args.json:
@@ -201,7 +201,7 @@ def run(args):
 
 
 def register(sub):
-    from kws.listen import band_hz, gain_db, room_rt60
+    from kws.listen import band_hz, dc_offset, gain_db, room_rt60
 
     p = sub.add_parser("eval", help="clip accuracy on a Speech Commands split")
     p.add_argument("--model", nargs="+", metavar="MODEL",
@@ -221,6 +221,9 @@ def register(sub):
                    help="play every clip through a band-pass filter (Butterworth, 4th order each side), "
                         "e.g. 300,3400 (a telephone) or 500,8000 (a small microphone that loses the bass); "
                         "0 as LOW: no bass cut (default: the whole band)")
+    p.add_argument("--dc-offset", type=dc_offset, default=0.0, metavar="FRACTION",
+                   help="add this offset (a fraction of full scale, e.g. 0.01) to every clip: a "
+                        "microphone or ADC that sits off zero (0)")
     p.add_argument("--room-rt60", type=room_rt60, metavar="SECONDS",
                    help="play every clip in a synthetic room whose reverberation falls 60 dB in SECONDS, "
                         "the talker at the critical distance (as much reverberant sound as direct), "

@@ -420,6 +420,9 @@ chunk_ms = number_where(lambda v: 0 < v <= MAX_CHUNK_MS,  # what --chunk-ms take
 non_negative = number_where(lambda v: 0 <= v < math.inf, "a number of seconds, 0 or more")
 gain_db = number_where(lambda v: GAIN_DB_RANGE[0] <= v <= GAIN_DB_RANGE[1],  # what --gain-db takes
                        f"a gain from {GAIN_DB_RANGE[0]:g} to {GAIN_DB_RANGE[1]:g} dB")
+MAX_DC_OFFSET = 0.5  # of full scale: far beyond any working microphone
+dc_offset = number_where(lambda v: abs(v) <= MAX_DC_OFFSET,  # what --dc-offset takes
+                         f"an offset from {-MAX_DC_OFFSET:g} to {MAX_DC_OFFSET:g} of full scale")
 ROOM_RT60_RANGE = (0.05, 2.0)  # a dry booth to a large hall
 room_rt60 = number_where(lambda v: ROOM_RT60_RANGE[0] <= v <= ROOM_RT60_RANGE[1],  # what --room-rt60 takes
                          f"a reverberation time from {ROOM_RT60_RANGE[0]:g} to {ROOM_RT60_RANGE[1]:g} s")

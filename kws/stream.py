@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kws.audio import SAMPLE_RATE
+from kws.audio import SAMPLE_RATE, DcBlocker
 from kws.errors import KwsError
 from kws.labels import BACKGROUND
 from kws.runtime import StreamEngine
@@ -172,6 +172,7 @@ class Detector:
         (every training clip came after some audio, never from a zero state, and `classify`
         starts from the same state), an empty score window, time 0."""
         self.state = self.engine.start_state()
+        self._dc_blocker = DcBlocker()
         n = len(self.labels)
         self._window = _RunningMean(self.window_steps, n)
         self._long_window = _RunningMean(self.long_window_steps, n) if self.long_window_steps else None
@@ -199,7 +200,7 @@ class Detector:
         if samples.ndim != 1:
             raise KwsError(f"the detector takes mono samples (1-D), got shape {samples.shape}")
         self._samples += len(samples)
-        self.last_logits, self.state = self.engine.stream(samples, self.state)
+        self.last_logits, self.state = self.engine.stream(self._dc_blocker.process(samples), self.state)
         return self.process_logits(self.last_logits)
 
     def process_logits(self, logits: np.ndarray, last: bool = False) -> list[Detection]:

@@ -747,7 +747,7 @@ def eval_stream(args) -> int:
                   window_s=args.window_s, refractory_s=args.refractory_s,
                   peak_wait_s=args.peak_wait_s, long_window_s=args.long_window_s,
                   speech_cache=Path(args.speech_cache) if args.speech_cache else None,
-                  mic=Microphone(args.gain_db, args.band_hz, args.room_rt60))
+                  mic=Microphone(args.gain_db, args.band_hz, args.room_rt60, args.dc_offset))
     if args.long_run_check:
         result = long_run_check(**common, compare_minutes=args.compare_minutes or DEFAULT_COMPARE_MINUTES)
         if args.json:
@@ -801,7 +801,7 @@ def _numbers(kind, what: str):
 
 
 def register(sub):
-    from kws.listen import argument, band_hz, gain_db, non_negative, positive, room_rt60
+    from kws.listen import argument, band_hz, dc_offset, gain_db, non_negative, positive, room_rt60
 
     p = sub.add_parser("eval-stream", help="hits, substitutions, misses, false alarms per hour "
                        "and latency on long test streams through the live detection path")
@@ -856,6 +856,9 @@ def register(sub):
                    help="play the whole stream through a band-pass filter (Butterworth, 4th order each "
                         "side), e.g. 300,3400 (a telephone) or 500,8000 (a small microphone that loses "
                         "the bass); 0 as LOW: no bass cut (default: the whole band)")
+    p.add_argument("--dc-offset", type=dc_offset, default=0.0, metavar="FRACTION",
+                   help="add this offset (a fraction of full scale, e.g. 0.01) to the whole stream: a "
+                        "microphone or ADC that sits off zero (0)")
     p.add_argument("--room-rt60", type=room_rt60, metavar="SECONDS",
                    help="play the whole stream in a synthetic room whose reverberation falls 60 dB in SECONDS, "
                         "the talker at the critical distance (as much reverberant sound as direct), "

@@ -179,3 +179,24 @@ def test_a_report_names_the_room_and_reads_back():
     assert Microphone.of_report(mic.report()) == mic
     assert mic.describe() == ", in a room of RT60 0.5 s, played -20 dB, through 300-3400 Hz"
     assert Microphone.of_report({"gain_db": 0.0, "band_hz": None}) == Microphone()  # reports before rooms
+
+
+def test_the_dc_blocker_is_the_first_order_filter_in_any_chunking_and_removes_an_offset():
+    import torch
+    import torchaudio.functional as F
+
+    from kws.audio import DC_BLOCK_POLE, DcBlocker
+
+    rng = np.random.default_rng(0)
+    speech_like = 0.1 * rng.standard_normal(40000)
+    offset = speech_like + 0.05
+    # y[n] = x[n] - x[n-1] + R y[n-1], from rest
+    expected = F.lfilter(torch.from_numpy(offset), torch.tensor([1.0, -DC_BLOCK_POLE], dtype=torch.float64),
+                         torch.tensor([1.0, -1.0], dtype=torch.float64), clamp=False).numpy()
+    for chunk in (1, 777, 40000):
+        blocker = DcBlocker()
+        got = np.concatenate([blocker.process(offset[i:i + chunk]) for i in range(0, len(offset), chunk)])
+        assert np.abs(got - expected).max() < 1e-6
+    without, off = DcBlocker().process(speech_like), DcBlocker().process(offset)
+    assert np.abs(off[4000:] - without[4000:]).max() < 1e-3  # the offset is gone within 0.25 s
+    assert np.std(without) == pytest.approx(0.1, rel=0.02)  # and the rest passes

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import noisy_bursts
+from kws.audio import DcBlocker
 from kws.labels import BACKGROUND, LABELS
 from kws.errors import KwsError
 from kws.model import MGRADE, load_model, preset
@@ -36,14 +37,16 @@ class ScriptedModel:
     def stream(self, samples, state):
         audio = np.concatenate([state[0], samples])
         steps = len(audio) // STRIDE
-        index = audio[: steps * STRIDE:STRIDE].round().astype(int) - 1
+        index = np.abs(audio[: steps * STRIDE:STRIDE]).round().astype(int) - 1
         return 8.0 * np.eye(len(LABELS), dtype=np.float32)[index], [audio[steps * STRIDE:]]
 
 
 def script(*segments) -> np.ndarray:
-    """Audio for ScriptedModel from (label, seconds) pairs."""
-    return np.concatenate([np.full(round(s * 16000), LABELS.index(label) + 1, np.float32)
-                           for label, s in segments])
+    """Audio for ScriptedModel from (label, seconds) pairs: each label's value with alternating
+    signs, so that it passes the Detector's DC blocker (within 0.03) as speech would."""
+    values = np.concatenate([np.full(round(s * 16000), LABELS.index(label) + 1, np.float32)
+                             for label, s in segments])
+    return values * np.where(np.arange(len(values)) % 2, -1.0, 1.0).astype(np.float32)
 
 
 def test_a_held_word_gives_one_detection_with_its_label_and_time():
@@ -388,15 +391,32 @@ def test_state_stays_bounded_and_detections_repeat_over_a_long_stream(tiny_model
 
 def test_a_stream_starts_where_classify_does_after_context_silence(tiny_edge_model_path):
     """The detector's first logits are those of the model continuing from 0.5 s of silence,
-    as every training clip came after some audio; reset() returns there."""
+    as every training clip came after some audio (on the audio without its DC offset); reset()
+    returns there."""
     model = load_model(tiny_edge_model_path)
-    audio = noisy_bursts(1.0, seed=3)
+    audio = DcBlocker().process(noisy_bursts(1.0, seed=3))
     with torch.inference_mode():
         expected, _ = model.stream(torch.from_numpy(audio)[None], model.primed_state(1))
         from_zeros, _ = model.stream(torch.from_numpy(audio)[None], model.initial_state(1))
     assert not torch.allclose(expected, from_zeros, atol=1e-4)  # the start state matters
     detector = Detector(model)
     for _ in range(2):
-        detector.process(audio)
+        detector.process(noisy_bursts(1.0, seed=3))
         np.testing.assert_allclose(detector.last_logits, expected[0].numpy(), rtol=1e-5, atol=1e-5)
         detector.reset()
+
+
+def test_a_microphone_off_zero_is_heard_as_one_at_zero_once_its_offset_has_decayed(tiny_edge_model_path):
+    model = load_model(tiny_edge_model_path)
+    audio = noisy_bursts(6.0, seed=1)
+
+    def logits(samples):
+        detector = Detector(model)
+        detector.process(samples)
+        return detector.last_logits
+
+    at_zero = logits(audio)
+    for offset in (0.01, -0.05):  # cheap ADCs and MEMS microphones sit this far off zero
+        off = logits(audio + offset)
+        # the offset decays in 0.2 s; the recurrent state forgets it within a second or two
+        assert np.abs(off[400:] - at_zero[400:]).max() < 1e-4
