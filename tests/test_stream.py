@@ -408,7 +408,7 @@ def test_a_stream_starts_where_classify_does_after_context_silence(tiny_edge_mod
 
 def test_a_microphone_off_zero_is_heard_as_one_at_zero_once_its_offset_has_decayed(tiny_edge_model_path):
     model = load_model(tiny_edge_model_path)
-    audio = noisy_bursts(6.0, seed=1)
+    audio = noisy_bursts(10.0, seed=1)
 
     def logits(samples):
         detector = Detector(model)
@@ -418,5 +418,5 @@ def test_a_microphone_off_zero_is_heard_as_one_at_zero_once_its_offset_has_decay
     at_zero = logits(audio)
     for offset in (0.01, -0.05):  # cheap ADCs and MEMS microphones sit this far off zero
         off = logits(audio + offset)
-        # the offset decays in 0.2 s; the recurrent state forgets it within a second or two
-        assert np.abs(off[400:] - at_zero[400:]).max() < 1e-4
+        # the offset decays with a time constant of 0.6 s, and the recurrent state forgets it
+        assert np.abs(off[800:] - at_zero[800:]).max() < 1e-4
