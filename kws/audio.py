@@ -154,11 +154,7 @@ class DcBlocker:
     an offset decays from the start of a stream, mostly within the first 1.25 s, in which the
     detector reports nothing."""
 
-    def __init__(self, pole: float = DC_BLOCK_POLE):
-        self.pole = pole
-        self.reset()
-
-    def reset(self):
+    def __init__(self):
         self._last_in = self._last_out = 0.0
 
     def process(self, samples: np.ndarray) -> np.ndarray:
@@ -168,7 +164,7 @@ class DcBlocker:
             run = x[start:start + _DC_BLOCK_RUN]
             steps = np.diff(run, prepend=self._last_in)
             # y[k] = R**k (y[0] + sum_{j<=k} R**-j d[j]), k = 1..len(run)
-            powers = self.pole ** np.arange(1, len(run) + 1)
+            powers = DC_BLOCK_POLE ** np.arange(1, len(run) + 1)
             y = powers * (self._last_out + np.cumsum(steps / powers))
             out[start:start + len(run)] = y
             self._last_in, self._last_out = float(run[-1]), float(y[-1])
