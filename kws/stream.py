@@ -205,26 +205,43 @@ class Detector:
 
     def process_logits(self, logits: np.ndarray, last: bool = False) -> list[Detection]:
         """The detection stage alone, for per-step logits (steps, n_classes) in stream order.
-        `process` calls it; eval-stream also replays recorded logits through it at many
-        thresholds without re-running the model. `last`: these end the stream, so a word still
-        waiting for its peak is reported at the last step."""
+        `process` calls it. `last`: these end the stream, so a word still waiting for its peak
+        is reported at the last step."""
+        logits = np.asarray(logits)
+        scores = (self._smoothed_probabilities(logits, self._window, self._long_window)
+                  if len(logits) else logits)
+        return self.process_scores(scores, last)
+
+    def stream_scores(self, logits: np.ndarray) -> np.ndarray:
+        """The per-step scores (steps, n_classes) this detector's readout gives logits that
+        start a stream, leaving the detector as it is. eval-stream computes them once per
+        recorded stream and readout, and replays them at many thresholds (`process_scores`)."""
+        n = len(self.labels)
+        long_window = _RunningMean(self.long_window_steps, n) if self.long_window_steps else None
+        return self._smoothed_probabilities(np.asarray(logits), _RunningMean(self.window_steps, n),
+                                            long_window)
+
+    def process_scores(self, scores: np.ndarray, last: bool = False) -> list[Detection]:
+        """The decision stage alone (thresholds, peaks, refractory period), for per-step
+        scores in stream order as `stream_scores` gives them. `last` as in `process_logits`."""
         found = []
-        if len(logits):
-            probs = self._smoothed_probabilities(np.asarray(logits))
+        if len(scores):
             first_step = self._steps
-            self._steps += len(logits)
-            self._probs = probs[-1]
-            found = self._decide(probs, first_step)
+            self._steps += len(scores)
+            self._probs = scores[-1]
+            found = self._decide(scores, first_step)
         if last and self._candidate is not None:
             found.append(self._report(self._steps - 1))
         return found
 
-    def _smoothed_probabilities(self, logits: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _smoothed_probabilities(logits: np.ndarray, window: "_RunningMean",
+                                long_window: "_RunningMean | None") -> np.ndarray:
         """Each new step's scores, (n, n_classes): softmax of the mean of the last window_s of
         logits, and with a long window the lower of that and the same over long_window_s."""
-        probs = _softmax(self._window.means(logits))
-        if self._long_window is not None:
-            np.minimum(probs, _softmax(self._long_window.means(logits)), out=probs)
+        probs = _softmax(window.means(logits))
+        if long_window is not None:
+            np.minimum(probs, _softmax(long_window.means(logits)), out=probs)
         return probs
 
     def flush(self) -> list[Detection]:

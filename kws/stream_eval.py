@@ -20,7 +20,8 @@ windows are counted apart. Latency is detection time minus word end (the detecti
 when it is reported, after the peak wait).
 
 The DET curve comes from replaying the recorded per-step logits through fresh Detectors at other
-thresholds (`Detector.process_logits`), so every point uses the same decision path. Several
+thresholds (their readout computed once per stream, `Detector.stream_scores`, then decided at
+each threshold, `Detector.process_scores`), so every point uses the same decision path. Several
 seeds (`--seed 0,1,2`) give several streams, scored together.
 """
 
@@ -152,6 +153,17 @@ class StreamRun:
     seconds: float
     logits: np.ndarray | None  # (steps, n_classes) when recorded, for the DET curve
     compute_seconds: float
+    _scores: dict = field(default_factory=dict, repr=False)  # readout (window steps) -> scores
+
+    def scores(self, detector: Detector) -> np.ndarray:
+        """The detector's readout of the recorded logits (`Detector.stream_scores`), computed
+        once per readout: replays at other thresholds only decide again. The readout is the
+        costly part of a replay (about 90% of it), and choosing thresholds replays each
+        stream hundreds of times."""
+        key = (detector.window_steps, detector.long_window_steps)
+        if key not in self._scores:
+            self._scores[key] = detector.stream_scores(self.logits)
+        return self._scores[key]
 
 
 def run_stream(detector: Detector, slots, record_logits: bool = False, on_slot=None) -> StreamRun:
@@ -306,7 +318,7 @@ def replay(model, run: StreamRun, words, threshold, window_s: float, refractory_
     detector = Detector(model, threshold=threshold, words=words, window_s=window_s,
                         refractory_s=refractory_s, peak_wait_s=peak_wait_s, long_window_s=long_window_s)
     return [Detection(min(d.time_s, run.seconds), d.label, d.score)  # dated as flush() dates them
-            for d in detector.process_logits(run.logits, last=True)]
+            for d in detector.process_scores(run.scores(detector), last=True)]
 
 
 DET_KEYS = ("recall", "substitution_rate", "false_alarms_per_hour",

@@ -194,6 +194,31 @@ def test_with_a_long_window_scores_are_the_lower_of_the_two_windows_softmax():
         np.testing.assert_allclose(list(detector.scores.values()), expected, rtol=1e-9, atol=1e-12)
 
 
+def test_scores_computed_once_and_decided_in_pieces_give_what_the_logits_give():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, (600, len(LABELS))).astype(np.float32)
+    logits[200:300, LABELS.index("yes")] += 12.0
+    logits[400:480, LABELS.index("no")] += 12.0
+    settings = dict(threshold=0.6, window_s=0.5, long_window_s=1.25, peak_wait_s=0.2)
+    expected = Detector(ScriptedModel(), **settings).process_logits(logits, last=True)
+    assert [d.label for d in expected] == ["yes", "no"]
+
+    # A detector part-way through a stream gives a stream's scores from its start ...
+    detector, twin = Detector(ScriptedModel(), **settings), Detector(ScriptedModel(), **settings)
+    detector.process_logits(logits[:250])
+    twin.process_logits(logits[:250])
+    scores = detector.stream_scores(logits)
+    # ... and goes on as if it had not been asked.
+    assert detector.process_logits(logits[250:], last=True) == twin.process_logits(logits[250:], last=True)
+    assert detector.scores == twin.scores
+
+    fresh, found, seen = Detector(ScriptedModel(), **settings), [], 0
+    for n in [90, 1, 250, 259]:
+        found += fresh.process_scores(scores[seen:seen + n], last=seen + n == len(scores))
+        seen += n
+    assert found == expected
+
+
 def test_a_long_window_no_longer_than_the_window_is_a_user_error():
     with pytest.raises(KwsError, match="longer than the window"):
         Detector(ScriptedModel(), window_s=1.0, long_window_s=0.8)

@@ -224,6 +224,27 @@ def test_the_false_alarm_budget_the_prices_leave_is_spent_on_more_hits():
     assert one_hour["recall"] == 0.5 and one_hour["false_alarms_per_hour"] == 0
 
 
+def test_replays_compute_each_streams_readout_once_and_decide_it_at_every_threshold(monkeypatch):
+    logits = held([(BACKGROUND, 2.0), ("yes", 0.85), (BACKGROUND, 3.0), ("no", 0.7), (BACKGROUND, 2.0)])
+    placements = [Placement("yes", 2.0, 2.85), Placement("no", 5.85, 6.55)]
+    runs = [StreamRun([], placements, len(logits) / 100, logits, 0.0) for _ in range(2)]
+    computed = []
+    stream_scores = Detector.stream_scores
+    monkeypatch.setattr(Detector, "stream_scores",
+                        lambda self, x: computed.append(self.window_steps) or stream_scores(self, x))
+    points = det_curve(RecordedLogits(), runs, ["yes", "no"], 1.0, 1.0, 0.05)
+    assert len(points) > 30 and computed == [100, 100]  # one readout per stream
+    # Each point is what a fresh detector makes of the logits at its threshold.
+    for p in points:
+        detections = Detector(RecordedLogits(), threshold=p["threshold"], refractory_s=1.0,
+                              peak_wait_s=0.05).process_logits(logits, last=True)
+        summary = score(detections, placements, ["yes", "no"], len(logits) / 100).summary()
+        assert {k: p[k] for k in ("recall", "substitution_rate", "false_alarms_per_hour")} == \
+            {k: summary[k] for k in ("recall", "substitution_rate", "false_alarms_per_hour")}
+    det_curve(RecordedLogits(), runs, ["yes", "no"], 0.5, 1.0, 0.05)  # another readout
+    assert computed == [100, 100, 50, 50]
+
+
 def test_no_thresholds_are_chosen_when_no_set_meets_the_limits():
     # a false alarm that outscores every threshold of the grid
     logits = held([(BACKGROUND, 2.0), ("yes", 1.0), (BACKGROUND, 3.0)])
