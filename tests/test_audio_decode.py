@@ -181,22 +181,33 @@ def test_a_report_names_the_room_and_reads_back():
     assert Microphone.of_report({"gain_db": 0.0, "band_hz": None}) == Microphone()  # reports before rooms
 
 
-def test_the_dc_blocker_is_the_first_order_filter_in_any_chunking_and_removes_an_offset():
-    import torch
-    import torchaudio.functional as F
-
-    from kws.audio import DC_BLOCK_POLE, DcBlocker
+def test_the_dc_blocker_removes_the_mean_so_far_the_same_in_any_chunking():
+    from kws.audio import DcBlocker
 
     rng = np.random.default_rng(0)
-    speech_like = 0.1 * rng.standard_normal(80000)
+    speech_like = 0.1 * rng.standard_normal(160000)
     offset = speech_like + 0.05
-    # y[n] = x[n] - x[n-1] + R y[n-1], from rest
-    expected = F.lfilter(torch.from_numpy(offset), torch.tensor([1.0, -DC_BLOCK_POLE], dtype=torch.float64),
-                         torch.tensor([1.0, -1.0], dtype=torch.float64), clamp=False).numpy()
-    for chunk in (1, 777, 80000):
+    whole = DcBlocker().process(offset)
+    for chunk in (1, 777, 512):
         blocker = DcBlocker()
         got = np.concatenate([blocker.process(offset[i:i + chunk]) for i in range(0, len(offset), chunk)])
-        assert np.abs(got - expected).max() < 1e-6
-    without, off = DcBlocker().process(speech_like), DcBlocker().process(offset)
-    assert np.abs(off[-8000:] - without[-8000:]).max() < 1e-3  # the offset has decayed by 4.5 s
-    assert np.std(without) == pytest.approx(0.1, rel=0.02)  # and the rest passes
+        assert np.abs(got - whole).max() < 1e-6
+    assert whole[511] == pytest.approx(offset[511] - offset[:512].mean(), abs=1e-6)
+    # a steady offset is gone from the first block on, and the rest passes
+    assert np.abs(whole - DcBlocker().process(speech_like)).max() < 1e-6
+    assert np.std(whole) == pytest.approx(0.1, rel=0.02)
+
+
+def test_the_dc_blocker_becomes_the_first_order_filter_and_follows_an_offset_that_changes():
+    from kws.audio import DC_TIME_CONSTANT_S, DcBlocker
+
+    span = round(DC_TIME_CONSTANT_S * 16000)
+    audio = 0.01 * np.random.default_rng(1).standard_normal(16000 * 45)
+    audio[16000 * 10:] += 0.05  # the microphone warms up ten seconds in
+    blocker = DcBlocker()
+    out = np.concatenate([blocker.process(audio[i:i + 512]) for i in range(0, len(audio), 512)])
+    # after its first span: y[n] = R (y[n-1] + x[n] - x[n-1])
+    R, x, y = 1 - 1 / span, audio[span:], out[span:].astype(np.float64)
+    assert np.abs(y[1:] - R * (y[:-1] + x[1:] - x[:-1])).max() < 1e-6
+    assert abs(out[16000 * 10:16000 * 11].mean()) > 0.04  # a change passes at first ...
+    assert abs(out[-16000:].mean()) < 0.001  # ... and is gone half a minute later
