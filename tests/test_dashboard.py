@@ -80,11 +80,20 @@ class Chromium:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, limit_s: float = 20.0):
+        """Polls until the expression is truthy. While the page reloads (the token form does)
+        it has no context to evaluate in, for a moment: that counts as not yet."""
         deadline = time.monotonic() + limit_s
-        while not (value := self.evaluate(expression)):
+        while True:
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as error:
+                if "navigated" not in str(error) and "context" not in str(error):
+                    raise
+                value = None
+            if value:
+                return value
             assert time.monotonic() < deadline, f"the page never satisfied: {expression}"
             time.sleep(0.1)
-        return value
 
     def screenshot(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
