@@ -147,6 +147,7 @@ def mono_blocks(f: sf.SoundFile, block_frames: int = BLOCK_FRAMES) -> Iterator[n
 # streams: it also takes away the slow swell below 1 Hz that the model was trained on (see the
 # model card, "A microphone off zero").
 DC_TIME_CONSTANT_S = 6.25
+_DC_SPAN = round(DC_TIME_CONSTANT_S * SAMPLE_RATE)  # samples under the plain mean
 _DC_RUN = 1024  # samples per closed-form run: R**-1024 is 1.01, no precision lost
 
 
@@ -164,14 +165,13 @@ class DcBlocker:
     def process(self, samples: np.ndarray) -> np.ndarray:
         x = np.asarray(samples, dtype=np.float64)
         out = np.empty(len(x), np.float32)
-        span = round(DC_TIME_CONSTANT_S * SAMPLE_RATE)
-        plain = min(len(x), max(0, span - self._seen))  # samples still under the plain mean
+        plain = min(len(x), max(0, _DC_SPAN - self._seen))  # samples still under the plain mean
         if plain:
             means = ((self._mean * self._seen + np.cumsum(x[:plain]))
                      / (self._seen + np.arange(1, plain + 1)))
             out[:plain] = x[:plain] - means
             self._mean = float(means[-1])
-        rate = 1.0 / span
+        rate = 1.0 / _DC_SPAN
         for start in range(plain, len(x), _DC_RUN):
             run = x[start:start + _DC_RUN]
             # m[j] = (1 - rate) m[j-1] + rate x[j] = R**j (m[0] + rate sum_{i<=j} R**-i x[i])
