@@ -149,6 +149,8 @@ def mono_blocks(f: sf.SoundFile, block_frames: int = BLOCK_FRAMES) -> Iterator[n
 DC_TIME_CONSTANT_S = 6.25
 _DC_SPAN = round(DC_TIME_CONSTANT_S * SAMPLE_RATE)  # samples under the plain mean
 _DC_RUN = 1024  # samples per closed-form run: R**-1024 is 1.01, no precision lost
+_DC_RATE = 1.0 / _DC_SPAN
+_DC_POWERS = (1.0 - _DC_RATE) ** np.arange(1, _DC_RUN + 1)  # R**1 .. R**_DC_RUN, for every run
 
 
 class DcBlocker:
@@ -171,12 +173,11 @@ class DcBlocker:
                      / (self._seen + np.arange(1, plain + 1)))
             out[:plain] = x[:plain] - means
             self._mean = float(means[-1])
-        rate = 1.0 / _DC_SPAN
         for start in range(plain, len(x), _DC_RUN):
             run = x[start:start + _DC_RUN]
             # m[j] = (1 - rate) m[j-1] + rate x[j] = R**j (m[0] + rate sum_{i<=j} R**-i x[i])
-            powers = (1.0 - rate) ** np.arange(1, len(run) + 1)
-            means = powers * (self._mean + rate * np.cumsum(run / powers))
+            powers = _DC_POWERS[:len(run)]
+            means = powers * (self._mean + _DC_RATE * np.cumsum(run / powers))
             out[start:start + len(run)] = run - means
             self._mean = float(means[-1])
         self._seen += len(x)
