@@ -56,6 +56,11 @@ GAIN_DB = (-10.0, 5.0)
 SENTENCE_DBFS = (-32.0, -18.0)  # RMS of a rendered sentence, like the clips' speech
 QUIET_DBFS = (-70.0, -25.0)
 MAX_LATENCY_S = 1.0
+# A stream's sentences are drawn by its seed's generator, XOR its split's salt. Streams of the
+# same seed share that generator's draws (slot lengths, noise pieces, positions), so without a
+# salt testing stream s would hold validation stream s's sentences, the ones thresholds are
+# chosen on, and its false alarms on speech would not be held out.
+SENTENCE_SALT = {"validation": 0, "testing": 0x5EED7E57}
 FADE_S = 0.01
 DET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7,
                   0.75, 0.8, 0.825, 0.85, 0.875, 0.9, 0.925, 0.94, 0.95, 0.96, 0.965, 0.97, 0.975,
@@ -103,11 +108,11 @@ def noise_piece(noise: list[np.ndarray], length: int, rng: np.random.Generator) 
     return piece / _rms(piece)
 
 
-def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int,
+def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int, split: str,
                  start_s: float = 0.0, speech_cache: Path | None = None, mic: Microphone = Microphone()
                  ) -> Iterator[tuple[np.ndarray, list[Placement]]]:
-    """Seeded slots of a test stream, generated one at a time (constant memory), until
-    `seconds` of audio: (audio, placements in stream time counted from `start_s`), each slot
+    """Seeded slots of a stream of `split`'s clips and noise, generated one at a time (constant
+    memory), until `seconds` of audio: (audio, placements in stream time counted from `start_s`), each slot
     as `mic` records it (its levels below then `mic`'s band and gain). Sentences are rendered into
     (or read from) `speech_cache` (default: kws.speech.default_cache())."""
     rng = np.random.default_rng(seed)
@@ -125,7 +130,8 @@ def stream_slots(clips, noise: list[np.ndarray], seconds: float, seed: int,
             continue
         if kind < KEYWORD_FREE_SLOTS + SPEECH_SLOTS:
             label = SPEECH
-            speech = spoken(int(rng.integers(2**31)), cache)[: length - SAMPLE_RATE // 2]
+            sentence = int(rng.integers(2**31)) ^ SENTENCE_SALT[split]
+            speech = spoken(sentence, cache)[: length - SAMPLE_RATE // 2]
             speech = speech * np.float32(10 ** (rng.uniform(*SENTENCE_DBFS) / 20) / _rms(speech))
         else:
             clip = clips[order[next_clip % len(order)]]
@@ -565,7 +571,7 @@ def evaluate(model, data: Path, split: str, minutes: float, seeds: list[int], wo
         detector = Detector(engine, threshold=threshold, words=words, window_s=window_s[0],
                             refractory_s=refractory_s, peak_wait_s=peak_wait_s,
                             long_window_s=long_window_s)
-        runs.append(run_stream(detector, stream_slots(clips, noise, minutes * 60, seed,
+        runs.append(run_stream(detector, stream_slots(clips, noise, minutes * 60, seed, split,
                                                       speech_cache=speech_cache, mic=mic),
                                record_logits=True))
     tallies = [score(r.detections, r.placements, words, r.seconds) for r in runs]
@@ -621,7 +627,7 @@ def long_run_check(model, data: Path, split: str, minutes: float, seeds: list[in
     seed = seeds[0]
 
     def part(seconds: float, part_seed: int, start_s: float = 0.0):
-        return stream_slots(clips, noise, seconds, part_seed, start_s=start_s,
+        return stream_slots(clips, noise, seconds, part_seed, split, start_s=start_s,
                             speech_cache=speech_cache, mic=mic)
 
     def slots():

@@ -57,9 +57,9 @@ def test_word_bounds_find_the_loud_part_of_a_clip():
 def test_stream_slots_are_seeded_and_place_each_word_and_sentence_where_its_audio_is(dataset,
                                                                                    tmp_path):
     clips, noise = read_split(dataset, "testing"), read_noise(dataset, "testing")
-    a = list(stream_slots(clips, noise, 60.0, seed=3, speech_cache=tmp_path))
-    b = list(stream_slots(clips, noise, 60.0, seed=3, speech_cache=tmp_path))
-    c = list(stream_slots(clips, noise, 60.0, seed=4, speech_cache=tmp_path))
+    a = list(stream_slots(clips, noise, 60.0, seed=3, split="testing", speech_cache=tmp_path))
+    b = list(stream_slots(clips, noise, 60.0, seed=3, split="testing", speech_cache=tmp_path))
+    c = list(stream_slots(clips, noise, 60.0, seed=4, split="testing", speech_cache=tmp_path))
     audio = np.concatenate([s[0] for s in a])
     placements = [p for s in a for p in s[1]]
     assert len(audio) == 60 * 16000
@@ -76,10 +76,31 @@ def test_stream_slots_are_seeded_and_place_each_word_and_sentence_where_its_audi
         assert rms(word) > 1.5 * rms(before)  # SNR >= 5 dB
 
 
+def test_testing_streams_hold_other_sentences_than_validation_streams_of_the_same_seed(
+        dataset, tmp_path, monkeypatch):
+    drawn = []
+
+    def spy(seed, cache):
+        drawn.append(seed)
+        return spoken(seed, cache)
+
+    monkeypatch.setattr(kws.stream_eval, "spoken", spy)
+    clips, noise = read_split(dataset, "testing"), read_noise(dataset, "testing")
+    sentences, placed = {}, {}
+    for split in ("validation", "testing"):
+        drawn.clear()
+        slots = list(stream_slots(clips, noise, 60.0, seed=3, split=split, speech_cache=tmp_path))
+        sentences[split] = set(drawn)
+        placed[split] = [(round(p.start_s, 2), p.label == SPEECH) for s in slots for p in s[1]]
+    assert sentences["validation"] and not sentences["validation"] & sentences["testing"]
+    # Only the sentences differ: which slot holds a word or a sentence is the seed's alone.
+    assert [kind for _, kind in placed["validation"]] == [kind for _, kind in placed["testing"]]
+
+
 def test_a_stream_played_quieter_is_the_same_stream_that_many_db_down(dataset, tmp_path):
     clips, noise = read_split(dataset, "testing"), read_noise(dataset, "testing")
-    as_made = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path))
-    quiet = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path, mic=Microphone(-20.0)))
+    as_made = list(stream_slots(clips, noise, 30.0, seed=3, split="testing", speech_cache=tmp_path))
+    quiet = list(stream_slots(clips, noise, 30.0, seed=3, split="testing", speech_cache=tmp_path, mic=Microphone(-20.0)))
     assert [s[1] for s in quiet] == [s[1] for s in as_made]  # the same words at the same times
     loud = np.concatenate([s[0] for s in as_made])
     assert np.abs(loud).max() < 1.0  # nothing clipped, so the quiet one is exactly a tenth
@@ -88,8 +109,8 @@ def test_a_stream_played_quieter_is_the_same_stream_that_many_db_down(dataset, t
 
 def test_a_stream_through_a_band_is_each_slot_of_the_same_stream_filtered_to_it(dataset, tmp_path):
     clips, noise = read_split(dataset, "testing"), read_noise(dataset, "testing")
-    as_made = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path))
-    banded = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path, mic=Microphone(band_hz=(500, 8000))))
+    as_made = list(stream_slots(clips, noise, 30.0, seed=3, split="testing", speech_cache=tmp_path))
+    banded = list(stream_slots(clips, noise, 30.0, seed=3, split="testing", speech_cache=tmp_path, mic=Microphone(band_hz=(500, 8000))))
     assert [s[1] for s in banded] == [s[1] for s in as_made]
     for (filtered, _), (original, _) in zip(banded, as_made):
         np.testing.assert_allclose(filtered, through_band(original, 500, 8000), atol=1e-6)
@@ -98,9 +119,9 @@ def test_a_stream_through_a_band_is_each_slot_of_the_same_stream_filtered_to_it(
 
 def test_a_stream_in_a_room_is_each_slot_of_the_same_stream_in_that_room(dataset, tmp_path):
     clips, noise = read_split(dataset, "testing"), read_noise(dataset, "testing")
-    as_made = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path))
+    as_made = list(stream_slots(clips, noise, 30.0, seed=3, split="testing", speech_cache=tmp_path))
     mic = Microphone(room_rt60_s=0.5)
-    in_room = list(stream_slots(clips, noise, 30.0, seed=3, speech_cache=tmp_path, mic=mic))
+    in_room = list(stream_slots(clips, noise, 30.0, seed=3, split="testing", speech_cache=tmp_path, mic=mic))
     assert [s[1] for s in in_room] == [s[1] for s in as_made]
     for (heard, _), (original, _) in zip(in_room, as_made):
         np.testing.assert_allclose(heard, reverberate(original, mic.room), atol=1e-6)
