@@ -859,9 +859,9 @@ def register(sub):
     p.add_argument("--choose-thresholds", metavar="JSON", help="also choose per-word thresholds "
                    "for the scored words: the highest recall within the limits (1 false alarm "
                    "per keyword-free hour, 5%% substitutions) on these streams (use the "
-                   "validation split and many seeds: the shipped sets took 24, as fewer "
-                   "hold too few false alarms to choose by); write them to JSON, for "
-                   "--threshold and kws export")
+                   "validation split and many seeds: the default's took 96, as a set chosen "
+                   "on 24 raised twice its false alarms on other streams); write them to "
+                   "JSON, for --threshold and kws export")
     p.add_argument("--long-run-check", action="store_true", help="instead: check that memory "
                    "stays flat and detection does not degrade over --minutes (use >= 60)")
     p.add_argument("--compare-minutes", type=positive(float),
