@@ -56,7 +56,7 @@ from kws.labels import BACKGROUND
 from kws.runtime import StreamEngine
 
 # A word's threshold when its model has none of its own (the shipped model has one for each of
-# the 17 well-covered words, chosen by `kws eval-stream --choose-thresholds` on 24 validation
+# the 17 well-covered words, chosen by `kws eval-stream --choose-thresholds` on 96 validation
 # streams). The rule of the streaming issue, on three 30-minute validation streams (`kws
 # eval-stream --split validation --minutes 30 --seed 0,1,2`, the command's operating_point; the
 # model card has the table): the highest recall with at most 1 false alarm per hour of
