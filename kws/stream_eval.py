@@ -327,6 +327,16 @@ def replay(model, run: StreamRun, words, threshold, window_s: float, refractory_
             for d in detector.process_scores(run.scores(detector), last=True)]
 
 
+def replay_tally(model, runs: list[StreamRun], words, threshold, window_s: float,
+                 refractory_s: float, peak_wait_s: float, long_window_s: float | None = None,
+                 listening=None) -> Tally:
+    """The pooled counts, scored for `words`, of the runs replayed at `threshold` (one value or
+    per word) with a detector that listens for `listening` (default: `words`)."""
+    return sum((score(replay(model, run, listening or words, threshold, window_s, refractory_s,
+                             peak_wait_s, long_window_s), run.placements, words, run.seconds)
+                for run in runs), Tally())
+
+
 DET_KEYS = ("recall", "substitution_rate", "false_alarms_per_hour",
             "false_alarms_per_hour_speech", "false_alarms_per_hour_noise", "latency_ms_median")
 
@@ -337,10 +347,8 @@ def det_curve(model, runs: list[StreamRun], words, window_s: float, refractory_s
     """The pooled error rates of the runs at each threshold, replaying their recorded logits."""
     points = []
     for t in thresholds:
-        tally = sum((score(replay(model, run, words, float(t), window_s, refractory_s,
-                                  peak_wait_s, long_window_s), run.placements, words, run.seconds)
-                     for run in runs), Tally())
-        summary = tally.summary()
+        summary = replay_tally(model, runs, words, float(t), window_s, refractory_s, peak_wait_s,
+                               long_window_s).summary()
         points.append({"threshold": float(t), **{k: summary[k] for k in DET_KEYS}})
     return points
 
@@ -373,9 +381,8 @@ def choose_thresholds(model, runs: list[StreamRun], words, window_s: float, refr
     gains the most hits per false alarm it adds (a move that adds none counts as half of one),
     while the set stays within the limits. Returned with its pooled rates."""
     def replayed(threshold, only=None) -> Tally:
-        return sum((score(replay(model, run, only or words, threshold, window_s, refractory_s,
-                                 peak_wait_s, long_window_s), run.placements, words, run.seconds)
-                    for run in runs), Tally())
+        return replay_tally(model, runs, words, threshold, window_s, refractory_s, peak_wait_s,
+                            long_window_s, listening=only)
 
     def within(summary) -> bool:
         return (summary["false_alarms_per_hour"] <= max_false_alarms_per_hour
