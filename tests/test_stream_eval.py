@@ -245,6 +245,19 @@ def test_the_false_alarm_budget_the_prices_leave_is_spent_on_more_hits():
     assert one_hour["recall"] == 0.5 and one_hour["false_alarms_per_hour"] == 0
 
 
+def test_a_looser_false_alarm_limit_buys_the_hit_that_costs_a_false_alarm():
+    # The stream of the test above, one keyword-free hour: at 1 an hour the move to "yes" 0.8
+    # (one hit for one false alarm, just over 1 an hour) is refused; at 2 an hour it is taken.
+    segments = [(BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 3.0), ("yes", 0.7),
+                (BACKGROUND, 3.0), ("no", 0.85), (BACKGROUND, 3.0)]
+    placements = [Placement("yes", 2.0, 2.7), Placement("no", 8.7, 9.55)]
+    run = StreamRun([], placements, 3600.0, held(segments), 0.0)
+    loose = choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05,
+                              max_false_alarms_per_hour=2.0)
+    assert loose["thresholds"] == {"yes": 0.8, "no": 0.95} and loose["recall"] == 1.0
+    assert 1.0 < loose["false_alarms_per_hour"] <= 2.0
+
+
 def test_replays_compute_each_streams_readout_once_and_decide_it_at_every_threshold(monkeypatch):
     logits = held([(BACKGROUND, 2.0), ("yes", 0.85), (BACKGROUND, 3.0), ("no", 0.7), (BACKGROUND, 2.0)])
     placements = [Placement("yes", 2.0, 2.85), Placement("no", 5.85, 6.55)]
@@ -464,6 +477,33 @@ def test_chosen_thresholds_are_written_for_threshold_and_export_to_read(dataset,
     assert result["threshold"] == record["thresholds"] or set(record["thresholds"].values()) == {result["threshold"]}
     assert result["recall"] == chosen["recall"]
     assert result["false_alarms_per_hour"] == pytest.approx(chosen["false_alarms_per_hour"])
+
+
+def test_the_false_alarm_limit_reaches_the_operating_point_and_the_choice(
+        dataset, tiny_edge_model_path, tmp_path, capsys, monkeypatch):
+    seen = []
+    choose, operating = kws.stream_eval.choose_thresholds, kws.stream_eval.operating_point
+    monkeypatch.setattr(kws.stream_eval, "choose_thresholds", lambda *a, **k: seen.append(
+        ("choice", k["max_false_alarms_per_hour"])) or choose(*a, **k))
+    monkeypatch.setattr(kws.stream_eval, "operating_point", lambda points, limit: seen.append(
+        ("operating point", limit)) or operating(points, limit))
+    chosen_file = tmp_path / "chosen.json"
+    code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset),
+                 "--minutes", "0.3", "--words", "yes,no,up", "--speech-cache", str(tmp_path),
+                 "--det-png", "", "--json", "--false-alarm-limit", "0.25",
+                 "--choose-thresholds", str(chosen_file)])
+    result = json.loads(capsys.readouterr().out)
+    assert code in (0, 1) and seen == [("operating point", 0.25), ("choice", 0.25)]
+    assert result["limits"]["false_alarms_per_hour"] == 0.25
+    if code == 0:
+        assert json.loads(chosen_file.read_text())["chosen_on"]["limits"]["false_alarms_per_hour"] == 0.25
+
+
+def test_a_false_alarm_limit_with_the_long_run_check_is_refused(dataset, tiny_edge_model_path, capsys):
+    code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset),
+                 "--long-run-check", "--false-alarm-limit", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--false-alarm-limit" in err and "Traceback" not in err
 
 
 def test_eval_stream_runs_the_models_own_long_window_and_records_it_with_the_choice(
