@@ -17,9 +17,9 @@ from kws.stream import Detection, Detector
 from kws.speech import (KEYWORD_SOUNDS, NEAR_MISS_VOCABULARY, SPEECH, TRAINING_VOCABULARY, VOCABULARY,
                         sentence, spoken, training_sentences)
 from kws.labels import BACKGROUND, LABELS, WELL_COVERED, WORDS
-from kws.stream_eval import (CHOICE_GRID, Placement, StreamRun, Tally, choose_thresholds,
-                             default_words, det_curve, det_image, json_text, operating_point, score,
-                             stream_slots, word_bounds, write_png)
+from kws.stream_eval import (CHOICE_GRID, FALSE_ALARM_MARGIN_STEPS, Placement, StreamRun, Tally,
+                             choose_thresholds, default_words, det_curve, det_image, json_text,
+                             operating_point, score, stream_slots, word_bounds, write_png)
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +208,15 @@ def held(segments) -> np.ndarray:
 def test_chosen_thresholds_keep_each_words_hits_and_drop_its_false_alarms():
     # Held 0.7 s of the 1-s window, a word's score peaks near 0.86; 0.75 s near 0.91; 0.85 s
     # near 0.96. "yes" needs a low threshold; "no" fires on keyword-free audio at 0.91, so its
-    # threshold must sit between that and its spoken 0.96.
+    # threshold must sit between that and its spoken 0.96 (a margin would refuse so close a
+    # call: the next test).
     segments = [(BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 3.0), ("no", 0.85),
                 (BACKGROUND, 3.0), ("no", 0.75), (BACKGROUND, 3.0)]
     placements = [Placement("yes", 2.0, 2.7), Placement("no", 5.7, 6.55)]
     logits = held(segments)
     run = StreamRun([], placements, len(logits) / 100, logits, 0.0)
-    chosen = choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05)
+    chosen = choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05,
+                               false_alarm_margin=0)
     assert chosen["thresholds"] == {"yes": 0.8, "no": 0.95}
     assert chosen["recall"] == 1.0 and chosen["false_alarms_per_hour"] == 0
     assert chosen["recall_per_word"] == {"no": 1.0, "yes": 1.0}
@@ -256,6 +258,34 @@ def test_a_looser_false_alarm_limit_buys_the_hit_that_costs_a_false_alarm():
                               max_false_alarms_per_hour=2.0)
     assert loose["thresholds"] == {"yes": 0.8, "no": 0.95} and loose["recall"] == 1.0
     assert 1.0 < loose["false_alarms_per_hour"] <= 2.0
+
+
+def test_a_false_alarm_margin_charges_a_word_with_the_false_alarms_a_step_below_its_threshold():
+    # The first test's stream: "no" fires on keyword-free audio at 0.91 and is spoken at 0.96.
+    # Its threshold 0.95 raises no false alarm there, but one grid step lower (0.9) it would: with
+    # a margin of one step that set is refused, and "no" is given up. "yes" (0.86, no false alarm
+    # at any threshold) keeps 0.8.
+    segments = [(BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 3.0), ("no", 0.85),
+                (BACKGROUND, 3.0), ("no", 0.75), (BACKGROUND, 3.0)]
+    placements = [Placement("yes", 2.0, 2.7), Placement("no", 5.7, 6.55)]
+    logits = held(segments)
+    run = StreamRun([], placements, len(logits) / 100, logits, 0.0)
+    plain = choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05,
+                              false_alarm_margin=0)
+    assert plain["thresholds"]["no"] == 0.95 and plain["false_alarms_per_hour_charged"] == 0
+    careful = choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05,
+                                false_alarm_margin=1)
+    assert careful["thresholds"]["yes"] == 0.8 and careful["thresholds"]["no"] > 0.96
+    assert careful["recall"] == 0.5 and careful["false_alarm_margin"] == 1
+    assert careful["false_alarms_per_hour"] == careful["false_alarms_per_hour_charged"] == 0
+    # Over a long enough stream that one false alarm is within the limit, the margin lets
+    # "no" keep 0.95, and reports the false alarm it was charged with beside the actual rate.
+    long_run = StreamRun([], placements, 7200.0, logits, 0.0)
+    careful = choose_thresholds(RecordedLogits(), [long_run], ["yes", "no"], 1.0, 1.0, 0.05,
+                                false_alarm_margin=1)
+    assert careful["thresholds"] == {"yes": 0.8, "no": 0.95} and careful["recall"] == 1.0
+    assert careful["false_alarms_per_hour"] == 0
+    assert careful["false_alarms_per_hour_charged"] == pytest.approx(0.5, rel=1e-3)
 
 
 def test_replays_compute_each_streams_readout_once_and_decide_it_at_every_threshold(monkeypatch):
@@ -470,8 +500,10 @@ def test_chosen_thresholds_are_written_for_threshold_and_export_to_read(dataset,
     assert set(record["thresholds"].values()) <= set(CHOICE_GRID)
     assert record["chosen_on"]["split"] == "testing" and record["chosen_on"]["seeds"] == [0]
     assert record["result"]["recall"] == chosen["recall"]
+    assert record["result"]["false_alarm_margin"] == FALSE_ALARM_MARGIN_STEPS  # the default
     assert record["model"] == str(tiny_edge_model_path)
-    # read back: the same streams at those thresholds give what the choice reported
+    # read back: the same streams at those thresholds give what the choice reported (the
+    # actual rates, not the false alarms the margin charged)
     assert main(args + ["--threshold", str(chosen_file)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["threshold"] == record["thresholds"] or set(record["thresholds"].values()) == {result["threshold"]}
@@ -479,24 +511,32 @@ def test_chosen_thresholds_are_written_for_threshold_and_export_to_read(dataset,
     assert result["false_alarms_per_hour"] == pytest.approx(chosen["false_alarms_per_hour"])
 
 
-def test_the_false_alarm_limit_reaches_the_operating_point_and_the_choice(
+def test_the_false_alarm_limit_and_margin_reach_the_operating_point_and_the_choice(
         dataset, tiny_edge_model_path, tmp_path, capsys, monkeypatch):
     seen = []
     choose, operating = kws.stream_eval.choose_thresholds, kws.stream_eval.operating_point
     monkeypatch.setattr(kws.stream_eval, "choose_thresholds", lambda *a, **k: seen.append(
-        ("choice", k["max_false_alarms_per_hour"])) or choose(*a, **k))
+        ("choice", k["max_false_alarms_per_hour"], k["false_alarm_margin"])) or choose(*a, **k))
     monkeypatch.setattr(kws.stream_eval, "operating_point", lambda points, limit: seen.append(
         ("operating point", limit)) or operating(points, limit))
     chosen_file = tmp_path / "chosen.json"
     code = main(["eval-stream", "--model", str(tiny_edge_model_path), "--data", str(dataset),
                  "--minutes", "0.3", "--words", "yes,no,up", "--speech-cache", str(tmp_path),
                  "--det-png", "", "--json", "--false-alarm-limit", "0.25",
-                 "--choose-thresholds", str(chosen_file)])
+                 "--false-alarm-margin", "2", "--choose-thresholds", str(chosen_file)])
     result = json.loads(capsys.readouterr().out)
-    assert code in (0, 1) and seen == [("operating point", 0.25), ("choice", 0.25)]
+    assert code in (0, 1) and seen == [("operating point", 0.25), ("choice", 0.25, 2)]
     assert result["limits"]["false_alarms_per_hour"] == 0.25
     if code == 0:
-        assert json.loads(chosen_file.read_text())["chosen_on"]["limits"]["false_alarms_per_hour"] == 0.25
+        record = json.loads(chosen_file.read_text())
+        assert record["chosen_on"]["limits"]["false_alarms_per_hour"] == 0.25
+        assert record["result"]["false_alarm_margin"] == 2
+
+
+def test_a_false_alarm_margin_without_a_choice_is_refused_not_ignored(dataset, capsys):
+    code = main(["eval-stream", "--data", str(dataset), "--false-alarm-margin", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--choose-thresholds" in err and "Traceback" not in err
 
 
 def test_a_false_alarm_limit_with_the_long_run_check_is_refused(dataset, tiny_edge_model_path, capsys):
