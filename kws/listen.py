@@ -455,7 +455,8 @@ def register(sub):
                    "default), or a JSON file of per-word thresholds ({\"thresholds\": {\"yes\": 0.9}}, as "
                    "kws eval-stream --choose-thresholds writes it). Default: the model's own "
                    "per-word thresholds, chosen on validation streams for the most words heard "
-                   "with at most one false alarm an hour, for the model's readout (`kws info` "
+                   "with at most one false alarm an hour, counted with a margin so that it holds "
+                   "on other streams too, for the model's readout (`kws info` "
                    f"lists both), and {DEFAULT_THRESHOLD} for a word without one. Lower hears "
                    "more words and fires more often. A word named here is also reported "
                    "(seven=0.999 adds seven to the default words).")
