@@ -205,16 +205,21 @@ def held(segments) -> np.ndarray:
     return 8.0 * np.eye(len(LABELS), dtype=np.float32)[steps]
 
 
-def test_chosen_thresholds_keep_each_words_hits_and_drop_its_false_alarms():
-    # Held 0.7 s of the 1-s window, a word's score peaks near 0.86; 0.75 s near 0.91; 0.85 s
-    # near 0.96. "yes" needs a low threshold; "no" fires on keyword-free audio at 0.91, so its
-    # threshold must sit between that and its spoken 0.96 (a margin would refuse so close a
-    # call: the next test).
+def close_call_stream(seconds: float | None = None) -> StreamRun:
+    """Held 0.7 s of the 1-s window, a word's score peaks near 0.86; 0.75 s near 0.91; 0.85 s
+    near 0.96. "yes" is spoken at 0.86; "no" is spoken at 0.96 and fires on keyword-free audio at
+    0.91. `seconds`: the stream's length (default: its logits'), the rest keyword-free audio."""
     segments = [(BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 3.0), ("no", 0.85),
                 (BACKGROUND, 3.0), ("no", 0.75), (BACKGROUND, 3.0)]
     placements = [Placement("yes", 2.0, 2.7), Placement("no", 5.7, 6.55)]
     logits = held(segments)
-    run = StreamRun([], placements, len(logits) / 100, logits, 0.0)
+    return StreamRun([], placements, seconds or len(logits) / 100, logits, 0.0)
+
+
+def test_chosen_thresholds_keep_each_words_hits_and_drop_its_false_alarms():
+    # "yes" needs a low threshold; "no"'s must sit between its false alarm (0.91) and its spoken
+    # 0.96 (a margin would refuse so close a call: the margin test below).
+    run = close_call_stream()
     chosen = choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05,
                                false_alarm_margin=0)
     assert chosen["thresholds"] == {"yes": 0.8, "no": 0.95}
@@ -261,15 +266,10 @@ def test_a_looser_false_alarm_limit_buys_the_hit_that_costs_a_false_alarm():
 
 
 def test_a_false_alarm_margin_charges_a_word_with_the_false_alarms_a_step_below_its_threshold():
-    # The first test's stream: "no" fires on keyword-free audio at 0.91 and is spoken at 0.96.
-    # Its threshold 0.95 raises no false alarm there, but one grid step lower (0.9) it would: with
-    # a margin of one step that set is refused, and "no" is given up. "yes" (0.86, no false alarm
-    # at any threshold) keeps 0.8.
-    segments = [(BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 3.0), ("no", 0.85),
-                (BACKGROUND, 3.0), ("no", 0.75), (BACKGROUND, 3.0)]
-    placements = [Placement("yes", 2.0, 2.7), Placement("no", 5.7, 6.55)]
-    logits = held(segments)
-    run = StreamRun([], placements, len(logits) / 100, logits, 0.0)
+    # "no" fires on keyword-free audio at 0.91 and is spoken at 0.96. Its threshold 0.95 raises
+    # no false alarm, but one grid step lower (0.9) it would: with a margin of one step that set
+    # is refused, and "no" is given up. "yes" (0.86, no false alarm at any threshold) keeps 0.8.
+    run = close_call_stream()
     plain = choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05,
                               false_alarm_margin=0)
     assert plain["thresholds"]["no"] == 0.95 and plain["false_alarms_per_hour_charged"] == 0
@@ -280,8 +280,7 @@ def test_a_false_alarm_margin_charges_a_word_with_the_false_alarms_a_step_below_
     assert careful["false_alarms_per_hour"] == careful["false_alarms_per_hour_charged"] == 0
     # Over a long enough stream that one false alarm is within the limit, the margin lets
     # "no" keep 0.95, and reports the false alarm it was charged with beside the actual rate.
-    long_run = StreamRun([], placements, 7200.0, logits, 0.0)
-    careful = choose_thresholds(RecordedLogits(), [long_run], ["yes", "no"], 1.0, 1.0, 0.05,
+    careful = choose_thresholds(RecordedLogits(), [close_call_stream(7200.0)], ["yes", "no"], 1.0, 1.0, 0.05,
                                 false_alarm_margin=1)
     assert careful["thresholds"] == {"yes": 0.8, "no": 0.95} and careful["recall"] == 1.0
     assert careful["false_alarms_per_hour"] == 0
