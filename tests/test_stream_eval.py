@@ -230,18 +230,21 @@ def test_chosen_thresholds_keep_each_words_hits_and_drop_its_false_alarms():
     assert max(p["recall"] for p in points if p["false_alarms_per_hour"] == 0) == 0.5
 
 
-def test_the_false_alarm_budget_the_prices_leave_is_spent_on_more_hits():
-    # "yes" held 0.7 s (its score peaks near 0.86) is heard only at 0.8, where a word-like
-    # moment with no word in it fires too: one hit for one false alarm, a move no price of
-    # FALSE_ALARM_PRICES takes (at 1 hit a false alarm it ties, and a tie keeps the higher
-    # threshold). "no" peaks near 0.96.
+def hit_for_a_false_alarm_stream(seconds: float) -> StreamRun:
+    """"yes" held 0.7 s (its score peaks near 0.86) is heard only at 0.8, where a word-like
+    moment with no word in it fires too: one hit for one false alarm. "no" peaks near 0.96. The
+    rest of the `seconds` counts as keyword-free audio."""
     segments = [(BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 3.0), ("yes", 0.7),
                 (BACKGROUND, 3.0), ("no", 0.85), (BACKGROUND, 3.0)]
     placements = [Placement("yes", 2.0, 2.7), Placement("no", 8.7, 9.55)]
-    logits = held(segments)
+    return StreamRun([], placements, seconds, held(segments), 0.0)
 
-    def chosen_over(seconds):  # the rest of the stream counts as keyword-free audio
-        run = StreamRun([], placements, seconds, logits, 0.0)
+
+def test_the_false_alarm_budget_the_prices_leave_is_spent_on_more_hits():
+    # The move to "yes" 0.8 (one hit for one false alarm) is one no price of FALSE_ALARM_PRICES
+    # takes (at 1 hit a false alarm it ties, and a tie keeps the higher threshold).
+    def chosen_over(seconds):
+        run = hit_for_a_false_alarm_stream(seconds)
         return choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05)
 
     two_hours = chosen_over(7200.0)  # one false alarm is 0.5 an hour: within the limit
@@ -253,12 +256,9 @@ def test_the_false_alarm_budget_the_prices_leave_is_spent_on_more_hits():
 
 
 def test_a_looser_false_alarm_limit_buys_the_hit_that_costs_a_false_alarm():
-    # The stream of the test above, one keyword-free hour: at 1 an hour the move to "yes" 0.8
-    # (one hit for one false alarm, just over 1 an hour) is refused; at 2 an hour it is taken.
-    segments = [(BACKGROUND, 2.0), ("yes", 0.7), (BACKGROUND, 3.0), ("yes", 0.7),
-                (BACKGROUND, 3.0), ("no", 0.85), (BACKGROUND, 3.0)]
-    placements = [Placement("yes", 2.0, 2.7), Placement("no", 8.7, 9.55)]
-    run = StreamRun([], placements, 3600.0, held(segments), 0.0)
+    # One keyword-free hour: at 1 an hour the move to "yes" 0.8 (one hit for one false alarm,
+    # just over 1 an hour) is refused; at 2 an hour it is taken.
+    run = hit_for_a_false_alarm_stream(3600.0)
     loose = choose_thresholds(RecordedLogits(), [run], ["yes", "no"], 1.0, 1.0, 0.05,
                               max_false_alarms_per_hour=2.0)
     assert loose["thresholds"] == {"yes": 0.8, "no": 0.95} and loose["recall"] == 1.0
