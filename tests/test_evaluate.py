@@ -68,6 +68,9 @@ def test_accuracies_agree_with_the_confusion_matrix(tiny_result):
     assert confusion[bg].sum() == result["silence_clips"] >= 1
     assert result["accuracy"] == pytest.approx(confusion[words, words].sum() / result["clips"])
     assert result["silence_accuracy"] == pytest.approx(confusion[bg, bg] / result["silence_clips"])
+    assert result["words_as_background"] == confusion[words, bg].sum()
+    assert (result["words_as_background"] + result["words_as_other_words"]
+            == result["clips"] - confusion[words, words].sum())
     for w in WORDS:
         row = confusion[labels.index(w)]
         if row.sum():
@@ -121,6 +124,15 @@ def test_kws_eval_with_another_microphone_it_cannot_play_exits_2_naming_the_rang
         main(["eval", "--model", str(tiny_model_path), "--data", str(speech_commands.root), f"{flag}={value}"])
     assert stop.value.code == 2
     assert refusal in capsys.readouterr().err
+
+
+def test_word_clips_missed_are_told_apart_as_no_word_or_another_word():
+    truth = ["yes", "yes", "no", "up", "dog", BACKGROUND, BACKGROUND]
+    predicted = ["yes", BACKGROUND, "yes", BACKGROUND, "cat", "no", BACKGROUND]
+    report = accuracy_report(truth, predicted, LABELS)
+    assert report["accuracy"] == pytest.approx(1 / 5)
+    assert report["words_as_background"] == 2  # the second "yes" and "up"; not the noise heard as "no"
+    assert report["words_as_other_words"] == 2  # "no" as "yes", "dog" as "cat"
 
 
 def test_to_12_keeps_the_ten_core_words_and_maps_the_rest_to_unknown_or_silence():
@@ -215,6 +227,7 @@ def test_kws_eval_prints_a_readable_report(speech_commands, tiny_model_path, cap
     assert code == 0
     assert "35-word accuracy" in out and "12-class protocol" in out and "inference footprint" in out
     assert "17 well-covered words" in out and "18 scarce words" in out
+    assert "word clips heard as no word" in out and "as another word" in out
     assert f"n={speech_commands.labels('testing').count('yes')})" in out
 
 
